@@ -42,7 +42,7 @@ def capture_attention(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     try:
         yield weights
     finally:
-        for (_, module), sink in zip(layers, previous):
+        for (_, module), sink in zip(layers, previous, strict=True):
             module.weights_sink = sink
 
 

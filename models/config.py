@@ -9,6 +9,8 @@ is a first-class part of the architecture. In dict form a stack gives its defaul
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -214,6 +216,18 @@ class ArchConfig:
             )
         out += layer.ffn.problems(f"{path}.ffn")
         return out
+
+    def fingerprint(self) -> str:
+        """Returns a hash that is equal for equal architectures, however they were written.
+
+        It covers every resolved field of every layer, so two configs that build the same
+        model (one with per-layer overrides, one without) hash the same.
+        """
+        data = self.to_dict()
+        for name, stack in self.stacks.items():
+            data[name] = [_layer_dict(layer) for layer in stack.layers]
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=repr)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as plain data that :meth:`from_dict` reads back."""

@@ -1,0 +1,124 @@
+"""The LightningModule that trains any built model on any task kind."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import ArchConfig, build_model
+from tasks.base import IGNORE
+
+#: The architecture kind each task kind trains.
+ARCH_FOR_TASK = {"language_model": "decoder", "classification": "encoder", "seq2seq": "encoder_decoder"}
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def _lm_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(batch["tokens"], batch.get("padding_mask"))  # [batch, seq, vocab]
+    return logits, batch["targets"]
+
+
+def _classification_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return model(batch["tokens"], batch.get("padding_mask")), batch["labels"]  # [batch, classes]
+
+
+def _seq2seq_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(batch["src"], batch["tgt_in"], batch["src_padding_mask"], batch["tgt_padding_mask"])
+    return logits, batch["tgt_out"]
+
+
+STEPS: dict[str, Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]] = {
+    "language_model": _lm_step,
+    "classification": _classification_step,
+    "seq2seq": _seq2seq_step,
+}
+
+
+def check_compatible(arch: ArchConfig, task: Any) -> None:
+    """Raises ValueError when ``arch`` cannot be trained on ``task``, naming the mismatch."""
+    problems = []
+    wanted = ARCH_FOR_TASK.get(task.kind)
+    if wanted is None:
+        problems.append(f"task kind {task.kind!r} is unknown; valid: {', '.join(ARCH_FOR_TASK)}")
+    elif arch.kind != wanted:
+        problems.append(f"kind: a {task.kind} task trains a {wanted} architecture, got {arch.kind!r}")
+    if arch.vocab_size < task.vocab_size:
+        problems.append(f"vocab_size: the task has {task.vocab_size} tokens, the architecture {arch.vocab_size}")
+    if arch.max_seq_len < task.seq_len:
+        problems.append(f"max_seq_len: the task's sequences are {task.seq_len} long, the architecture's limit {arch.max_seq_len}")
+    outputs = arch.head.n_outputs(arch.vocab_size)
+    if task.kind == "classification" and (arch.head.per_token or outputs != task.n_classes):
+        problems.append(f"head: the task has {task.n_classes} classes; the head gives {outputs} outputs per {'token' if arch.head.per_token else 'sequence'}")
+    if problems:
+        raise ValueError("architecture does not fit the task: " + "; ".join(problems))
+
+
+class LitTransformer(L.LightningModule):
+    """Trains ``build_model(arch)`` with AdamW, linear warm-up and cosine decay.
+
+    Args:
+        arch: the architecture.
+        task_kind: ``language_model``, ``classification`` or ``seq2seq``.
+        lr, weight_decay, warmup_steps, min_lr_ratio: the optimiser and schedule.
+        max_steps: the schedule's length (the trainer's ``max_steps``).
+    """
+
+    def __init__(self, arch: ArchConfig, task_kind: str, lr: float = 3e-3, weight_decay: float = 0.01,
+                 warmup_steps: int = 20, min_lr_ratio: float = 0.1, max_steps: int = 1000) -> None:
+        super().__init__()
+        if task_kind not in STEPS:
+            raise ValueError(f"task_kind {task_kind!r} is unknown; valid: {', '.join(STEPS)}")
+        self.arch = arch
+        self.model = build_model(arch)
+        self.step_fn = STEPS[task_kind]
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.min_lr_ratio, self.max_steps = min_lr_ratio, max_steps
+        self.tokens_seen = 0
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, targets = self.step_fn(self.model, batch)
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        targets = targets.reshape(-1)
+        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE)
+        scored = targets != IGNORE
+        correct = (logits.argmax(-1) == targets)[scored].sum()
+        return loss, correct, scored.sum()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _, _ = self._loss(batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"training loss became {loss.item()} at step {self.global_step}")
+        self.tokens_seen += sum(v.numel() for k, v in batch.items() if k in ("tokens", "src", "tgt_in"))
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, correct, scored = self._loss(batch)
+        n = int(scored)
+        self.log("val_loss", loss, batch_size=n, prog_bar=True)
+        self.log("val_acc", correct.float() / max(n, 1), batch_size=n)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr, betas=(0.9, 0.98),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

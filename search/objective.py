@@ -1,0 +1,197 @@
+"""One trial: sample, check, skip duplicates, build, train with Lightning, record."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import statistics
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import optuna
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+from safetensors.torch import save_file
+
+from models import ArchConfig, count_parameters, flops_per_token
+from search.callbacks import BestWeights, OptunaPruning
+from search.lit import LitTransformer, check_compatible
+from spaces import Infeasible
+
+#: Objectives a study may optimise, with their directions.
+OBJECTIVES = {
+    "val_loss": "minimize",
+    "val_acc": "maximize",
+    "n_params": "minimize",
+    "flops_per_token": "minimize",
+    "latency_ms": "minimize",
+}
+#: Objectives measured by training; the first objective must be one of them.
+TRAINED = ("val_loss", "val_acc")
+
+
+def check_objectives(objectives: list[str]) -> list[str]:
+    """Returns the directions of ``objectives``; raises ValueError naming a bad entry."""
+    if not objectives:
+        raise ValueError(f"objectives: give at least one of {', '.join(OBJECTIVES)}")
+    for name in objectives:
+        if name not in OBJECTIVES:
+            raise ValueError(f"objectives: unknown {name!r}; valid: {', '.join(OBJECTIVES)}")
+    if objectives[0] not in TRAINED:
+        raise ValueError(f"objectives: the first objective must be trained ({', '.join(TRAINED)}), got {objectives[0]!r}")
+    if len(set(objectives)) != len(objectives):
+        raise ValueError(f"objectives: {objectives} lists an objective twice")
+    return [OBJECTIVES[name] for name in objectives]
+
+
+def trial_dir(run_dir: pathlib.Path, number: int) -> pathlib.Path:
+    """Where a trial keeps its architecture, best weights and metrics."""
+    return run_dir / "trials" / f"{number:05d}"
+
+
+def find_duplicate(study: optuna.Study, fingerprint: str, number: int) -> optuna.trial.FrozenTrial | None:
+    """Returns the earliest complete trial that trained the same architecture."""
+    for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if other.number != number and other.user_attrs.get("arch_hash") == fingerprint:
+            return other
+    return None
+
+
+def measure_latency_ms(model: torch.nn.Module, example: dict[str, torch.Tensor], device: torch.device, repeats: int = 10) -> float:
+    """Median forward time, in milliseconds, of the model on one example on ``device``."""
+    model = model.eval().to(device)
+    args = [v.to(device) for v in example.values()]
+    with torch.no_grad():
+        for _ in range(3):
+            model(*args)
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model(*args)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def model_inputs(kind: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The forward arguments of a model for a task batch, in order."""
+    if kind == "seq2seq":
+        return {k: batch[k] for k in ("src", "tgt_in", "src_padding_mask", "tgt_padding_mask")}
+    return {"tokens": batch["tokens"]}
+
+
+class Objective:
+    """Trains one sampled architecture per call and returns the objective values.
+
+    Args:
+        space: gives ``suggest(trial) -> ArchConfig``.
+        task: the task's LightningDataModule.
+        run_dir: the study's run folder (trials are kept under ``trials/``).
+        objectives: names from :data:`OBJECTIVES`; the first is trained and pruned on.
+        trainer_kwargs: ``lightning.Trainer`` settings (max_steps, val_check_interval...).
+        optim: ``LitTransformer`` optimiser settings.
+        prune: report to the pruner (single-objective studies only).
+        show_progress: Lightning's own per-trial progress bar.
+    """
+
+    def __init__(self, *, space: Any, task: Any, run_dir: pathlib.Path, objectives: list[str],
+                 trainer_kwargs: dict[str, Any], optim: dict[str, Any], prune: bool, show_progress: bool = False) -> None:
+        self.space, self.task, self.run_dir = space, task, run_dir
+        self.objectives, self.trainer_kwargs, self.optim = objectives, trainer_kwargs, optim
+        self.prune, self.show_progress = prune, show_progress
+        self.monitor = objectives[0]
+
+    def sample(self, trial: optuna.Trial) -> ArchConfig:
+        """Samples and checks an architecture; records its counts. Raises Infeasible."""
+        arch = self.space.suggest(trial)
+        try:
+            check_compatible(arch, self.task)
+        except ValueError as error:
+            trial.set_user_attr("pruned_reason", f"infeasible: {error}")
+            raise Infeasible(str(error)) from None
+        trial.set_user_attr("arch_hash", arch.fingerprint())
+        trial.set_user_attr("n_params", count_parameters(arch))
+        trial.set_user_attr("flops_per_token", flops_per_token(arch))
+        trial.set_user_attr("arch", arch.to_dict())
+        return arch
+
+    def __call__(self, trial: optuna.Trial) -> list[float]:
+        start = time.perf_counter()
+        arch = self.sample(trial)
+        duplicate = find_duplicate(trial.study, trial.user_attrs["arch_hash"], trial.number)
+        if duplicate is not None:
+            trial.set_user_attr("duplicate_of", duplicate.number)
+            for key in ("best_step", "device", "latency_ms"):
+                if key in duplicate.user_attrs:
+                    trial.set_user_attr(key, duplicate.user_attrs[key])
+            trial.set_user_attr("wall_time_s", time.perf_counter() - start)
+            return list(duplicate.values)
+        folder = trial_dir(self.run_dir, trial.number)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "arch.yaml").write_text(yaml.safe_dump(arch.to_dict(), sort_keys=False))
+        lit, best, trainer = self._fit(trial, arch, folder)
+        if best.state is None:
+            raise RuntimeError(f"trial {trial.number} finished without a validation of {self.monitor}")
+        save_file(best.state, str(folder / "model.safetensors"), metadata={"arch_hash": trial.user_attrs["arch_hash"]})
+        device = lit.device
+        measured = {
+            "val_loss": best.best if self.monitor == "val_loss" else float(trainer.callback_metrics["val_loss"]),
+            "val_acc": -best.best if self.monitor == "val_acc" else float(trainer.callback_metrics.get("val_acc", float("nan"))),
+            "n_params": float(count_parameters(arch)),
+            "flops_per_token": float(flops_per_token(arch)),
+        }
+        if "latency_ms" in self.objectives:
+            example = model_inputs(self.task.kind, self.task.sample_batch(1))
+            measured["latency_ms"] = measure_latency_ms(lit.model, example, device)
+            trial.set_user_attr("latency_ms", measured["latency_ms"])
+        trial.set_user_attr("best_step", best.best_step)
+        trial.set_user_attr("device", str(device))
+        trial.set_user_attr("wall_time_s", time.perf_counter() - start)
+        return [measured[name] for name in self.objectives]
+
+    def _fit(self, trial: optuna.Trial, arch: ArchConfig, folder: pathlib.Path) -> tuple[LitTransformer, BestWeights, L.Trainer]:
+        """Trains with a real Lightning Trainer; the pruning callback may raise TrialPruned."""
+        optim = {**self.optim, "max_steps": self.trainer_kwargs["max_steps"]}
+        lit = LitTransformer(arch, self.task.kind, **optim)
+        best = BestWeights(self.monitor, sign=-1.0 if self.monitor == "val_acc" else 1.0)
+        callbacks: list[L.Callback] = [best]
+        if self.prune:
+            callbacks.append(OptunaPruning(trial, self.monitor))
+        trainer = L.Trainer(
+            **self.trainer_kwargs,
+            max_epochs=-1,
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=self.show_progress,
+            logger=CSVLogger(str(folder), name="", version="logs"),
+            callbacks=callbacks,
+        )
+        fit_start = time.perf_counter()
+        try:
+            trainer.fit(lit, datamodule=self.task)
+        finally:
+            seconds = time.perf_counter() - fit_start
+            trial.set_user_attr("train_tokens_per_s", lit.tokens_seen / max(seconds, 1e-9))
+        return lit, best, trainer
+
+
+def quiet_lightning() -> None:
+    """Keeps Lightning's per-trial start-up chatter, and warnings about choices made here
+    on purpose, out of the sweep's output."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # batches are whole tensors sliced in the main process; no loader workers are wanted
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*IterableDataset. has .__len__. defined.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # heartbeats are recorded by the worker loop (ask/tell), not Study.optimize
+    warnings.filterwarnings("ignore", message=r"Heartbeat of storage is supposed to be used with Study.optimize")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

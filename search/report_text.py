@@ -1,0 +1,78 @@
+"""What the terminal shows: the sweep's progress line and the table of best trials."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import optuna
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+State = optuna.trial.TrialState
+
+
+def progress_line(study: optuna.Study, n_trials: int) -> Text:
+    """``trials 5/12 | complete 3 | pruned 2 | failed 0 | running 1 | best 1.234``."""
+    trials = study.get_trials(deepcopy=False)
+    by_state = {s: sum(t.state == s for t in trials) for s in (State.COMPLETE, State.PRUNED, State.FAIL, State.RUNNING)}
+    finished = by_state[State.COMPLETE] + by_state[State.PRUNED] + by_state[State.FAIL]
+    width = 24
+    filled = int(width * min(finished, n_trials) / n_trials)
+    best = best_text(study)
+    return Text.assemble(
+        ("[" + "#" * filled + "-" * (width - filled) + "] ", "cyan"),
+        f"trials {finished}/{n_trials} | complete {by_state[State.COMPLETE]} | pruned {by_state[State.PRUNED]} | ",
+        (f"failed {by_state[State.FAIL]}", "red" if by_state[State.FAIL] else ""),
+        f" | running {by_state[State.RUNNING]} | best {best}",
+    )
+
+
+def best_text(study: optuna.Study) -> str:
+    complete = study.get_trials(deepcopy=False, states=(State.COMPLETE,))
+    if not complete:
+        return "-"
+    if len(study.directions) > 1:
+        return f"{len(study.best_trials)} on the Pareto front"
+    return f"{study.best_value:.4f} (trial {study.best_trial.number})"
+
+
+def top_trials(study: optuna.Study, k: int = 5) -> list[optuna.trial.FrozenTrial]:
+    """The Pareto front for several objectives, else the ``k`` best complete trials."""
+    complete = study.get_trials(deepcopy=False, states=(State.COMPLETE,))
+    if len(study.directions) > 1:
+        return sorted(study.best_trials, key=lambda t: t.values)
+    sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
+    return sorted(complete, key=lambda t: sign * t.value)[:k]
+
+
+def _architecture(trial: optuna.trial.FrozenTrial) -> str:
+    params = {k: v for k, v in trial.params.items() if ".layer" not in k}
+    per_layer: dict[str, list[Any]] = {}
+    for key, value in trial.params.items():
+        if ".layer" in key:
+            per_layer.setdefault(key.split(".layer")[0], []).append(value)
+    parts = [f"{k}={v}" for k, v in params.items()] + [f"{k}={v}" for k, v in per_layer.items()]
+    return " ".join(parts)
+
+
+def print_summary(study: optuna.Study, cfg: Any, run_dir: pathlib.Path, console: Console | None = None) -> None:
+    """Prints the best trials with their architectures, then what to run next."""
+    console = console or Console()
+    objectives = list(study.user_attrs.get("objectives") or [f"value{i}" for i in range(len(study.directions))])
+    table = Table(title=f"study {study.study_name}: " + ("Pareto front" if len(objectives) > 1 else "best trials"))
+    table.add_column("trial", justify="right")
+    for name in objectives:
+        table.add_column(name, justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("architecture")
+    for trial in top_trials(study):
+        values = [f"{v:.4g}" for v in trial.values]
+        note = f" (same as {trial.user_attrs['duplicate_of']})" if "duplicate_of" in trial.user_attrs else ""
+        table.add_row(str(trial.number), *values, f"{trial.user_attrs.get('n_params', 0):,}", _architecture(trial) + note)
+    console.print()
+    console.print(table)
+    storage = f"storage={cfg.storage_name}" if cfg.get("storage_name") else ""
+    console.print(f"dashboard: qkv dashboard study_name={study.study_name} {storage}".rstrip())
+    console.print(f"export:    qkv export study_name={study.study_name} {storage}".rstrip())

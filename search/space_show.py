@@ -1,0 +1,89 @@
+"""``qkv space show``: a space's parameters and, by sampling offline, how many samples are
+feasible and how large they are."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import statistics
+
+import hydra
+import optuna
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from search.lit import check_compatible
+from search.sweep import build_space, build_task
+from spaces import FunctionSpace, Infeasible, Space
+
+
+@dataclasses.dataclass
+class SampleStats:
+    """What ``n`` random samples of a space came to."""
+
+    n: int
+    feasible: int
+    reasons: collections.Counter
+    n_params: list[int]
+    flops: list[int]
+
+
+def sample_space(space: Space | FunctionSpace, task, n: int, seed: int = 0) -> SampleStats:
+    """Samples ``n`` random trials in memory and checks each as a sweep would."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    stats = SampleStats(n, 0, collections.Counter(), [], [])
+    from models import count_parameters, flops_per_token
+
+    for _ in range(n):
+        trial = study.ask()
+        try:
+            arch = space.suggest(trial)
+            check_compatible(arch, task)
+        except (Infeasible, ValueError) as error:
+            stats.reasons[_reason_kind(error)] += 1
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        stats.feasible += 1
+        stats.n_params.append(count_parameters(arch))
+        stats.flops.append(flops_per_token(arch))
+        study.tell(trial, 0.0)
+    return stats
+
+
+def _reason_kind(error: Exception) -> str:
+    """The reason with its numbers blanked, so equal kinds of rejection count together."""
+    text = str(error) if isinstance(error, Infeasible) else f"does not fit the task: {error}"
+    return re.sub(r"\d[\d,.]*", "N", text.removeprefix("infeasible: "))[:160]
+
+
+def _range(values: list[int]) -> str:
+    if not values:
+        return "-"
+    return f"{min(values):,} / {int(statistics.median(values)):,} / {max(values):,}"
+
+
+def show(cfg: DictConfig, console: Console | None = None) -> SampleStats:
+    console = console or Console()
+    task = build_task(cfg)
+    space = build_space(cfg)
+    console.print(f"[bold]space {space.name}[/bold] for task {cfg.task.name}: {space.description}")
+    table = Table("parameter", "distribution", "condition")
+    for row in space.describe():
+        table.add_row(*row)
+    console.print(table)
+    stats = sample_space(space, task, cfg.n_samples, cfg.seed)
+    console.print(f"feasible: {stats.feasible} of {stats.n} random samples ({100 * stats.feasible / stats.n:.0f}%)")
+    console.print(f"parameters (min / median / max): {_range(stats.n_params)}")
+    console.print(f"FLOPs per token (min / median / max): {_range(stats.flops)}")
+    for reason, count in stats.reasons.most_common(5):
+        console.print(f"  rejected {count}x: {reason}")
+    return stats
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="space_show")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point of ``qkv space show``."""
+    show(cfg)

@@ -1,0 +1,273 @@
+"""``qkv sweep``: a Hydra app that runs an Optuna study of Lightning-trained architectures."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import hydra
+import optuna
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from search.lit import NonFiniteLoss
+from search.objective import Objective, check_objectives, quiet_lightning
+from search.report_text import print_summary, progress_line
+from search.storage import create_or_load_study, open_storage, slot_lock, storage_url
+from spaces import FunctionSpace, Infeasible, Space, load_space
+
+log = logging.getLogger("qkvsearch")
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a worker needs, checked before any trial runs."""
+
+    cfg: DictConfig
+    task: Any
+    space: Space | FunctionSpace
+    study: optuna.Study
+    objective: Objective
+    run_dir: pathlib.Path
+
+
+def build_task(cfg: DictConfig) -> Any:
+    """Instantiates the task and copies its contract (kind, sizes) into ``cfg.task``."""
+    task = instantiate(cfg.task.data)
+    for key in ("kind", "vocab_size", "seq_len", "n_classes"):
+        if not hasattr(task, key):
+            raise ValueError(f"task {cfg.task.name!r}: {type(task).__name__} lacks {key!r}, part of the task contract (tasks/base.py)")
+        cfg.task[key] = getattr(task, key)
+    return task
+
+
+def build_space(cfg: DictConfig) -> Space | FunctionSpace:
+    """Loads the space with the task's values filled in; raises SpaceError when malformed."""
+    data = OmegaConf.to_container(cfg.space, resolve=True)
+    name = cfg.space.get("name", "space")
+    return load_space(data, cfg, source=f"space {name!r}")
+
+
+def dry_sample(space: Space | FunctionSpace, objective: Objective, attempts: int = 50) -> None:
+    """Samples offline until one architecture passes every check; errors when none does."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    reasons: list[str] = []
+    for _ in range(attempts):
+        trial = study.ask()
+        try:
+            objective.sample(trial)
+            return
+        except Infeasible as error:
+            reasons.append(str(error))
+        finally:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    raise ValueError(
+        f"space {space.name!r}: none of {attempts} random samples is feasible for this task; "
+        f"reasons: {'; '.join(sorted(set(reasons))[:3])}"
+    )
+
+
+def build_sampler(cfg: DictConfig, space: Space | FunctionSpace) -> optuna.samplers.BaseSampler:
+    """Instantiates the sampler (a grid sampler gets the space's grid). Samplers read the
+    constraints each trial records with ``trial.set_constraint``."""
+    target = hydra.utils.get_class(cfg.sampler._target_)
+    accepted = inspect.signature(target.__init__).parameters
+    extra: dict[str, Any] = {}
+    if "search_space" in accepted:
+        if not isinstance(space, Space):
+            raise ValueError("sampler=grid needs a declarative space (a YAML space), not a Python function")
+        extra["search_space"] = grid_of(space)
+    return instantiate(cfg.sampler, **extra)
+
+
+def grid_of(space: Space) -> dict[str, list[Any]]:
+    """Every value of every parameter: categorical choices and stepped ranges."""
+    grid: dict[str, list[Any]] = {}
+    for param in space.params:
+        d = param.distribution
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            values = list(d.choices)
+        elif d.step is not None and not getattr(d, "log", False):
+            n = int(round((d.high - d.low) / d.step)) + 1
+            if n > 64:
+                raise ValueError(f"sampler=grid: parameter {param.name!r} has {n} values; a grid needs short ranges")
+            values = [d.low + i * d.step for i in range(n)]
+        else:
+            raise ValueError(f"sampler=grid: parameter {param.name!r} is a continuous or log range; grid needs choices or steps")
+        if param.per_layer:
+            depth = next(p for p in space.params if p.name == param.per_layer).distribution
+            for i in range(depth.high):
+                grid[param.optuna_name(i)] = values
+        else:
+            grid[param.name] = values
+    return grid
+
+
+def prepare(cfg: DictConfig) -> Setup:
+    """Checks the whole config and opens the study; no trial has run when it returns."""
+    directions = check_objectives(list(cfg.objectives))
+    if cfg.n_trials < 1:
+        raise ValueError(f"n_trials must be >= 1, got {cfg.n_trials}")
+    if cfg.workers < 1:
+        raise ValueError(f"workers must be >= 1, got {cfg.workers}")
+    task = build_task(cfg)
+    space = build_space(cfg)
+    run_dir = pathlib.Path(cfg.run_root) / cfg.study_name
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    objective = Objective(
+        space=space, task=task, run_dir=run_dir, objectives=list(cfg.objectives), trainer_kwargs=trainer_kwargs,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True), prune=len(directions) == 1,
+        show_progress=cfg.show_trial_progress,
+    )
+    dry_sample(space, objective)
+    sampler = build_sampler(cfg, space)
+    pruner = instantiate(cfg.pruner)
+    storage = open_storage(cfg.storage)
+    study = create_or_load_study(storage, cfg.study_name, directions, sampler, pruner)
+    study.set_user_attr("task", cfg.task.name)
+    study.set_user_attr("space", space.name)
+    study.set_user_attr("objectives", list(cfg.objectives))
+    study.set_user_attr("run_dir", str(run_dir.resolve()))
+    return Setup(cfg, task, space, study, objective, run_dir)
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    """Trials of the study by state name (complete, pruned, fail, running, waiting)."""
+    out: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        out[trial.state.name.lower()] = out.get(trial.state.name.lower(), 0) + 1
+    return out
+
+
+def next_trial(setup: Setup) -> optuna.Trial | None:
+    """Starts the next trial, or returns None when the study holds ``n_trials``."""
+    with slot_lock(setup.cfg.storage, setup.cfg.study_name):
+        if isinstance(setup.study._storage, optuna.storages.RDBStorage):
+            optuna.storages.fail_stale_trials(setup.study)
+        state = counts(setup.study)
+        taken = sum(state.get(s, 0) for s in ("complete", "pruned", "fail", "running"))
+        if taken >= setup.cfg.n_trials:
+            return None
+        return setup.study.ask()
+
+
+@contextlib.contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    """Records the trial's heartbeat while it runs, so a dead worker's trial is failed later."""
+    storage = study._storage
+    if not isinstance(storage, optuna.storages.RDBStorage) or storage.get_heartbeat_interval() is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(storage.get_heartbeat_interval()):
+            storage.record_heartbeat(trial._trial_id)
+
+    storage.record_heartbeat(trial._trial_id)
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def run_trial(setup: Setup, trial: optuna.Trial) -> None:
+    """Runs one trial and tells the study how it ended; only an interrupt propagates."""
+    pruned, failed = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
+    try:
+        with heartbeat(setup.study, trial):
+            values = setup.objective(trial)
+    except optuna.TrialPruned as error:
+        trial.set_user_attr("pruned_reason", trial.user_attrs.get("pruned_reason") or str(error) or "pruned")
+        setup.study.tell(trial, state=pruned)
+    except NonFiniteLoss as error:
+        trial.set_user_attr("pruned_reason", f"non-finite loss: {error}")
+        setup.study.tell(trial, state=pruned)
+    except torch.OutOfMemoryError as error:
+        trial.set_user_attr("pruned_reason", f"out of memory: {str(error).splitlines()[0]}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        setup.study.tell(trial, state=pruned)
+    except (KeyboardInterrupt, SystemExit):
+        trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); run the same command to resume")
+        setup.study.tell(trial, state=failed)
+        raise
+    except Exception as error:  # noqa: BLE001 - any error of one trial must not stop the study
+        trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}"[:2000])
+        trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+        setup.study.tell(trial, state=failed)
+    else:
+        setup.study.tell(trial, values)
+
+
+def run_worker(setup: Setup, show_progress: bool) -> None:
+    """Runs trials until the study holds ``n_trials`` finished (or running) trials."""
+    from rich.live import Live
+
+    live = Live(progress_line(setup.study, setup.cfg.n_trials), refresh_per_second=2) if show_progress else None
+    with live or contextlib.nullcontext():
+        while (trial := next_trial(setup)) is not None:
+            run_trial(setup, trial)
+            if live is not None:
+                live.update(progress_line(setup.study, setup.cfg.n_trials))
+
+
+def spawn_workers(cfg: DictConfig) -> list[subprocess.Popen]:
+    """Starts ``workers - 1`` more processes of the same command on the same study."""
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("worker_index=", "workers="))]
+    procs = []
+    for index in range(1, cfg.workers):
+        command = [sys.executable, "-m", "search.cli", "sweep", *overrides, f"workers={cfg.workers}", f"worker_index={index}"]
+        procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    return procs
+
+
+def sweep(cfg: DictConfig) -> optuna.Study:
+    """Runs the sweep ``cfg`` describes and returns the study."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_lightning()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
+    setup = prepare(cfg)
+    main = cfg.worker_index == 0
+    procs = spawn_workers(cfg) if main and cfg.workers > 1 else []
+    if main:
+        print(f"study {cfg.study_name!r} in {storage_url(cfg.storage)}; trials under {setup.run_dir}")
+    try:
+        run_worker(setup, show_progress=main)
+    except (KeyboardInterrupt, SystemExit):
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        raise
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode:
+            log.error("worker exited with %s: %s", proc.returncode, err.decode()[-2000:])
+    if main:
+        print_summary(setup.study, cfg, setup.run_dir)
+    return setup.study
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point of ``qkv sweep``."""
+    started = time.perf_counter()
+    sweep(cfg)
+    log.info("sweep took %.1f s", time.perf_counter() - started)

@@ -1,0 +1,235 @@
+"""Search spaces declared as data: parameters, derived values, constraints, budgets and
+an architecture template, turned into an :class:`~models.ArchConfig` per Optuna trial.
+
+A space is a mapping (one YAML file under ``conf/space/``)::
+
+    name: tiny
+    params:                       # sampled in this order; keys are Optuna parameter names
+      n_layers: {type: int, low: 1, high: 3}
+      heads: {type: categorical, choices: [1, 2, 4]}
+      mask: {type: categorical, choices: [causal, window]}
+      window: {type: int, low: 4, high: 32, log: true, when: "mask == 'window'"}
+      layer_ffn_mult: {type: categorical, choices: [2, 4], per_layer: n_layers}
+    derived:                      # evaluated after sampling, in dependency order
+      d_model: heads * 16
+    constraints: ["d_model <= 256"]   # may also read n_params and flops_per_token
+    budget: {max_params: 500000, max_flops_per_token: 5.0e6}
+    architecture:                 # an ArchConfig as plain data, where
+      d_model: "=d_model"         #   a string "=EXPR" is an expression's value,
+      decoder:
+        n_layers: "=n_layers"
+        attention:
+          masks: {choose: mask, cases: {causal: [causal], window: [causal, {name: sliding_window, window: "=window"}]}}
+        layers: {for_layers: n_layers, each: {ffn: {d_ff: "=layer_ffn_mult * d_model"}}}
+
+Inside ``for_layers`` a per-layer parameter reads as that layer's value and ``layer``
+as the layer's index. Per-layer parameters are named ``NAME.layerI`` in Optuna and exist
+only for ``I < depth``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import graphlib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+
+from models import ArchConfig, ConfigError, count_parameters, flops_per_token
+from spaces.expressions import Expression, ExpressionError
+
+
+class SpaceError(ValueError):
+    """A malformed space: names the source, the key and what is valid."""
+
+
+class Infeasible(optuna.TrialPruned):
+    """A sampled architecture that breaks a constraint or budget; nothing was built."""
+
+
+_PARAM_KEYS = {"type", "choices", "low", "high", "step", "log", "when", "per_layer"}
+_TYPES = ("categorical", "int", "float")
+_SPACE_KEYS = {"name", "description", "params", "derived", "constraints", "budget", "architecture"}
+_BUDGET_KEYS = ("max_params", "max_flops_per_token")
+#: Names every constraint may read besides parameters and derived values.
+MEASURED = ("n_params", "flops_per_token")
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One sampled parameter: its distribution, condition and depth."""
+
+    name: str
+    distribution: optuna.distributions.BaseDistribution
+    when: Expression | None = None
+    per_layer: str | None = None  # the int parameter giving the number of layers
+
+    def optuna_name(self, layer: int | None = None) -> str:
+        return self.name if layer is None else f"{self.name}.layer{layer}"
+
+
+class Space:
+    """A loaded, checked declarative space. Build with :meth:`from_dict`."""
+
+    def __init__(
+        self, name: str, params: list[Param], derived: dict[str, Expression],
+        constraints: list[Expression], budget: dict[str, float], architecture: Any, description: str = "",
+    ) -> None:
+        self.name, self.description = name, description
+        self.params, self.derived, self.constraints = params, derived, constraints
+        self.budget, self.architecture = budget, architecture
+        self._derived_order = list(graphlib.TopologicalSorter(
+            {k: [n for n in e.names if n in derived] for k, e in derived.items()}
+        ).static_order())
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "space") -> Space:
+        """Loads and checks a space; every problem raises :class:`SpaceError` naming ``source``."""
+        from spaces.loading import load_space_dict
+
+        return load_space_dict(cls, data, source)
+
+    @property
+    def constraint_names(self) -> list[str]:
+        """The constraints recorded on every trial, in order."""
+        return [f"constraint{i}" for i in range(len(self.constraints))] + list(_BUDGET_KEYS) + ["valid"]
+
+    def sample_values(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Samples every parameter whose condition holds and evaluates derived values."""
+        values: dict[str, Any] = {}
+        for param in self.params:
+            if param.when is not None and not param.when.evaluate(values):
+                values[param.name] = None
+                continue
+            if param.per_layer is None:
+                values[param.name] = _suggest(trial, param.optuna_name(), param.distribution)
+            else:
+                depth = values[param.per_layer] or 0
+                values[param.name] = [
+                    _suggest(trial, param.optuna_name(i), param.distribution) for i in range(depth)
+                ]
+        for name in self._derived_order:
+            values[name] = self.derived[name].evaluate(values)
+        return values
+
+    def suggest(self, trial: optuna.Trial) -> ArchConfig:
+        """Samples an architecture for ``trial`` and checks it before anything is built.
+
+        Records each constraint with ``trial.set_constraint`` (``<= 0`` is feasible), so
+        Optuna's samplers learn to avoid infeasible regions.
+
+        Raises:
+            Infeasible: a constraint or budget fails, or the architecture is invalid;
+                the reason is in the trial's ``pruned_reason`` user attribute.
+        """
+        try:
+            values = self.sample_values(trial)
+            data = render(self.architecture, values)
+        except ExpressionError as error:
+            raise SpaceError(f"space {self.name}: {error}") from None
+        failed, vector = [], [0.0] * len(self.constraint_names)
+        try:
+            arch = ArchConfig.from_dict(data)
+        except ConfigError as error:
+            vector[-1] = 1.0
+            reasons = ["invalid architecture: " + "; ".join(error.problems)]
+            return _reject(trial, dict(zip(self.constraint_names, vector, strict=True)), reasons)
+        measured = {"n_params": count_parameters(arch), "flops_per_token": flops_per_token(arch)}
+        values.update(measured)
+        for i, constraint in enumerate(self.constraints):
+            if not _check(constraint, values, self.name):
+                vector[i] = 1.0
+                failed.append(f"constraint {constraint.source!r} is false")
+        for j, (key, measure) in enumerate(zip(_BUDGET_KEYS, MEASURED, strict=True)):
+            limit = self.budget.get(key)
+            if limit is not None:
+                vector[len(self.constraints) + j] = measured[measure] / limit - 1.0
+                if measured[measure] > limit:
+                    failed.append(f"{measure} {measured[measure]:,} exceeds {key} {limit:,.0f}")
+        if failed:
+            return _reject(trial, dict(zip(self.constraint_names, vector, strict=True)), failed)
+        record_constraints(trial, dict(zip(self.constraint_names, vector, strict=True)))
+        return arch
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """Returns ``(name, distribution, condition)`` rows for display."""
+        rows = []
+        for param in self.params:
+            condition = param.when.source if param.when else ""
+            if param.per_layer:
+                condition = (condition + "; " if condition else "") + f"per layer of {param.per_layer}"
+            rows.append((param.name, _describe(param.distribution), condition))
+        rows += [(name, "= " + expression.source, "derived") for name, expression in self.derived.items()]
+        return rows
+
+
+def _check(constraint: Expression, values: Mapping[str, Any], space: str) -> bool:
+    try:
+        return bool(constraint.evaluate(values))
+    except ExpressionError as error:
+        raise SpaceError(f"space {space}: {error}") from None
+
+
+def _suggest(trial: optuna.Trial, name: str, distribution: optuna.distributions.BaseDistribution) -> Any:
+    """Calls the public ``suggest_*`` matching ``distribution``."""
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    if isinstance(distribution, optuna.distributions.IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+    return trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+
+
+def record_constraints(trial: optuna.Trial, constraints: Mapping[str, float]) -> None:
+    """Records named constraint values (``<= 0`` is feasible) for the samplers."""
+    for name, value in constraints.items():
+        trial.set_constraint(name, value)
+
+
+def _reject(trial: optuna.Trial, constraints: Mapping[str, float], reasons: list[str]) -> ArchConfig:
+    reason = "infeasible: " + "; ".join(reasons)
+    record_constraints(trial, constraints)
+    trial.set_user_attr("pruned_reason", reason)
+    raise Infeasible(reason)
+
+
+def _describe(distribution: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return "choice " + ", ".join(map(str, distribution.choices))
+    log = " log" if getattr(distribution, "log", False) else ""
+    step = f" step {distribution.step}" if getattr(distribution, "step", None) not in (None, 1) else ""
+    kind = "int" if isinstance(distribution, optuna.distributions.IntDistribution) else "float"
+    return f"{kind} [{distribution.low}, {distribution.high}]{step}{log}"
+
+
+def render(template: Any, values: Mapping[str, Any]) -> Any:
+    """Fills an architecture template with sampled values (see the module docstring)."""
+    if isinstance(template, str) and template.startswith("="):
+        return _plain(Expression(template[1:]).evaluate(values))
+    if isinstance(template, Mapping):
+        if "choose" in template:
+            value = values[template["choose"]]
+            if value not in template["cases"]:
+                raise SpaceError(f"choose {template['choose']}: no case for the value {value!r}")
+            return render(template["cases"][value], values)
+        if "for_layers" in template:
+            return [
+                render(template["each"], {**values, **_layer_values(values, i), "layer": i})
+                for i in range(values[template["for_layers"]])
+            ]
+        return {k: render(v, values) for k, v in template.items()}
+    if isinstance(template, (list, tuple)):
+        return [render(v, values) for v in template]
+    return template
+
+
+def _layer_values(values: Mapping[str, Any], layer: int) -> dict[str, Any]:
+    return {k: v[layer] for k, v in values.items() if isinstance(v, list)}
+
+
+def _plain(value: Any) -> Any:
+    """Integral floats from arithmetic become ints (``d_model / 2`` as a size)."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return list(value) if isinstance(value, tuple) else value
