@@ -306,7 +306,7 @@ def _parse_stack(data: Any, path: str, problems: list[str]) -> StackConfig | Non
         return None
     base = {k: data[k] for k in ("attention", "ffn", "cross_attention") if data.get(k) is not None}
     base.setdefault("attention", {})
-    base.setdefault("ffn", GELUConfig().to_dict())
+    base["ffn"] = {"name": GELUConfig.name, **_as_mapping(base.get("ffn"))}  # gelu unless named
     layers = []
     for i, override in enumerate(overrides):
         layer = _parse_layer(base, override, f"{path}.layers[{i}]", problems)

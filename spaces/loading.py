@@ -104,6 +104,10 @@ def _distribution(spec: Mapping[str, Any], where: _Where, key: str) -> optuna.di
     kind = spec.get("type")
     if kind not in _TYPES:
         raise where.error(f"{key}.type", f"unknown distribution {kind!r}; valid: {', '.join(_TYPES)}")
+    own = {"categorical": {"choices"}}.get(kind, {"low", "high", "step", "log"})
+    foreign = sorted(map(str, set(spec) - own - {"type", "when", "per_layer"}))
+    if foreign:
+        raise where.error(f"{key}.{foreign[0]}", f"not a setting of a {kind} distribution; its settings: {', '.join(sorted(own))}")
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, (list, tuple)) or not choices:

@@ -1,0 +1,47 @@
+"""Shared fixtures: the real conf/ composed with Hydra, cut down for tests."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+CONF = str(pathlib.Path(__file__).resolve().parent.parent / "conf")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def compose_conf(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Composes ``conf/<config_name>.yaml`` with overrides, as the command line would."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)
+
+
+def tiny_sweep_conf(tmp_path: pathlib.Path, *overrides: str) -> DictConfig:
+    """A sweep config cut down to seconds: small task, short trials, storage in tmp_path."""
+    cfg = compose_conf(
+        "sweep",
+        [
+            "task=recall",
+            "task.data.n_train=512",
+            "task.data.n_val=128",
+            "task.data.n_pairs=4",
+            "trainer.max_steps=30",
+            "trainer.val_check_interval=10",
+            "trainer.limit_val_batches=2",
+            f"run_root={tmp_path}",
+            "n_trials=3",
+            *overrides,
+        ],
+    )
+    with open_dict(cfg):
+        cfg.storage_name = None
+    return cfg
+
+
+@pytest.fixture
+def compose_config():
+    return compose_conf
