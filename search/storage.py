@@ -46,14 +46,27 @@ def open_storage(cfg: Any) -> BaseStorage:
             path = pathlib.Path(cfg.path)
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
-        url = str(cfg.url)
-        engine: dict[str, Any] = {"pool_pre_ping": True}
-        if url.startswith("sqlite:///"):
-            pathlib.Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            engine = {"connect_args": {"timeout": 60}}
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        return _open_rdb(str(cfg.url))
     except (sqlalchemy.exc.SQLAlchemyError, OSError, ImportError, ValueError) as error:
         raise StorageError(f"cannot open storage {storage_url(cfg)}: {error}") from None
+
+
+def _open_rdb(url: str, attempts: int = 6) -> RDBStorage:
+    """Opens an RDB storage. Workers that start together race to create its tables (a
+    UNIQUE or 'already exists' error for the loser), so creation is retried."""
+    engine: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite:///"):
+        pathlib.Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = {"connect_args": {"timeout": 60}}
+    for attempt in range(attempts - 1):
+        try:
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
+            racing = isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error) or "locked" in str(error)
+            if not racing:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
 
 
 def create_or_load_study(

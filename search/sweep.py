@@ -9,6 +9,7 @@ import logging
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -192,6 +193,7 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
 def run_trial(setup: Setup, trial: optuna.Trial) -> None:
     """Runs one trial and tells the study how it ended; only an interrupt propagates."""
     pruned, failed = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     try:
         with heartbeat(setup.study, trial):
             values = setup.objective(trial)
@@ -255,6 +257,7 @@ def sweep(cfg: DictConfig) -> optuna.Study:
     except (KeyboardInterrupt, SystemExit):
         for proc in procs:
             proc.send_signal(signal.SIGINT)
+        print(f"interrupted: the running trial is recorded as failed; run the same command to resume {cfg.study_name!r}", file=sys.stderr)
         raise
     for proc in procs:
         _, err = proc.communicate()
@@ -265,9 +268,17 @@ def sweep(cfg: DictConfig) -> optuna.Study:
     return setup.study
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv sweep``."""
+    # Ctrl-C (even where a parent shell ignored SIGINT) and a scheduler's SIGTERM both
+    # stop after recording the running trial as failed, so the study stays resumable.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     started = time.perf_counter()
     sweep(cfg)
     log.info("sweep took %.1f s", time.perf_counter() - started)

@@ -1,0 +1,59 @@
+"""A registered test component and Python spaces, used through the real extension points."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+import torch
+from torch import nn
+
+from models import FEEDFORWARDS, ArchConfig
+from models.feedforward import FeedForwardConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PoisonConfig(FeedForwardConfig):
+    """A feed-forward layer that goes NaN or raises once training has begun (tests only)."""
+
+    mode: str = "nan"
+
+
+class Poison(nn.Module):
+    def __init__(self, d_model: int, mode: str) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_model, d_model)
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.mode == "raise":
+            raise RuntimeError("poisoned layer raised on purpose")
+        out = self.proj(x)
+        return out * float("nan") if self.training else out
+
+
+if "test_poison" not in FEEDFORWARDS:
+    FEEDFORWARDS.register("test_poison", PoisonConfig)(lambda config, *, d_model: Poison(d_model, config.mode))
+
+
+def _arch(cfg, ffn: dict) -> ArchConfig:
+    return ArchConfig.from_dict({
+        "kind": "decoder", "vocab_size": cfg.task.vocab_size, "max_seq_len": cfg.task.seq_len, "d_model": 16,
+        "positions": "learned",
+        "decoder": {"n_layers": 1, "attention": {"n_heads": 2, "masks": ["causal"]}, "ffn": ffn},
+    })
+
+
+def flaky_space(trial: optuna.Trial, cfg) -> ArchConfig:
+    """Trial 1 goes NaN, trial 2 raises, the others train normally."""
+    width = trial.suggest_int("d_ff", 8, 64)
+    variant = {1: "nan", 2: "raise"}.get(trial.number)
+    if variant:
+        return _arch(cfg, {"name": "test_poison", "mode": variant, "d_ff": width})
+    return _arch(cfg, {"name": "gelu", "d_ff": width})
+
+
+def fixed_space(trial: optuna.Trial, cfg) -> ArchConfig:
+    """One architecture, whatever the trial."""
+    trial.suggest_categorical("only", ["one"])
+    return _arch(cfg, {"name": "gelu", "d_ff": 32})

@@ -1,0 +1,117 @@
+"""End-to-end sweeps on real storage with a real Trainer, cut down to seconds."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from models import ArchConfig, build_model
+from search.objective import trial_dir
+from search.storage import open_storage
+from search.sweep import sweep
+from tests.conftest import tiny_sweep_conf
+
+State = optuna.trial.TrialState
+pytestmark = pytest.mark.slow
+
+
+def _load(cfg) -> optuna.Study:
+    return optuna.load_study(study_name=cfg.study_name, storage=str(cfg.storage.url))
+
+
+def test_a_tiny_sweep_leaves_its_trials_in_storage_that_plain_optuna_reads(tmp_path):
+    cfg = tiny_sweep_conf(tmp_path, "space=tiny", "pruner=none")
+    sweep(cfg)
+    study = _load(cfg)
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state == State.COMPLETE for t in trials)
+    for trial in trials:
+        attrs = trial.user_attrs
+        assert {"n_params", "flops_per_token", "arch_hash", "wall_time_s", "device", "best_step"} <= set(attrs)
+        arch = ArchConfig.from_dict(yaml.safe_load((trial_dir(tmp_path / cfg.study_name, trial.number) / "arch.yaml").read_text()))
+        assert arch.fingerprint() == attrs["arch_hash"]
+        weights = load_file(str(trial_dir(tmp_path / cfg.study_name, trial.number) / "model.safetensors"))
+        model = build_model(arch)
+        model.load_state_dict(weights)
+        assert attrs["n_params"] == sum(p.numel() for p in model.parameters())
+        assert (trial_dir(tmp_path / cfg.study_name, trial.number) / "logs" / "metrics.csv").is_file()
+        assert sorted(trial.intermediate_values) == [10, 20, 30]
+        assert math.isclose(trial.value, min(trial.intermediate_values.values()), rel_tol=1e-6)
+
+
+def test_a_pruner_that_must_prune_stops_every_trial_at_its_first_validation(tmp_path):
+    cfg = tiny_sweep_conf(tmp_path, "pruner=none", "pruner._target_=optuna.pruners.ThresholdPruner", "+pruner.upper=0.001")
+    sweep(cfg)
+    trials = _load(cfg).get_trials()
+    assert [t.state for t in trials] == [State.PRUNED] * 3
+    for trial in trials:
+        assert list(trial.intermediate_values) == [10]
+        assert trial.user_attrs["pruned_reason"].startswith("pruned by ThresholdPruner at step 10")
+
+
+def test_running_again_resumes_and_runs_only_the_missing_trials(tmp_path):
+    sweep(tiny_sweep_conf(tmp_path, "n_trials=2"))
+    first = {t.number: t.datetime_start for t in _load(tiny_sweep_conf(tmp_path)).get_trials()}
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=4")
+    sweep(cfg)
+    trials = _load(cfg).get_trials()
+    assert len(trials) == 4 and all(t.state.is_finished() for t in trials)
+    assert {t.number: t.datetime_start for t in trials if t.number < 2} == first
+    sweep(cfg)
+    assert len(_load(cfg).get_trials()) == 4
+
+
+def test_a_trial_that_raises_or_goes_nan_is_recorded_while_the_others_complete(tmp_path):
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=4", "+space._target_=tests.search.helpers.flaky_space", "pruner=none")
+    sweep(cfg)
+    trials = {t.number: t for t in _load(cfg).get_trials()}
+    assert trials[1].state == State.PRUNED
+    assert trials[1].user_attrs["pruned_reason"].startswith("non-finite loss: training loss became nan")
+    assert trials[2].state == State.FAIL
+    assert trials[2].user_attrs["fail_reason"] == "RuntimeError: poisoned layer raised on purpose"
+    assert "raise RuntimeError(\"poisoned layer raised on purpose\")" in trials[2].user_attrs["traceback"]
+    assert trials[0].state == trials[3].state == State.COMPLETE
+
+
+def test_a_duplicate_architecture_is_not_trained_again(tmp_path):
+    cfg = tiny_sweep_conf(tmp_path, "+space._target_=tests.search.helpers.fixed_space", "pruner=none")
+    sweep(cfg)
+    trials = _load(cfg).get_trials()
+    assert [t.state for t in trials] == [State.COMPLETE] * 3
+    assert "duplicate_of" not in trials[0].user_attrs
+    assert [t.user_attrs["duplicate_of"] for t in trials[1:]] == [0, 0]
+    assert trials[1].values == trials[0].values == trials[2].values
+    assert not trial_dir(tmp_path / cfg.study_name, 1).exists()
+    assert trials[1].user_attrs["wall_time_s"] < trials[0].user_attrs["wall_time_s"] / 5
+
+
+def test_a_multi_objective_sweep_yields_a_pareto_front(tmp_path):
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=5", "objectives=[val_loss,n_params]", "sampler=nsga2", "space=tiny")
+    sweep(cfg)
+    study = _load(cfg)
+    assert len(study.directions) == 2
+    complete = study.get_trials(states=(State.COMPLETE,))
+    front = study.best_trials
+    assert front
+    for trial in complete:
+        assert trial.values[1] == trial.user_attrs["n_params"]
+    for best in front:
+        assert not any(o.values[0] <= best.values[0] and o.values[1] <= best.values[1] and o.values != best.values for o in complete)
+
+
+def test_an_existing_study_with_other_directions_is_refused_before_any_trial(tmp_path):
+    sweep(tiny_sweep_conf(tmp_path, "n_trials=1"))
+    with pytest.raises(ValueError, match=r"already exists with directions \['minimize'\].*\['minimize', 'minimize'\]"):
+        sweep(tiny_sweep_conf(tmp_path, "n_trials=2", "objectives=[val_loss,latency_ms]"))
+    assert len(_load(tiny_sweep_conf(tmp_path)).get_trials()) == 1
+
+
+def test_a_journal_file_storage_works_the_same(tmp_path):
+    cfg = tiny_sweep_conf(tmp_path, "storage=journal", "n_trials=2")
+    sweep(cfg)
+    study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg.storage))
+    assert len(study.get_trials(states=(State.COMPLETE, State.PRUNED))) == 2

@@ -1,0 +1,78 @@
+"""Several processes on one study, and Ctrl-C: real processes, real storage."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from tests.conftest import tiny_sweep_conf
+
+State = optuna.trial.TrialState
+pytestmark = pytest.mark.slow
+
+COMMON = [
+    "task=recall", "task.data.n_train=512", "task.data.n_val=128", "task.data.n_pairs=4",
+    "trainer.max_steps=30", "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "pruner=none",
+]
+
+
+def _qkv(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "search.cli", "sweep", *args], env=env, **kwargs)
+
+
+def test_two_processes_on_one_storage_finish_exactly_n_trials(tmp_path):
+    args = [*COMMON, f"run_root={tmp_path}", "n_trials=6"]
+    procs = [_qkv(*args, f"worker_index={i}", f"seed={i}", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    cfg = tiny_sweep_conf(tmp_path)
+    study = optuna.load_study(study_name=cfg.study_name, storage=str(cfg.storage.url))
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert all(t.state in (State.COMPLETE, State.PRUNED) for t in trials)
+
+
+def test_the_workers_option_starts_cooperating_processes(tmp_path):
+    longer = ["trainer.max_steps=200", "trainer.val_check_interval=50"]  # so the second worker gets to start
+    proc = _qkv(*COMMON, *longer, f"run_root={tmp_path}", "n_trials=6", "workers=2", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    cfg = tiny_sweep_conf(tmp_path)
+    trials = optuna.load_study(study_name=cfg.study_name, storage=str(cfg.storage.url)).get_trials()
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert len({t.user_attrs.get("worker") for t in trials}) == 2
+
+
+def test_ctrl_c_records_the_running_trial_as_failed_and_the_study_resumes(tmp_path):
+    args = [*COMMON, f"run_root={tmp_path}", "n_trials=3", "trainer.max_steps=100000", "trainer.val_check_interval=5"]
+    proc = _qkv(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cfg = tiny_sweep_conf(tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            study = optuna.load_study(study_name=cfg.study_name, storage=str(cfg.storage.url))
+            running = study.get_trials(states=(State.RUNNING,))
+            if running and running[0].intermediate_values:
+                break
+        except (KeyError, Exception):  # noqa: BLE001 - the study may not exist yet
+            pass
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    trials = optuna.load_study(study_name=cfg.study_name, storage=str(cfg.storage.url)).get_trials()
+    assert [t.state for t in trials] == [State.FAIL]
+    assert trials[0].user_attrs["fail_reason"].startswith("interrupted")
+    resumed = _qkv(*[a for a in args if "max_steps" not in a and "val_check" not in a], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err.decode()[-2000:]
+    trials = optuna.load_study(study_name=cfg.study_name, storage=str(cfg.storage.url)).get_trials()
+    assert len(trials) == 3 and trials[0].state == State.FAIL and all(t.state.is_finished() for t in trials)
