@@ -122,7 +122,6 @@ class Objective:
         return arch
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
-        start = time.perf_counter()
         arch = self.sample(trial)
         duplicate = find_duplicate(trial.study, trial.user_attrs["arch_hash"], trial.number)
         if duplicate is not None:
@@ -130,7 +129,6 @@ class Objective:
             for key in ("best_step", "device", "latency_ms"):
                 if key in duplicate.user_attrs:
                     trial.set_user_attr(key, duplicate.user_attrs[key])
-            trial.set_user_attr("wall_time_s", time.perf_counter() - start)
             return list(duplicate.values)
         folder = trial_dir(self.run_dir, trial.number)
         folder.mkdir(parents=True, exist_ok=True)
@@ -151,8 +149,6 @@ class Objective:
             measured["latency_ms"] = measure_latency_ms(lit.model, example, device)
             trial.set_user_attr("latency_ms", measured["latency_ms"])
         trial.set_user_attr("best_step", best.best_step)
-        trial.set_user_attr("device", str(device))
-        trial.set_user_attr("wall_time_s", time.perf_counter() - start)
         return [measured[name] for name in self.objectives]
 
     def _fit(self, trial: optuna.Trial, arch: ArchConfig, folder: pathlib.Path) -> tuple[LitTransformer, BestWeights, L.Trainer]:
@@ -174,6 +170,7 @@ class Objective:
             logger=CSVLogger(str(folder), name="", version="logs"),
             callbacks=callbacks,
         )
+        trial.set_user_attr("device", str(trainer.strategy.root_device))
         fit_start = time.perf_counter()
         try:
             trainer.fit(lit, datamodule=self.task)

@@ -194,9 +194,13 @@ def run_trial(setup: Setup, trial: optuna.Trial) -> None:
     """Runs one trial and tells the study how it ended; only an interrupt propagates."""
     pruned, failed = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    start = time.perf_counter()
     try:
         with heartbeat(setup.study, trial):
-            values = setup.objective(trial)
+            try:
+                values = setup.objective(trial)
+            finally:
+                trial.set_user_attr("wall_time_s", time.perf_counter() - start)
     except optuna.TrialPruned as error:
         trial.set_user_attr("pruned_reason", trial.user_attrs.get("pruned_reason") or str(error) or "pruned")
         setup.study.tell(trial, state=pruned)

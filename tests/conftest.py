@@ -45,3 +45,11 @@ def tiny_sweep_conf(tmp_path: pathlib.Path, *overrides: str) -> DictConfig:
 @pytest.fixture
 def compose_config():
     return compose_conf
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server on 127.0.0.1 (QKV_TEST_POSTGRES_URL, or a throwaway cluster)."""
+    from tests.search.postgres import postgres_cluster
+
+    yield from postgres_cluster()

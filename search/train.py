@@ -1,0 +1,102 @@
+"""``qkv train``: train one architecture (a config file, or a study's trial) on a task."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import hydra
+import lightning as L
+import optuna
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from models import ArchConfig, count_parameters, flops_per_token
+from search.callbacks import BestWeights
+from search.lit import LitTransformer, check_compatible
+from search.objective import quiet_lightning
+from search.storage import open_storage
+from search.sweep import build_task
+
+
+def load_arch(cfg: DictConfig) -> tuple[ArchConfig, dict[str, Any]]:
+    """The architecture to train, and where it came from.
+
+    Raises:
+        ValueError: neither or both of ``arch`` and ``study_name`` given, a missing file,
+            or a study or trial that does not exist or never completed.
+    """
+    if (cfg.arch is None) == (cfg.study_name is None):
+        raise ValueError("give exactly one of arch=PATH.yaml or study_name=NAME (with trial=N or the best trial)")
+    if cfg.arch is not None:
+        path = pathlib.Path(cfg.arch)
+        if not path.is_file():
+            raise ValueError(f"arch: no file at {path}")
+        return ArchConfig.from_dict(yaml.safe_load(path.read_text())), {"arch_file": str(path.resolve())}
+    trial = find_trial(open_storage(cfg.storage), cfg.study_name, cfg.trial)
+    return ArchConfig.from_dict(trial.user_attrs["arch"]), {"study": cfg.study_name, "trial": trial.number}
+
+
+def find_trial(storage: optuna.storages.BaseStorage, study_name: str, number: int | None) -> optuna.trial.FrozenTrial:
+    """A complete trial of a study: trial ``number``, or the best of a single-objective study."""
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if study_name not in names:
+        raise ValueError(f"study {study_name!r} not found; studies in this storage: {', '.join(names) or 'none'}")
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    complete = {t.number: t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+    if number is None:
+        if len(study.directions) > 1:
+            raise ValueError(f"study {study_name!r} has several objectives: choose a trial=N from its Pareto front")
+        if not complete:
+            raise ValueError(f"study {study_name!r} has no complete trial")
+        return study.best_trial
+    if number not in complete:
+        states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+        found = f"it is {states[number]}" if number in states else f"it has trials 0-{len(states) - 1}"
+        raise ValueError(f"trial {number} of study {study_name!r} is not complete ({found}); complete: {sorted(complete)[:20]}")
+    return complete[number]
+
+
+def train(cfg: DictConfig) -> pathlib.Path:
+    """Trains and writes ``arch.yaml``, ``model.safetensors`` (best weights) and metrics to ``out_dir``."""
+    quiet_lightning()
+    L.seed_everything(cfg.seed, verbose=False)
+    arch, source = load_arch(cfg)
+    task = build_task(cfg)
+    check_compatible(arch, task)
+    out = pathlib.Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    optim = {**OmegaConf.to_container(cfg.optim, resolve=True), "max_steps": cfg.trainer.max_steps}
+    lit = LitTransformer(arch, task.kind, **optim)
+    best = BestWeights("val_loss")
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True), max_epochs=-1, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=cfg.show_progress, logger=CSVLogger(str(out), name="", version="logs"), callbacks=[best],
+    )
+    start = time.perf_counter()
+    trainer.fit(lit, datamodule=task)
+    if best.state is None:
+        raise RuntimeError("training ended before its first validation; raise trainer.max_steps")
+    (out / "arch.yaml").write_text(yaml.safe_dump(arch.to_dict(), sort_keys=False))
+    save_file(best.state, str(out / "model.safetensors"), metadata={"arch_hash": arch.fingerprint()})
+    summary = {
+        **source, "task": cfg.task.name, "val_loss": best.best, "best_step": best.best_step,
+        "steps": trainer.global_step, "seconds": time.perf_counter() - start,
+        "n_params": count_parameters(arch), "flops_per_token": flops_per_token(arch),
+        "trivial_val_loss": task.trivial_loss(), "torch": torch.__version__,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"best val_loss {best.best:.4f} at step {best.best_step} (trivial baseline {summary['trivial_val_loss']:.4f}); written to {out}")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point of ``qkv train``."""
+    train(cfg)

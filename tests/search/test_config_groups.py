@@ -1,0 +1,156 @@
+"""Every config group composes and instantiates; bad input fails before any trial."""
+
+from __future__ import annotations
+
+import pathlib
+
+import lightning as L
+import optuna
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+from hydra.utils import instantiate
+
+from search.lit import check_compatible
+from search.objective import check_objectives
+from search.storage import StorageError, open_storage
+from search.sweep import build_sampler, build_space, build_task, sweep
+from search.train import train
+from tests.conftest import CONF, compose_conf, tiny_sweep_conf
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (pathlib.Path(CONF) / group).glob("*.yaml"))
+
+
+TASK_FOR_SPACE = {"tiny": "lm_stdlib", "decoder": "recall", "encoder": "digits", "encoder_decoder": "reverse"}
+
+
+@pytest.mark.parametrize("space", _options("space"))
+def test_every_space_composes_with_its_task_and_every_sampler_instantiates(space):
+    cfg = compose_conf("sweep", [f"space={space}", f"task={TASK_FOR_SPACE[space]}"])
+    task = build_task(cfg)
+    built = build_space(cfg)
+    assert built.name == space
+    for sampler in _options("sampler"):
+        cfg_s = compose_conf("sweep", [f"space={space}", f"task={TASK_FOR_SPACE[space]}", f"sampler={sampler}"])
+        build_task(cfg_s)
+        try:
+            assert isinstance(build_sampler(cfg_s, built), optuna.samplers.BaseSampler)
+        except ValueError as error:  # only a grid refuses, and only spaces with log ranges
+            assert sampler == "grid" and "is a continuous or log range" in str(error)
+            assert any(getattr(p.distribution, "log", False) for p in built.params)
+    assert task.kind in ("language_model", "classification", "seq2seq")
+
+
+def test_the_grid_sampler_enumerates_choices_steps_and_per_layer_parameters():
+    from search.sweep import grid_of
+    from spaces import Space
+
+    space = Space.from_dict({
+        "params": {"depth": {"type": "int", "low": 1, "high": 2}, "heads": {"type": "categorical", "choices": [1, 2]},
+                   "width": {"type": "int", "low": 16, "high": 48, "step": 16},
+                   "mult": {"type": "categorical", "choices": [2, 4], "per_layer": "depth"}},
+        "architecture": {"kind": "decoder", "vocab_size": 8, "max_seq_len": 8, "d_model": "=width",
+                         "decoder": {"n_layers": "=depth", "attention": {"n_heads": "=heads", "masks": ["causal"]}}},
+    }, "grid.yaml")
+    assert grid_of(space) == {"depth": [1, 2], "heads": [1, 2], "width": [16, 32, 48], "mult.layer0": [2, 4], "mult.layer1": [2, 4]}
+
+
+@pytest.mark.parametrize("task", _options("task"))
+def test_every_task_builds_batches_of_its_declared_sizes(task):
+    cfg = compose_conf("sweep", [f"task={task}"])
+    data = build_task(cfg)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    first = batch.get("tokens", batch.get("src"))
+    assert first.shape[1] <= cfg.task.seq_len
+    assert 0 <= int(first.min()) and int(first.max()) < cfg.task.vocab_size
+    assert 0 < data.trivial_loss() < 10
+
+
+@pytest.mark.parametrize("pruner", _options("pruner"))
+def test_every_pruner_instantiates(pruner):
+    cfg = compose_conf("sweep", [f"pruner={pruner}"])
+    assert isinstance(instantiate(cfg.pruner), optuna.pruners.BasePruner)
+
+
+@pytest.mark.parametrize("trainer", _options("trainer"))
+def test_every_trainer_config_makes_a_lightning_trainer(trainer):
+    cfg = compose_conf("sweep", [f"trainer={trainer}"])
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    built = L.Trainer(**cfg.trainer, logger=False, enable_checkpointing=False)
+    assert built.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("storage", [s for s in _options("storage") if s != "postgres"])
+def test_file_storages_open_under_the_run_root(storage, tmp_path):
+    cfg = compose_conf("sweep", [f"storage={storage}", f"run_root={tmp_path}"])
+    opened = open_storage(cfg.storage)
+    optuna.create_study(storage=opened, study_name="s")
+    assert list(tmp_path.iterdir())
+
+
+def test_unknown_group_options_list_the_available_ones():
+    with pytest.raises(MissingConfigException, match=r"(?s)task/nope.*lm_stdlib.*recall"):
+        compose_conf("sweep", ["task=nope"])
+    with pytest.raises(MissingConfigException, match=r"(?s)space/wide.*decoder.*tiny"):
+        compose_conf("sweep", ["space=wide"])
+
+
+def test_an_unreachable_storage_is_a_clear_error_before_any_trial(tmp_path):
+    cfg = tiny_sweep_conf(tmp_path, "storage=postgres", "storage.url=postgresql+psycopg2://qkv@127.0.0.1:9/none")
+    with pytest.raises(StorageError, match=r"cannot open storage postgresql\+psycopg2://qkv@127.0.0.1:9/none"):
+        sweep(cfg)
+    assert not (tmp_path / cfg.study_name).exists()
+
+
+@pytest.mark.parametrize(
+    ("objectives", "message"),
+    [([], "give at least one"), (["loss"], "unknown 'loss'; valid: val_loss"), (["n_params"], "first objective must be trained"),
+     (["val_loss", "val_loss"], "twice")],
+)
+def test_bad_objectives_are_refused(objectives, message):
+    with pytest.raises(ValueError, match=message):
+        check_objectives(objectives)
+
+
+def test_a_space_that_cannot_fit_the_task_is_refused_before_any_trial(tmp_path):
+    cfg = tiny_sweep_conf(tmp_path, "space=encoder_decoder")
+    with pytest.raises(ValueError, match=r"none of 50 random samples is feasible.*a language_model task trains a decoder architecture, got 'encoder_decoder'"):
+        sweep(cfg)
+    with pytest.raises(ValueError, match=r"none of 50 random samples is feasible.*head.n_classes: must be >= 2, got 0"):
+        sweep(tiny_sweep_conf(tmp_path, "space=encoder"))
+    assert not (tmp_path / "studies.db").exists()
+
+
+def test_check_compatible_names_each_mismatch():
+    from models import ArchConfig
+
+    cfg = compose_conf("sweep", ["task=digits"])
+    task = build_task(cfg)
+    arch = ArchConfig.from_dict({"kind": "encoder", "vocab_size": 5, "max_seq_len": 8, "d_model": 8, "encoder": {"n_layers": 1, "attention": {"n_heads": 2}},
+                                 "head": {"name": "classifier", "n_classes": 3}})
+    with pytest.raises(ValueError, match=r"vocab_size: the task has 17 tokens.*max_seq_len.*64.*head: the task has 10 classes"):
+        check_compatible(arch, task)
+
+
+@pytest.mark.slow
+def test_qkv_train_trains_a_study_trial_longer_and_keeps_its_best_weights(tmp_path):
+    sweep_cfg = tiny_sweep_conf(tmp_path, "n_trials=1", "pruner=none")
+    study = sweep(sweep_cfg)
+    cfg = compose_conf("train", [
+        f"study_name={sweep_cfg.study_name}", "task=recall", "task.data.n_train=512", "task.data.n_val=128",
+        "task.data.n_pairs=4", "trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.limit_val_batches=2",
+        f"run_root={tmp_path}", f"out_dir={tmp_path / 'train'}", "show_progress=false",
+    ])
+    out = train(cfg)
+    assert {"arch.yaml", "model.safetensors", "summary.json"} <= {p.name for p in out.iterdir()}
+    import json
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trial"] == study.best_trial.number and summary["steps"] == 20
+    with pytest.raises(ValueError, match=r"study 'nope' not found; studies in this storage: recall-tiny"):
+        train(compose_conf("train", ["study_name=nope", f"run_root={tmp_path}", f"out_dir={tmp_path / 'x'}"]))
+    with pytest.raises(ValueError, match=r"trial 7 of study 'recall-tiny' is not complete"):
+        train(compose_conf("train", [f"study_name={sweep_cfg.study_name}", "trial=7", f"run_root={tmp_path}", f"out_dir={tmp_path / 'y'}"]))
