@@ -7,6 +7,7 @@ import pathlib
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -98,13 +99,16 @@ class Objective:
         optim: ``LitTransformer`` optimiser settings.
         prune: report to the pruner (single-objective studies only).
         show_progress: Lightning's own per-trial progress bar.
+        callbacks: more Lightning callbacks for every trial (made fresh per trial).
     """
 
     def __init__(self, *, space: Any, task: Any, run_dir: pathlib.Path, objectives: list[str],
-                 trainer_kwargs: dict[str, Any], optim: dict[str, Any], prune: bool, show_progress: bool = False) -> None:
+                 trainer_kwargs: dict[str, Any], optim: dict[str, Any], prune: bool, show_progress: bool = False,
+                 callbacks: Callable[[], list[L.Callback]] | None = None) -> None:
         self.space, self.task, self.run_dir = space, task, run_dir
         self.objectives, self.trainer_kwargs, self.optim = objectives, trainer_kwargs, optim
         self.prune, self.show_progress = prune, show_progress
+        self.callbacks = callbacks or list
         self.monitor = objectives[0]
 
     def sample(self, trial: optuna.Trial) -> ArchConfig:
@@ -156,7 +160,7 @@ class Objective:
         optim = {**self.optim, "max_steps": self.trainer_kwargs["max_steps"]}
         lit = LitTransformer(arch, self.task.kind, **optim)
         best = BestWeights(self.monitor, sign=-1.0 if self.monitor == "val_acc" else 1.0)
-        callbacks: list[L.Callback] = [best]
+        callbacks: list[L.Callback] = [best, *self.callbacks()]
         if self.prune:
             callbacks.append(OptunaPruning(trial, self.monitor))
         trainer = L.Trainer(

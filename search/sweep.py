@@ -50,6 +50,7 @@ class Setup:
 def build_task(cfg: DictConfig) -> Any:
     """Instantiates the task and copies its contract (kind, sizes) into ``cfg.task``."""
     task = instantiate(cfg.task.data)
+    task.setup("fit")  # make the data once, before any trial (errors surface here too)
     for key in ("kind", "vocab_size", "seq_len", "n_classes"):
         if not hasattr(task, key):
             raise ValueError(f"task {cfg.task.name!r}: {type(task).__name__} lacks {key!r}, part of the task contract (tasks/base.py)")
