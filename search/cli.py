@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "sweep": ("search.sweep", "search architectures: an Optuna study of Lightning-trained trials"),
     "train": ("search.train", "train one architecture (a config file or a study's trial)"),
+    "export": ("search.export", "write a trial as a standalone PyTorch module folder, checked without qkvsearch"),
     "space": ("search.space_show", "`qkv space show space=NAME`: a space's parameters and how many samples are feasible"),
 }
 

@@ -1,0 +1,281 @@
+"""Writes ``model.py``: standalone PyTorch source for one architecture.
+
+The file holds the source of exactly the module classes the built model uses (taken
+from ``models/``, so the exported model computes what the searched one did), a
+``build()`` that constructs this architecture with literal sizes, and ``load()`` with a
+small safetensors reader, so it depends on torch alone. Each component config has an
+exporter that turns it into a constructor expression; a custom component registers one
+with :func:`register_exporter`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from models import ArchConfig, AttentionConfig, LayerConfig, build_model, count_parameters, flops_per_token
+from models.feedforward import GELUConfig, ReLUConfig, SquaredReLUConfig, SwiGLUConfig
+from models.heads import ClassifierConfig, LMHeadConfig, TokenClassifierConfig
+from models.masks import (
+    CausalConfig,
+    MaskContext,
+    NoMaskConfig,
+    PaddingConfig,
+    PrefixLMConfig,
+    SlidingWindowConfig,
+)
+from models.norms import LayerNormConfig, PostNormConfig, PreNormConfig, RMSNormConfig
+from models.positions import ALiBiConfig, LearnedConfig, NoPositionsConfig, RotaryConfig, SinusoidalConfig
+from models.registry import ComponentConfig
+from models.scaling import InvDkConfig, LearnedTemperatureConfig, NoScalingConfig, QKNormConfig, SqrtDkConfig
+
+#: component config class -> function(config, **sizes) -> constructor expression
+EXPORTERS: dict[type, Callable[..., str]] = {
+    SqrtDkConfig: lambda c, n_heads, d_k: f"Scaling({1.0 / math.sqrt(d_k)!r})",
+    InvDkConfig: lambda c, n_heads, d_k: f"Scaling({1.0 / d_k!r})",
+    NoScalingConfig: lambda c, n_heads, d_k: "Scaling(1.0)",
+    LearnedTemperatureConfig: lambda c, n_heads, d_k: f"LearnedTemperature({n_heads}, {d_k})",
+    QKNormConfig: lambda c, n_heads, d_k: f"QKNorm({d_k}, {c.eps!r})",
+    NoMaskConfig: lambda c, self_attention: "NoMask()",
+    CausalConfig: lambda c, self_attention: "CausalMask()",
+    PaddingConfig: lambda c, self_attention: f"PaddingMask(keep_diagonal={self_attention})",
+    SlidingWindowConfig: lambda c, self_attention: f"SlidingWindowMask({c.window})",
+    PrefixLMConfig: lambda c, self_attention: f"PrefixLMMask({c.prefix_len})",
+    NoPositionsConfig: lambda c, d_model, max_seq_len: "Positions()",
+    SinusoidalConfig: lambda c, d_model, max_seq_len: f"Sinusoidal({d_model}, {c.base!r})",
+    LearnedConfig: lambda c, d_model, max_seq_len: f"Learned({d_model}, {max_seq_len})",
+    RotaryConfig: lambda c, d_model, max_seq_len: f"Rotary({c.base!r})",
+    ALiBiConfig: lambda c, d_model, max_seq_len: "ALiBi()",
+    LayerNormConfig: lambda c, d_model: f"nn.LayerNorm({d_model}, eps={c.eps!r})",
+    RMSNormConfig: lambda c, d_model: f"nn.RMSNorm({d_model}, eps={c.eps!r})",
+    PreNormConfig: lambda c, norm, dropout: f"PreNormResidual({norm}, {dropout!r})",
+    PostNormConfig: lambda c, norm, dropout: f"PostNormResidual({norm}, {dropout!r})",
+    GELUConfig: lambda c, d_model: f"MLP({d_model}, {c.d_ff}, {c.bias}, nn.GELU())",
+    ReLUConfig: lambda c, d_model: f"MLP({d_model}, {c.d_ff}, {c.bias}, nn.ReLU())",
+    SquaredReLUConfig: lambda c, d_model: f"MLP({d_model}, {c.d_ff}, {c.bias}, SquaredReLU())",
+    SwiGLUConfig: lambda c, d_model: f"SwiGLU({d_model}, {c.d_ff}, {c.bias})",
+    LMHeadConfig: lambda c, d_model, vocab_size: f"TokenHead(nn.Linear({d_model}, {vocab_size}, bias=False))",
+    TokenClassifierConfig: lambda c, d_model, vocab_size: f"TokenHead(nn.Linear({d_model}, {c.n_classes}))",
+    ClassifierConfig: lambda c, d_model, vocab_size: f"PooledHead(nn.Linear({d_model}, {c.n_classes}), {c.pooling!r})",
+}
+
+
+class ExportError(ValueError):
+    """The architecture cannot be exported, or the export does not match."""
+
+
+def register_exporter(config_cls: type[ComponentConfig], exporter: Callable[..., str]) -> None:
+    """Lets a custom component export: ``exporter(config, **sizes)`` returns its constructor call."""
+    EXPORTERS[config_cls] = exporter
+
+
+def _expr(config: ComponentConfig, **sizes: Any) -> str:
+    exporter = EXPORTERS.get(type(config))
+    if exporter is None:
+        raise ExportError(
+            f"component {config.name!r} ({type(config).__name__}) has no exporter; "
+            "add one with search.codegen.register_exporter"
+        )
+    return exporter(config, **sizes)
+
+
+def _attention(config: AttentionConfig, d_model: int, cross: bool) -> str:
+    h, g, d_k, d_v, bias = config.n_heads, config.n_kv_heads, config.d_k, config.d_v, config.bias
+    masks = ", ".join(_expr(m, self_attention=not cross) for m in config.masks)
+    return (
+        f"MultiHeadAttention(\n"
+        f"            n_heads={h}, n_kv_heads={g}, d_k={d_k}, d_v={d_v},\n"
+        f"            q_proj=nn.Linear({d_model}, {h * d_k}, bias={bias}),\n"
+        f"            k_proj=nn.Linear({d_model}, {g * d_k}, bias={bias}),\n"
+        f"            v_proj=nn.Linear({d_model}, {g * d_v}, bias={bias}),\n"
+        f"            out_proj=nn.Linear({h * d_v}, {d_model}, bias={bias}),\n"
+        f"            scaling={_expr(config.scaling, n_heads=h, d_k=d_k)},\n"
+        f"            mask=CombinedMask([{masks}]),\n"
+        f"            positions={'Positions()' if cross else 'positions'},\n"
+        f"            dropout={config.dropout!r},\n"
+        f"        )"
+    )
+
+
+def _layer_function(name: str, arch: ArchConfig, layer: LayerConfig) -> str:
+    d = arch.d_model
+    norm = _expr(arch.norm, d_model=d)
+    residual = _expr(arch.norm_placement, norm=norm, dropout=arch.dropout)
+    cross = ""
+    if layer.cross_attention is not None:
+        cross = (f"        cross_attention={_attention(layer.cross_attention, d, cross=True)},\n"
+                 f"        cross_residual={residual},\n")
+    a = layer.attention
+    doc = f"{a.n_heads} heads ({a.n_kv_heads} key/value), d_k {a.d_k}, d_v {a.d_v}, {layer.ffn.name} d_ff {layer.ffn.d_ff}"
+    return (
+        f"def {name}(positions: Positions) -> TransformerLayer:\n"
+        f'    """{doc}."""\n'
+        f"    return TransformerLayer(\n"
+        f"        self_attention={_attention(a, d, cross=False)},\n"
+        f"        self_residual={residual},\n"
+        f"{cross}"
+        f"        feedforward={_expr(layer.ffn, d_model=d)},\n"
+        f"        ffn_residual={residual},\n"
+        f"    )\n"
+    )
+
+
+def _build_function(arch: ArchConfig) -> str:
+    """``build()`` and one function per distinct layer, with literal sizes."""
+    functions: dict[LayerConfig, str] = {}
+    body = []
+    d = arch.d_model
+    final = _expr(arch.norm, d_model=d) if arch.norm_placement.final_norm else "nn.Identity()"
+    for stack_name, stack in arch.stacks.items():
+        calls = []
+        for layer in stack.layers:
+            if layer not in functions:
+                functions[layer] = f"_layer_{len(functions)}"
+            calls.append(f"{functions[layer]}(positions)")
+        positions = _expr(arch.positions, d_model=d, max_seq_len=arch.max_seq_len)
+        body.append(
+            f"    positions = {positions}\n"
+            f"    {stack_name} = Stack(\n"
+            f"        embedding=nn.Embedding({arch.vocab_size}, {d}),\n"
+            f"        positions=positions,\n"
+            f"        layers=[{', '.join(calls)}],\n"
+            f"        final_norm={final},\n"
+            f"        dropout={arch.dropout!r},\n"
+            f"    )\n"
+        )
+    head = _expr(arch.head, d_model=d, vocab_size=arch.vocab_size)
+    body.append(f"    head = {head}\n")
+    if arch.tie_embeddings:
+        body.append(f"    head.proj.weight = {'decoder' if arch.decoder else 'encoder'}.embedding.weight\n")
+    if arch.kind == "encoder_decoder":
+        body.append("    return EncoderDecoderModel(CONFIG, encoder, decoder, head)\n")
+    else:
+        body.append(f"    return StackModel(CONFIG, {next(iter(arch.stacks))}, head)\n")
+    layers = "\n\n".join(_layer_function(name, arch, layer) for layer, name in functions.items())
+    build = 'def build() -> nn.Module:\n    """Builds the architecture with fresh weights (use load() for the trained ones)."""\n'
+    return layers + "\n\n" + build + "".join(body)
+
+
+def _classes_used(model: nn.Module) -> list[type]:
+    """Every non-torch class of the model's modules, with their non-torch bases, bases first."""
+    ordered: list[type] = []
+
+    def add(cls: type) -> None:
+        if cls in ordered or cls.__module__.startswith("torch") or cls in (object, nn.Module):
+            return
+        for base in cls.__bases__:
+            add(base)
+        ordered.append(cls)
+
+    for module in model.modules():
+        add(type(module))
+    return ordered
+
+
+def _helpers(sources: list[str], modules: set[str], skip: set[str]) -> list[Any]:
+    """Module-level functions and classes of ``modules`` that the sources call, transitively."""
+    found: list[Any] = []
+    text = "\n".join(sources)
+    changed = True
+    while changed:
+        changed = False
+        for module_name in sorted(modules):
+            for name, obj in vars(sys.modules[module_name]).items():
+                if name in skip or obj in found or getattr(obj, "__module__", None) != module_name:
+                    continue
+                if not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                    continue
+                if re.search(rf"\b{re.escape(name)}\b", text):
+                    found.append(obj)
+                    text += "\n" + inspect.getsource(obj)
+                    changed = True
+    return found
+
+
+def _safetensors_reader() -> str:
+    return textwrap.dedent('''
+        _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                   "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                   "BOOL": torch.bool}
+
+
+        def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+            """Reads a safetensors file (an 8-byte header size, a JSON header, raw little-endian data); no pickle."""
+            data = pathlib.Path(path).read_bytes()
+            size = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8 : 8 + size])
+            header.pop("__metadata__", None)
+            body = memoryview(data)[8 + size :]
+            tensors = {}
+            for name, info in header.items():
+                start, end = info["data_offsets"]
+                dtype = _DTYPES[info["dtype"]]
+                raw = body[start:end]
+                flat = torch.frombuffer(bytearray(raw), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
+                tensors[name] = flat.reshape(info["shape"])
+            return tensors
+
+
+        def load(folder: str | os.PathLike | None = None, device: str = "cpu") -> nn.Module:
+            """Builds the model and loads ``model.safetensors`` from ``folder`` (default: this file's
+            folder); returns it in eval mode."""
+            folder = pathlib.Path(folder) if folder is not None else pathlib.Path(__file__).resolve().parent
+            model = build()
+            model.load_state_dict(read_safetensors(folder / "model.safetensors"))
+            return model.to(device).eval()
+    ''')
+
+
+def _docstring(arch: ArchConfig) -> str:
+    lines = [
+        f"A {arch.kind.replace('_', '-')} Transformer exported by qkvsearch; it depends on torch alone.",
+        "",
+        f"d_model {arch.d_model}, vocabulary {arch.vocab_size}, up to {arch.max_seq_len} positions, "
+        f"positions {arch.positions.name}, {arch.norm_placement.name}-{arch.norm.name}, head {arch.head.name}"
+        + (" (tied to the embedding)" if arch.tie_embeddings else "") + ".",
+        f"{count_parameters(arch):,} parameters, {flops_per_token(arch):,} forward FLOPs per token.",
+        "",
+    ]
+    for name, stack in arch.stacks.items():
+        lines.append(f"{name}: {stack.n_layers} layers")
+        for i, layer in enumerate(stack.layers):
+            a = layer.attention
+            masks = "+".join(m.name for m in a.masks) or "bidirectional"
+            cross = f"; cross-attention {layer.cross_attention.n_heads} heads" if layer.cross_attention else ""
+            lines.append(f"  {i}: {a.n_heads} heads / {a.n_kv_heads} kv, d_k {a.d_k}, d_v {a.d_v}, "
+                         f"{a.scaling.name}, {masks}; {layer.ffn.name} d_ff {layer.ffn.d_ff}{cross}")
+    lines += ["", "Usage::", "", "    import model", "    net = model.load()          # trained weights, eval mode",
+              "    logits = net(tokens)        # see the forward of the class build() returns"]
+    return '"""' + "\n".join(lines) + '\n"""'
+
+
+def generate_model_source(arch: ArchConfig) -> str:
+    """Returns the source of a standalone ``model.py`` for ``arch``."""
+    model = build_model(arch)
+    classes = _classes_used(model)
+    sources = [inspect.getsource(cls) for cls in classes]
+    modules = {cls.__module__ for cls in classes} | {MaskContext.__module__}
+    helpers = _helpers(sources, modules, skip={c.__name__ for c in classes} | {"ArchConfig", "AttentionConfig"})
+    helper_classes = [h for h in helpers if inspect.isclass(h)]
+    helper_functions = [h for h in helpers if not inspect.isclass(h)]
+    blocks = [inspect.getsource(h) for h in helper_classes + helper_functions] + sources
+    config = repr(arch.to_dict())
+    header = (
+        _docstring(arch) + "\n\nfrom __future__ import annotations\n\n"
+        "import dataclasses\nimport json\nimport math\nimport os\nimport pathlib\n"
+        "from collections.abc import Callable\nfrom typing import ClassVar\n\n"
+        "import torch\nimport torch.nn.functional as F\nfrom torch import nn\n\n"
+        f"#: The architecture, as qkvsearch's config.yaml holds it.\nCONFIG = {config}\n\n"
+        "ArchConfig = dict  # the models keep CONFIG as their config\n"
+        "WeightsSink = Callable[[torch.Tensor], None]  # receives attention weights when set\n"
+        "Sublayer = Callable[[torch.Tensor], torch.Tensor]\n"
+    )
+    text = header + "\n\n" + "\n\n".join(b.rstrip() + "\n" for b in blocks) + "\n\n" + _build_function(arch) + "\n" + _safetensors_reader()
+    return re.sub(r"\n{4,}", "\n\n\n", text)

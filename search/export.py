@@ -1,0 +1,355 @@
+"""``qkv export``: a study's chosen trial as a folder that runs without qkvsearch.
+
+The folder holds ``model.py`` (torch only), ``model.safetensors``, ``config.yaml``,
+``README.md`` (a model card) and optionally ONNX and ``torch.export`` programs. Before
+it reports success, export loads the folder in a fresh Python process where qkvsearch
+cannot be imported and compares outputs and parameter count with the searched model.
+The folder is written beside its target and renamed into place only when every check
+passed, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from typing import Any
+
+import hydra
+import optuna
+import torch
+import yaml
+from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
+
+from models import ArchConfig, build_model, count_parameters, flops_per_token
+from search.codegen import ExportError, generate_model_source
+from search.objective import trial_dir
+from search.storage import open_storage, storage_url
+
+State = optuna.trial.TrialState
+RULES = ("auto", "best", "smallest_within", "best_under")
+
+CHECK_SCRIPT = r"""
+import importlib.abc, json, sys
+BLOCKED = {"models", "spaces", "search", "tasks", "conf", "qkvsearch"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked: the export must run without qkvsearch")
+        return None
+sys.meta_path.insert(0, Block())
+folder, inputs_path = sys.argv[1], sys.argv[2]
+sys.path.insert(0, folder)
+import torch
+import model
+net = model.load(folder)
+inputs = model.read_safetensors(inputs_path)
+args = [inputs[k] for k in sorted(inputs, key=lambda k: int(k.split("_")[0]))]
+with torch.no_grad():
+    out = net(*args)
+print(json.dumps({"output": out.double().flatten().tolist(), "shape": list(out.shape),
+                  "n_params": sum(p.numel() for p in net.parameters()),
+                  "modules": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}))
+"""
+
+
+@dataclasses.dataclass
+class Chosen:
+    """The trial to export and where its weights are."""
+
+    study: optuna.Study
+    trial: optuna.trial.FrozenTrial
+    arch: ArchConfig
+    weights: pathlib.Path
+
+
+def latest_study(storage: optuna.storages.BaseStorage) -> str:
+    """The study whose most recent trial started last."""
+    summaries = optuna.get_all_study_summaries(storage)
+    if not summaries:
+        raise ValueError("no study found in this storage; run `qkv sweep` first or give storage=...")
+    epoch = datetime.datetime.min
+    return max(summaries, key=lambda s: s.datetime_start or epoch).study_name
+
+
+def select_trial(study: optuna.Study, cfg: Any) -> optuna.trial.FrozenTrial:
+    """The trial ``cfg`` asks for: a number, or a rule over the complete trials.
+
+    Rules: ``best`` (first objective), ``smallest_within`` (fewest parameters among trials
+    whose first objective is within ``within`` of the best, relative), ``best_under`` (best
+    first objective with at most ``max_params`` parameters); ``auto`` is ``best`` for a
+    single objective and asks for a rule otherwise.
+    """
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == State.COMPLETE]
+    if cfg.trial is not None:
+        match = [t for t in trials if t.number == cfg.trial]
+        if not match:
+            raise ValueError(f"trial {cfg.trial} does not exist in study {study.study_name!r} (it has {len(trials)} trials)")
+        if match[0].state != State.COMPLETE:
+            reason = match[0].user_attrs.get("pruned_reason") or match[0].user_attrs.get("fail_reason") or ""
+            raise ValueError(f"trial {cfg.trial} of study {study.study_name!r} is {match[0].state.name}, not COMPLETE {reason}".rstrip())
+        return match[0]
+    if cfg.rule not in RULES:
+        raise ValueError(f"rule: unknown {cfg.rule!r}; valid: {', '.join(RULES)}")
+    if not complete:
+        raise ValueError(f"study {study.study_name!r} has no complete trial to export")
+    rule = cfg.rule
+    if rule == "auto":
+        if len(study.directions) > 1:
+            raise ValueError("the study has several objectives: choose rule=best, rule=smallest_within within=0.05, "
+                             "rule=best_under max_params=N, or trial=N")
+        rule = "best"
+    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
+    ranked = sorted(complete, key=lambda t: (sign * t.values[0], t.user_attrs.get("n_params", 0)))
+    if rule == "best":
+        return ranked[0]
+    if rule == "smallest_within":
+        if cfg.within is None or cfg.within < 0:
+            raise ValueError(f"within: must be a fraction >= 0, got {cfg.within}")
+        best = ranked[0].values[0]
+        close = [t for t in ranked if sign * (t.values[0] - best) <= cfg.within * abs(best)]
+        return min(close, key=lambda t: (t.user_attrs.get("n_params", 0), sign * t.values[0]))
+    if cfg.max_params is None:
+        raise ValueError("rule=best_under needs max_params=N")
+    under = [t for t in ranked if t.user_attrs.get("n_params", float("inf")) <= cfg.max_params]
+    if not under:
+        smallest = min(t.user_attrs.get("n_params", 0) for t in complete)
+        raise ValueError(f"no complete trial has at most {cfg.max_params:,} parameters (the smallest has {smallest:,})")
+    return under[0]
+
+
+def choose(cfg: Any) -> Chosen:
+    """Opens the study, selects the trial and finds its weights; raises ValueError when any is missing."""
+    storage = open_storage(cfg.storage)
+    name = cfg.study_name or latest_study(storage)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if name not in names:
+        raise ValueError(f"study {name!r} not found in {storage_url(cfg.storage)}; studies: {', '.join(names) or 'none'}")
+    study = optuna.load_study(study_name=name, storage=storage)
+    trial = select_trial(study, cfg)
+    arch = ArchConfig.from_dict(trial.user_attrs["arch"])
+    number = trial.user_attrs.get("duplicate_of", trial.number)
+    run_dir = pathlib.Path(study.user_attrs.get("run_dir") or pathlib.Path(cfg.run_root) / name)
+    weights = trial_dir(run_dir, number) / "model.safetensors"
+    if not cfg.retrain and not weights.is_file():
+        raise ValueError(f"trial {trial.number} has no saved weights at {weights}; use retrain=true to train it again")
+    return Chosen(study, trial, arch, weights)
+
+
+def example_inputs(arch: ArchConfig, seed: int = 0) -> list[torch.Tensor]:
+    """Random forward arguments, the second sequence padded at the end."""
+    generator = torch.Generator().manual_seed(seed)
+    seq = min(arch.max_seq_len, 24)
+    tokens = torch.randint(0, arch.vocab_size, (2, seq), generator=generator)
+    mask = torch.ones(2, seq, dtype=torch.bool)
+    mask[1, seq - max(1, seq // 3) :] = False
+    if arch.kind == "encoder_decoder":
+        tgt = torch.randint(0, arch.vocab_size, (2, seq), generator=generator)
+        return [tokens, tgt, mask, mask.clone()]
+    return [tokens, mask]
+
+
+def check_folder(folder: pathlib.Path, model: torch.nn.Module, arch: ArchConfig, atol: float = 1e-5) -> dict[str, Any]:
+    """Loads the folder in a fresh process without qkvsearch and compares it with ``model``.
+
+    Raises:
+        ExportError: naming the difference (outputs, shapes, parameter count, imports).
+    """
+    inputs = example_inputs(arch)
+    with tempfile.TemporaryDirectory() as scratch:
+        inputs_path = pathlib.Path(scratch) / "inputs.safetensors"
+        save_file({f"{i}_arg": t.contiguous() for i, t in enumerate(inputs)}, str(inputs_path))
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+        result = subprocess.run(
+            [sys.executable, "-I", "-B", "-c", CHECK_SCRIPT, str(folder.resolve()), str(inputs_path)],
+            capture_output=True, text=True, cwd=scratch, env=env, timeout=600,
+        )
+    if result.returncode:
+        raise ExportError(f"the exported folder failed to load in a fresh process:\n{result.stderr[-3000:]}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    with torch.no_grad():
+        expected = model.eval()(*inputs).double()
+    problems = []
+    if report["modules"]:
+        problems.append(f"qkvsearch modules were imported: {report['modules']}")
+    if report["n_params"] != count_parameters(arch):
+        problems.append(f"parameter count {report['n_params']:,} differs from the architecture's {count_parameters(arch):,}")
+    if report["shape"] != list(expected.shape):
+        problems.append(f"output shape {report['shape']} differs from {list(expected.shape)}")
+    else:
+        got = torch.tensor(report["output"], dtype=torch.float64).reshape(expected.shape)
+        difference = float((got - expected).abs().max())
+        if not difference <= atol * (1 + float(expected.abs().max())):
+            problems.append(f"outputs differ by up to {difference:.3g} (tolerance {atol:g})")
+        report["max_abs_difference"] = difference
+    if problems:
+        raise ExportError("the exported model does not match: " + "; ".join(problems))
+    return report
+
+
+def _versions() -> dict[str, str]:
+    try:
+        ours = metadata.version("qkvsearch")
+    except metadata.PackageNotFoundError:
+        ours = "unknown"
+    return {"qkvsearch": ours, "torch": torch.__version__, "python": sys.version.split()[0]}
+
+
+def model_card(chosen: Chosen, source: dict[str, Any], check: dict[str, Any], extras: list[str]) -> str:
+    """The folder's README.md."""
+    arch, trial, study = chosen.arch, chosen.trial, chosen.study
+    objectives = study.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(trial.values))]
+    metrics = "\n".join(f"| {name} | {value:.6g} |" for name, value in zip(objectives, trial.values, strict=False))
+    rows = []
+    for stack_name, stack in arch.stacks.items():
+        for i, layer in enumerate(stack.layers):
+            a = layer.attention
+            masks = ", ".join(m.name + (f" ({m.window})" if hasattr(m, "window") else "") for m in a.masks) or "none"
+            cross = f"{layer.cross_attention.n_heads}" if layer.cross_attention else "-"
+            rows.append(f"| {stack_name} {i} | {a.n_heads} | {a.n_kv_heads} | {a.d_k} | {a.d_v} | {a.scaling.name} | "
+                        f"{masks} | {cross} | {layer.ffn.name} | {layer.ffn.d_ff} |")
+    versions = _versions()
+    return f"""# {study.study_name}, trial {trial.number}
+
+A {arch.kind.replace('_', '-')} Transformer found by qkvsearch. `model.py` depends on torch alone:
+
+```python
+import model                  # with this folder on sys.path
+net = model.load()            # builds the architecture, loads model.safetensors, eval mode
+```
+
+| | |
+| --- | --- |
+| parameters | {count_parameters(arch):,} |
+| forward FLOPs per token | {flops_per_token(arch):,} |
+| d_model | {arch.d_model} |
+| vocabulary | {arch.vocab_size} |
+| max sequence length | {arch.max_seq_len} |
+| positions | {arch.positions.name} |
+| norm | {arch.norm_placement.name}-{arch.norm.name} |
+| head | {arch.head.name}{' (tied to the embedding)' if arch.tie_embeddings else ''} |
+
+## Layers
+
+| layer | heads | kv heads | d_k | d_v | scaling | masks | cross heads | FFN | d_ff |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+
+## Metrics (from the study)
+
+| objective | value |
+| --- | --- |
+{metrics}
+
+## Provenance
+
+- study: `{study.study_name}`, trial {trial.number}{f" (same architecture as trial {trial.user_attrs['duplicate_of']})" if 'duplicate_of' in trial.user_attrs else ''}
+- task: {study.user_attrs.get('task', 'unknown')}, space: {study.user_attrs.get('space', 'unknown')}
+- weights: {source['weights']}
+- architecture hash: {arch.fingerprint()}
+- exported {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')} with qkvsearch {versions['qkvsearch']}, torch {versions['torch']}, Python {versions['python']}
+- checked in a fresh process without qkvsearch: outputs within {check.get('max_abs_difference', 0):.2g}, {check['n_params']:,} parameters
+{''.join(f"- {extra}{chr(10)}" for extra in extras)}"""
+
+
+def retrain(cfg: DictConfig, chosen: Chosen) -> pathlib.Path:
+    """Trains the chosen architecture longer with ``qkv train``; returns its weights."""
+    from hydra import compose
+
+    from search.train import train
+
+    task = chosen.study.user_attrs.get("task")
+    if task is None:
+        raise ValueError("the study does not record its task; train with `qkv train` and export that")
+    overrides = [f"task={task}", f"study_name={chosen.study.study_name}", f"trial={chosen.trial.number}",
+                 f"run_root={cfg.run_root}", *cfg.retrain_overrides]
+    train_cfg = compose(config_name="train", overrides=overrides)
+    train_cfg.storage = cfg.storage
+    return train(train_cfg) / "model.safetensors"
+
+
+def export(cfg: DictConfig) -> pathlib.Path:
+    """Writes and checks the export folder; returns its path."""
+    chosen = choose(cfg)
+    out = pathlib.Path(cfg.out or pathlib.Path("exports") / f"{chosen.study.study_name}-trial{chosen.trial.number}")
+    if out.exists() and not cfg.overwrite:
+        raise ValueError(f"output folder {out} exists; choose out=... or overwrite=true")
+    weights = retrain(cfg, chosen) if cfg.retrain else chosen.weights
+    model = build_model(chosen.arch)
+    model.load_state_dict(load_file(str(weights)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(partial / "model.safetensors"), metadata={"arch_hash": chosen.arch.fingerprint()})
+        (partial / "model.py").write_text(generate_model_source(chosen.arch))
+        (partial / "config.yaml").write_text(yaml.safe_dump(chosen.arch.to_dict(), sort_keys=False))
+        check = check_folder(partial, model, chosen.arch)
+        extras = []
+        if cfg.onnx:
+            extras.append(export_onnx(model, chosen.arch, partial))
+        if cfg.torch_export:
+            extras.append(export_program(model, chosen.arch, partial))
+        (partial / "README.md").write_text(model_card(chosen, {"weights": str(weights)}, check, extras))
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def export_onnx(model: torch.nn.Module, arch: ArchConfig, folder: pathlib.Path, atol: float = 1e-4) -> str:
+    """Writes ``model.onnx`` and checks it with onnxruntime against the model."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ExportError(f"onnx=true needs onnx, onnxscript and onnxruntime (pip install 'qkvsearch[onnx]'): {error}") from None
+    inputs = example_inputs(arch)
+    names = ["src", "tgt", "src_padding_mask", "tgt_padding_mask"] if arch.kind == "encoder_decoder" else ["tokens", "padding_mask"]
+    path = folder / "model.onnx"
+    for name in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    torch.onnx.export(model.eval(), tuple(inputs), str(path), input_names=names, output_names=["output"], dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
+    got = torch.from_numpy(session.run(None, feed)[0])
+    with torch.no_grad():
+        expected = model(*inputs)
+    difference = float((got - expected).abs().max())
+    if difference > atol * (1 + float(expected.abs().max())):
+        raise ExportError(f"ONNX outputs differ from the model by up to {difference:.3g}")
+    return f"model.onnx: checked with onnxruntime {onnxruntime.__version__}, outputs within {difference:.2g}"
+
+
+def export_program(model: torch.nn.Module, arch: ArchConfig, folder: pathlib.Path, atol: float = 1e-5) -> str:
+    """Writes ``model.pt2`` (a ``torch.export`` program) and checks it against the model."""
+    inputs = tuple(example_inputs(arch))
+    program = torch.export.export(model.eval(), inputs)
+    path = folder / "model.pt2"
+    torch.export.save(program, str(path))
+    with torch.no_grad():
+        got = torch.export.load(str(path)).module()(*inputs)
+        expected = model(*inputs)
+    difference = float((got - expected).abs().max())
+    if difference > atol * (1 + float(expected.abs().max())):
+        raise ExportError(f"the torch.export program differs from the model by up to {difference:.3g}")
+    return f"model.pt2: torch.export program, outputs within {difference:.2g}"
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point of ``qkv export``."""
+    out = export(cfg)
+    print(f"exported to {out} (checked in a fresh process without qkvsearch)")
