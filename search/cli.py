@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 COMMANDS = {
     "sweep": ("search.sweep", "search architectures: an Optuna study of Lightning-trained trials"),
     "train": ("search.train", "train one architecture (a config file or a study's trial)"),
     "export": ("search.export", "write a trial as a standalone PyTorch module folder, checked without qkvsearch"),
+    "dashboard": ("search.dashboard", "serve optuna-dashboard on the sweep's storage (127.0.0.1 by default)"),
+    "report": ("search.report", "write a self-contained HTML report of a study"),
     "space": ("search.space_show", "`qkv space show space=NAME`: a space's parameters and how many samples are feasible"),
 }
 
@@ -27,8 +30,16 @@ def usage() -> str:
     return USAGE.format(commands="\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Dispatches ``qkv COMMAND ...`` to the command's Hydra app."""
+    # Ctrl-C (even where a parent shell ignored SIGINT) and a scheduler's SIGTERM stop a
+    # command the same way: a sweep records its running trial as failed and can resume.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

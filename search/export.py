@@ -264,8 +264,7 @@ net = model.load()            # builds the architecture, loads model.safetensors
 
 def retrain(cfg: DictConfig, chosen: Chosen) -> pathlib.Path:
     """Trains the chosen architecture longer with ``qkv train``; returns its weights."""
-    from hydra import compose
-
+    from search.configs import compose_config
     from search.train import train
 
     task = chosen.study.user_attrs.get("task")
@@ -273,7 +272,7 @@ def retrain(cfg: DictConfig, chosen: Chosen) -> pathlib.Path:
         raise ValueError("the study does not record its task; train with `qkv train` and export that")
     overrides = [f"task={task}", f"study_name={chosen.study.study_name}", f"trial={chosen.trial.number}",
                  f"run_root={cfg.run_root}", *cfg.retrain_overrides]
-    train_cfg = compose(config_name="train", overrides=overrides)
+    train_cfg = compose_config("train", overrides)
     train_cfg.storage = cfg.storage
     return train(train_cfg) / "model.safetensors"
 

@@ -43,6 +43,14 @@ STEPS: dict[str, Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tens
 }
 
 
+def model_inputs(kind: str, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """A model's forward arguments for a task batch, padding masks included."""
+    if kind == "seq2seq":
+        return [batch[k] for k in ("src", "tgt_in", "src_padding_mask", "tgt_padding_mask")]
+    mask = batch.get("padding_mask")
+    return [batch["tokens"]] + ([mask] if mask is not None else [])
+
+
 def check_compatible(arch: ArchConfig, task: Any) -> None:
     """Raises ValueError when ``arch`` cannot be trained on ``task``, naming the mismatch."""
     problems = []

@@ -18,8 +18,9 @@ from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import save_file
 
 from models import ArchConfig, count_parameters, flops_per_token
+from search.artifacts import attach_architecture, attach_attention, would_be_best
 from search.callbacks import BestWeights, OptunaPruning
-from search.lit import LitTransformer, check_compatible
+from search.lit import LitTransformer, check_compatible, model_inputs
 from spaces import Infeasible
 
 #: Objectives a study may optimise, with their directions.
@@ -61,10 +62,10 @@ def find_duplicate(study: optuna.Study, fingerprint: str, number: int) -> optuna
     return None
 
 
-def measure_latency_ms(model: torch.nn.Module, example: dict[str, torch.Tensor], device: torch.device, repeats: int = 10) -> float:
+def measure_latency_ms(model: torch.nn.Module, example: list[torch.Tensor], device: torch.device, repeats: int = 10) -> float:
     """Median forward time, in milliseconds, of the model on one example on ``device``."""
     model = model.eval().to(device)
-    args = [v.to(device) for v in example.values()]
+    args = [v.to(device) for v in example]
     with torch.no_grad():
         for _ in range(3):
             model(*args)
@@ -80,13 +81,6 @@ def measure_latency_ms(model: torch.nn.Module, example: dict[str, torch.Tensor],
     return statistics.median(times)
 
 
-def model_inputs(kind: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The forward arguments of a model for a task batch, in order."""
-    if kind == "seq2seq":
-        return {k: batch[k] for k in ("src", "tgt_in", "src_padding_mask", "tgt_padding_mask")}
-    return {"tokens": batch["tokens"]}
-
-
 class Objective:
     """Trains one sampled architecture per call and returns the objective values.
 
@@ -100,15 +94,18 @@ class Objective:
         prune: report to the pruner (single-objective studies only).
         show_progress: Lightning's own per-trial progress bar.
         callbacks: more Lightning callbacks for every trial (made fresh per trial).
+        store: an Optuna artifact store: each trial's arch.yaml, and the attention maps
+            of trials that become the best, are attached to them.
     """
 
     def __init__(self, *, space: Any, task: Any, run_dir: pathlib.Path, objectives: list[str],
                  trainer_kwargs: dict[str, Any], optim: dict[str, Any], prune: bool, show_progress: bool = False,
-                 callbacks: Callable[[], list[L.Callback]] | None = None) -> None:
+                 callbacks: Callable[[], list[L.Callback]] | None = None, store: Any = None) -> None:
         self.space, self.task, self.run_dir = space, task, run_dir
         self.objectives, self.trainer_kwargs, self.optim = objectives, trainer_kwargs, optim
         self.prune, self.show_progress = prune, show_progress
         self.callbacks = callbacks or list
+        self.store = store
         self.monitor = objectives[0]
 
     def sample(self, trial: optuna.Trial) -> ArchConfig:
@@ -137,6 +134,8 @@ class Objective:
         folder = trial_dir(self.run_dir, trial.number)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "arch.yaml").write_text(yaml.safe_dump(arch.to_dict(), sort_keys=False))
+        if self.store is not None:
+            attach_architecture(self.store, trial, folder / "arch.yaml")
         lit, best, trainer = self._fit(trial, arch, folder)
         if best.state is None:
             raise RuntimeError(f"trial {trial.number} finished without a validation of {self.monitor}")
@@ -153,7 +152,11 @@ class Objective:
             measured["latency_ms"] = measure_latency_ms(lit.model, example, device)
             trial.set_user_attr("latency_ms", measured["latency_ms"])
         trial.set_user_attr("best_step", best.best_step)
-        return [measured[name] for name in self.objectives]
+        values = [measured[name] for name in self.objectives]
+        if self.store is not None and would_be_best(trial.study, values):
+            lit.model.load_state_dict(best.state)
+            attach_attention(self.store, trial, lit.model.cpu(), self.task)
+        return values
 
     def _fit(self, trial: optuna.Trial, arch: ArchConfig, folder: pathlib.Path) -> tuple[LitTransformer, BestWeights, L.Trainer]:
         """Trains with a real Lightning Trainer; the pruning callback may raise TrialPruned."""

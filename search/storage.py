@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import pathlib
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -60,13 +61,19 @@ def _open_rdb(url: str, attempts: int = 6) -> RDBStorage:
         engine = {"connect_args": {"timeout": 60}}
     for attempt in range(attempts - 1):
         try:
-            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+            return _rdb(url, engine)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
             racing = isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error) or "locked" in str(error)
             if not racing:
                 raise
             time.sleep(0.2 * (attempt + 1))
-    return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    return _rdb(url, engine)
+
+
+def _rdb(url: str, engine: dict[str, Any]) -> RDBStorage:
+    with warnings.catch_warnings():  # heartbeats are experimental in Optuna; used on purpose
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
 
 
 def create_or_load_study(

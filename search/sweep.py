@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from search.artifacts import open_store
 from search.lit import NonFiniteLoss
 from search.objective import Objective, check_objectives, quiet_lightning
 from search.report_text import print_summary, progress_line
@@ -134,13 +135,14 @@ def prepare(cfg: DictConfig) -> Setup:
     objective = Objective(
         space=space, task=task, run_dir=run_dir, objectives=list(cfg.objectives), trainer_kwargs=trainer_kwargs,
         optim=OmegaConf.to_container(cfg.optim, resolve=True), prune=len(directions) == 1,
-        show_progress=cfg.show_trial_progress,
+        show_progress=cfg.show_trial_progress, store=open_store(cfg.artifacts) if cfg.artifacts else None,
     )
     dry_sample(space, objective)
     sampler = build_sampler(cfg, space)
     pruner = instantiate(cfg.pruner)
     storage = open_storage(cfg.storage)
     study = create_or_load_study(storage, cfg.study_name, directions, sampler, pruner)
+    study.set_metric_names(list(cfg.objectives))  # named axes in optuna-dashboard
     study.set_user_attr("task", cfg.task.name)
     study.set_user_attr("space", space.name)
     study.set_user_attr("objectives", list(cfg.objectives))
@@ -273,17 +275,9 @@ def sweep(cfg: DictConfig) -> optuna.Study:
     return setup.study
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv sweep``."""
-    # Ctrl-C (even where a parent shell ignored SIGINT) and a scheduler's SIGTERM both
-    # stop after recording the running trial as failed, so the study stays resumable.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
     started = time.perf_counter()
     sweep(cfg)
     log.info("sweep took %.1f s", time.perf_counter() - started)

@@ -1,0 +1,201 @@
+"""``qkv report``: one self-contained HTML file about a study (plotly.js inlined, opens offline).
+
+Sections: optimisation history, Pareto front (several objectives), parameter importances,
+parallel coordinates, intermediate values, the best trials with their architectures, a
+per-layer picture of the best architecture, and its attention weights per layer and head
+on a sample input of its task. A section that cannot be drawn yet (no complete trial,
+too few for importances) says why; the rest still renders.
+"""
+
+from __future__ import annotations
+
+import html
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+import optuna
+import plotly.graph_objects as go
+import plotly.offline
+from omegaconf import DictConfig
+from plotly.subplots import make_subplots
+
+from models import ArchConfig
+from search.artifacts import attention_weights, load_trained
+from search.export import latest_study
+from search.objective import trial_dir
+from search.report_text import top_trials
+from search.storage import open_storage, storage_url
+
+State = optuna.trial.TrialState
+
+
+def _section(title: str, body: str) -> str:
+    return f'<section><h2>{html.escape(title)}</h2>\n{body}\n</section>'
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _figure(fig: go.Figure) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
+
+
+def _plot(make: Callable[[], go.Figure]) -> str:
+    """A figure, or the reason it cannot be drawn."""
+    try:
+        return _figure(make())
+    except (ValueError, RuntimeError, ZeroDivisionError) as error:
+        return _note(f"not drawn: {error}")
+
+
+def _objectives(study: optuna.Study) -> list[str]:
+    return list(study.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(study.directions))])
+
+
+def history_sections(study: optuna.Study) -> list[str]:
+    """Optuna's own plots of the study."""
+    vis = optuna.visualization
+    names = _objectives(study)
+    multi = len(names) > 1
+    first = {"target": lambda t: t.values[0], "target_name": names[0]} if multi else {"target_name": names[0]}
+    out = [_section("Optimisation history", _plot(lambda: vis.plot_optimization_history(study, **first)))]
+    if multi:
+        out.append(_section("Pareto front", _plot(lambda: vis.plot_pareto_front(study, target_names=names))))
+    out.append(_section(f"Parameter importances for {names[0]}", _plot(lambda: vis.plot_param_importances(study, **first))))
+    out.append(_section("Parallel coordinates", _plot(lambda: vis.plot_parallel_coordinate(study, **first))))
+    if not multi:
+        out.append(_section("Intermediate values (complete and pruned trials)", _plot(lambda: vis.plot_intermediate_values(study))))
+    return out
+
+
+def trials_table(study: optuna.Study) -> str:
+    """The best trials (or the Pareto front) with their architectures; failures with reasons."""
+    names = _objectives(study)
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in ["trial", *names, "parameters", "architecture"])
+    rows = []
+    for trial in top_trials(study, k=10):
+        params = " ".join(f"{k}={v}" for k, v in trial.params.items())
+        values = "".join(f"<td>{v:.4g}</td>" for v in trial.values)
+        rows.append(f"<tr><td>{trial.number}</td>{values}<td>{trial.user_attrs.get('n_params', 0):,}</td><td>{html.escape(params)}</td></tr>")
+    table = f"<table><tr>{head}</tr>{''.join(rows)}</table>" if rows else _note("no complete trial yet")
+    others = [t for t in study.get_trials(deepcopy=False) if t.state in (State.FAIL, State.PRUNED)]
+    if others:
+        items = "".join(
+            f"<li>trial {t.number} {t.state.name.lower()}: {html.escape(str(t.user_attrs.get('fail_reason') or t.user_attrs.get('pruned_reason') or ''))}</li>"
+            for t in others[:50]
+        )
+        table += f"<details><summary>{len(others)} pruned or failed trials</summary><ul>{items}</ul></details>"
+    return _section("Best trials" if len(names) == 1 else "Pareto-optimal trials", table)
+
+
+def layer_figure(arch: ArchConfig) -> go.Figure:
+    """Per layer: query heads, key/value heads, d_k, d_v and FFN width of the architecture."""
+    labels, series = [], {"query heads": [], "key/value heads": [], "d_k": [], "d_v": [], "FFN d_ff / d_model": []}
+    hover = []
+    for stack_name, stack in arch.stacks.items():
+        for i, layer in enumerate(stack.layers):
+            a = layer.attention
+            labels.append(f"{stack_name} {i}")
+            for key, value in zip(series, (a.n_heads, a.n_kv_heads, a.d_k, a.d_v, layer.ffn.d_ff / arch.d_model), strict=True):
+                series[key].append(value)
+            masks = "+".join(m.name for m in a.masks) or "bidirectional"
+            hover.append(f"{a.scaling.name}, {masks}, {layer.ffn.name}")
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("heads", "dimensions per head", "FFN width (x d_model)"))
+    for key, col in (("query heads", 1), ("key/value heads", 1), ("d_k", 2), ("d_v", 2), ("FFN d_ff / d_model", 3)):
+        fig.add_trace(go.Bar(name=key, x=labels, y=series[key], hovertext=hover), row=1, col=col)
+    fig.update_layout(barmode="group", height=360, title=f"d_model {arch.d_model}, positions {arch.positions.name}, "
+                      f"{arch.norm_placement.name}-{arch.norm.name}")
+    return fig
+
+
+def attention_figure(weights: dict[str, Any]) -> go.Figure:
+    """Heatmaps of attention weights: one row per layer, one column per head."""
+    rows = list(weights.items())
+    columns = max(w.shape[0] for _, w in rows)
+    titles = [f"{name.replace('stack.', '')} h{h}" if h < w.shape[0] else "" for name, w in rows for h in range(columns)]
+    fig = make_subplots(rows=len(rows), cols=columns, subplot_titles=titles, horizontal_spacing=0.02, vertical_spacing=0.06)
+    for r, (_, w) in enumerate(rows, start=1):
+        for h in range(w.shape[0]):
+            fig.add_trace(go.Heatmap(z=w[h].numpy(), coloraxis="coloraxis"), row=r, col=h + 1)
+            fig.update_yaxes(autorange="reversed", showticklabels=False, row=r, col=h + 1)
+            fig.update_xaxes(showticklabels=False, row=r, col=h + 1)
+    fig.update_layout(height=220 * len(rows) + 80, coloraxis={"colorscale": "Viridis"}, font={"size": 9})
+    fig.update_annotations(font_size=9)
+    return fig
+
+
+def best_model_sections(study: optuna.Study, task_loader: Callable[[str], Any] | None) -> list[str]:
+    """The best architecture per layer, and its attention on a sample input."""
+    best = top_trials(study, k=1)
+    if not best:
+        return [_section("Best architecture", _note("no complete trial yet"))]
+    trial = best[0]
+    arch = ArchConfig.from_dict(trial.user_attrs["arch"])
+    out = [_section(f"Best architecture (trial {trial.number})", _figure(layer_figure(arch)))]
+    run_dir = pathlib.Path(study.user_attrs.get("run_dir", "."))
+    weights = trial_dir(run_dir, trial.user_attrs.get("duplicate_of", trial.number)) / "model.safetensors"
+    task_name = study.user_attrs.get("task")
+    if not weights.is_file() or task_loader is None or task_name is None:
+        out.append(_section("Attention weights", _note(f"not drawn: no weights at {weights} or no task recorded")))
+        return out
+    task = task_loader(task_name)
+    maps = attention_weights(load_trained(arch, weights), task.kind, task.sample_batch(1))
+    out.append(_section(f"Attention weights of trial {trial.number} on the first validation example of {task_name}",
+                        _figure(attention_figure(maps))))
+    return out
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2rem;max-width:1200px}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}.note{color:#777}"""
+
+
+def render(study: optuna.Study, task_loader: Callable[[str], Any] | None = None) -> str:
+    """The whole report as one HTML string."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {s: sum(t.state == s for t in trials) for s in (State.COMPLETE, State.PRUNED, State.FAIL, State.RUNNING)}
+    summary = (f"{len(trials)} trials: {counts[State.COMPLETE]} complete, {counts[State.PRUNED]} pruned, "
+               f"{counts[State.FAIL]} failed, {counts[State.RUNNING]} running. Objectives: "
+               + ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(_objectives(study), study.directions, strict=True))
+               + f". Task {study.user_attrs.get('task', '?')}, space {study.user_attrs.get('space', '?')}.")
+    sections = [trials_table(study)]
+    if counts[State.COMPLETE]:
+        sections += history_sections(study) + best_model_sections(study, task_loader)
+    elif trials:
+        sections.append(_note("no trial has completed: plots appear once one has"))
+    else:
+        sections.append(_note("the study has no trials yet"))
+    script = f'<script type="text/javascript">{plotly.offline.get_plotlyjs()}</script>'
+    title = html.escape(f"qkvsearch study {study.study_name}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>{script}</head>"
+            f"<body><h1>{title}</h1><p>{html.escape(summary)}</p>{''.join(sections)}</body></html>")
+
+
+def report(cfg: DictConfig) -> pathlib.Path:
+    """Writes the report of ``cfg.study_name`` (default: the latest study) and returns its path."""
+    from search.configs import compose_config
+    from search.sweep import build_task
+
+    storage = open_storage(cfg.storage)
+    name = cfg.study_name or latest_study(storage)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if name not in names:
+        raise ValueError(f"study {name!r} not found in {storage_url(cfg.storage)}; studies: {', '.join(names) or 'none'}")
+    study = optuna.load_study(study_name=name, storage=storage)
+
+    def task_loader(task: str) -> Any:
+        return build_task(compose_config("sweep", [f"task={task}"]))
+
+    out = pathlib.Path(cfg.out or pathlib.Path(cfg.run_root) / f"{name}-report.html")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(study, task_loader), encoding="utf-8")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point of ``qkv report``."""
+    out = report(cfg)
+    print(f"report written to {out} (self-contained: open it in any browser, offline)")

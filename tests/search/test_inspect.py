@@ -1,0 +1,119 @@
+"""qkv dashboard (the real optuna-dashboard) and qkv report, looked at in a headless browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import optuna
+import pytest
+from optuna.artifacts import get_all_artifact_meta
+
+from search.dashboard import check_port
+from search.report import render, report
+from search.sweep import sweep
+from tests.conftest import compose_conf, tiny_sweep_conf
+from tests.search.browser import rendered_dom
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inspect")
+    cfg = tiny_sweep_conf(root, "n_trials=3", "pruner=none")
+    study = sweep(cfg)
+    return root, cfg, study
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_trials_carry_their_architecture_and_the_best_its_attention_map(swept):
+    root, cfg, study = swept
+    storage = optuna.storages.RDBStorage(str(cfg.storage.url))
+    for trial in study.get_trials():
+        names = {m.filename for m in get_all_artifact_meta(trial, storage=storage)}
+        assert "arch.yaml" in names
+    best = get_all_artifact_meta(study.best_trial, storage=storage)
+    assert any(m.filename == "attention.png" and m.mimetype == "image/png" for m in best)
+
+
+def test_the_dashboard_serves_the_study_on_loopback_and_renders_it(swept):
+    root, cfg, study = swept
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search.cli", "dashboard", f"port={port}", f"run_root={root}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        line = proc.stdout.readline()
+        assert f"at http://127.0.0.1:{port}/dashboard" in line, line
+        data = None
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                    data = json.load(response)
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert data is not None, "the dashboard never answered"
+        (summary,) = data["study_summaries"]
+        assert summary["study_name"] == study.study_name
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=10) as response:
+            detail = json.load(response)
+        assert len(detail["trials"]) == 3
+        with pytest.raises(OSError, match=f"port {port} on 127.0.0.1 is in use"):
+            check_port("127.0.0.1", port)
+        dom = rendered_dom(f"http://127.0.0.1:{port}/dashboard/studies/{summary['study_id']}")
+        assert study.study_name in dom
+        assert len(re.findall(r'class="main-svg"', dom)) >= 2, "no plot was rendered"
+        assert "val_loss" in dom
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_the_report_is_self_contained_and_renders_its_plots(swept, tmp_path):
+    root, cfg, study = swept
+    out = report(compose_conf("report", [f"run_root={root}", f"out={tmp_path / 'r.html'}"]))
+    text = out.read_text()
+    assert not re.search(r"<script[^>]+src=", text), "the report references an external script"
+    assert not re.search(r"<link[^>]+href=\"?https?:", text)
+    dom = rendered_dom(out.as_uri())
+    assert f"qkvsearch study {study.study_name}" in dom
+    for heading in ("Optimisation history", "Parallel coordinates", "Intermediate values", "Best architecture", "Attention weights"):
+        assert heading in dom
+    assert len(re.findall(r'class="main-svg"', dom)) >= 6
+    assert len(re.findall(r'class="[^"]*js-plotly-plot', dom)) >= 6
+
+
+def test_reports_of_empty_and_failed_only_studies_say_so():
+    empty = optuna.create_study(study_name="empty")
+    assert "the study has no trials yet" in render(empty)
+    failed = optuna.create_study(study_name="failed")
+    trial = failed.ask()
+    trial.set_user_attr("fail_reason", "RuntimeError: boom")
+    failed.tell(trial, state=optuna.trial.TrialState.FAIL)
+    page = render(failed)
+    assert "no trial has completed" in page and "RuntimeError: boom" in page and "no complete trial yet" in page
+
+
+def test_no_study_is_a_clear_error(tmp_path):
+    from search.dashboard import serve
+
+    with pytest.raises(ValueError, match=r"no study found in sqlite:///.*run `qkv sweep` first"):
+        serve(compose_conf("dashboard", [f"run_root={tmp_path}"]))
+    with pytest.raises(ValueError, match=r"no study found"):
+        report(compose_conf("report", [f"run_root={tmp_path}"]))
