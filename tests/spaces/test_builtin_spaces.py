@@ -93,3 +93,20 @@ def test_heterogeneous_and_homogeneous_forms_of_one_architecture_hash_equal():
     spelled = ArchConfig.from_dict({**base, "decoder": {"n_layers": 2, "attention": {"masks": ["causal"]},
                                                         "layers": [{"attention": {"n_heads": 2}}, {"attention": {"n_heads": 2}}]}})
     assert uniform.fingerprint() == spelled.fingerprint()
+
+
+def test_space_show_reports_feasibility_and_size_ranges():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from search.space_show import show
+
+    cfg = compose_conf("space_show", ["space=tiny", "n_samples=40"])
+    buffer = StringIO()
+    stats = show(cfg, Console(file=buffer, width=200))
+    text = buffer.getvalue()
+    assert 0 < stats.feasible <= 40 and len(stats.n_params) == stats.feasible
+    assert f"feasible: {stats.feasible} of 40" in text
+    assert f"{min(stats.n_params):,} / " in text and "window" in text and "mask == 'sliding_window'" in text
+    assert sum(stats.reasons.values()) == 40 - stats.feasible
