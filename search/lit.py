@@ -92,26 +92,33 @@ class LitTransformer(L.LightningModule):
         self.min_lr_ratio, self.max_steps = min_lr_ratio, max_steps
         self.tokens_seen = 0
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def logits_and_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat ``[n, outputs]`` logits (float32) and ``[n]`` targets of a batch."""
         logits, targets = self.step_fn(self.model, batch)
-        logits = logits.reshape(-1, logits.shape[-1]).float()
-        targets = targets.reshape(-1)
-        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE)
-        scored = targets != IGNORE
-        correct = (logits.argmax(-1) == targets)[scored].sum()
-        return loss, correct, scored.sum()
+        return logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss: cross-entropy over the scored targets."""
+        logits, targets = self.logits_and_targets(batch)
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _, _ = self._loss(batch)
+        loss = self.loss(batch)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"training loss became {loss.item()} at step {self.global_step}")
         self.tokens_seen += sum(v.numel() for k, v in batch.items() if k in ("tokens", "src", "tgt_in"))
-        self.log("train_loss", loss, prog_bar=True)
+        trainer = self._trainer
+        # logging costs a little every step: log only when a logger or a progress bar reads it
+        if trainer is None or trainer.progress_bar_callback is not None or self.global_step % trainer.log_every_n_steps == 0:
+            self.log("train_loss", loss.detach(), prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, correct, scored = self._loss(batch)
-        n = int(scored)
+        logits, targets = self.logits_and_targets(batch)
+        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE)
+        scored = targets != IGNORE
+        correct = (logits.argmax(-1) == targets)[scored].sum()
+        n = int(scored.sum())
         self.log("val_loss", loss, batch_size=n, prog_bar=True)
         self.log("val_acc", correct.float() / max(n, 1), batch_size=n)
 
