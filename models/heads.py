@@ -55,8 +55,8 @@ def _lm(config: LMHeadConfig, *, d_model: int, vocab_size: int) -> nn.Module:
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenClassifierConfig(HeadConfig):
-    """Logits over ``n_classes`` at every position (tagging)."""
+class ClassesHeadConfig(HeadConfig):
+    """Base of heads that give logits over ``n_classes`` through one linear layer with bias."""
 
     n_classes: int = 2
 
@@ -68,6 +68,11 @@ class TokenClassifierConfig(HeadConfig):
 
     def n_params(self, d_model: int, vocab_size: int, tied: bool) -> int:
         return (d_model + 1) * self.n_classes
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenClassifierConfig(ClassesHeadConfig):
+    """Logits over ``n_classes`` at every position (tagging)."""
 
 
 @HEADS.register("token_classifier", TokenClassifierConfig)
@@ -76,21 +81,11 @@ def _token_classifier(config: TokenClassifierConfig, *, d_model: int, vocab_size
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassifierConfig(HeadConfig):
+class ClassifierConfig(ClassesHeadConfig):
     """One label per sequence: pool the hidden states, then a linear layer."""
 
-    n_classes: int = 2
     pooling: Literal["mean", "first", "last"] = "mean"
     per_token: ClassVar[bool] = False
-
-    def problems(self, path: str) -> list[str]:
-        return [] if self.n_classes >= 2 else [f"{path}.n_classes: must be >= 2, got {self.n_classes}"]
-
-    def n_outputs(self, vocab_size: int) -> int:
-        return self.n_classes
-
-    def n_params(self, d_model: int, vocab_size: int, tied: bool) -> int:
-        return (d_model + 1) * self.n_classes
 
 
 class TokenHead(nn.Module):

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from models import ArchConfig, build_model, count_parameters, flops_per_token
 from search.codegen import ExportError, generate_model_source
 from search.objective import trial_dir
-from search.storage import open_storage, storage_url
+from search.storage import load_named_study
 
 State = optuna.trial.TrialState
 RULES = ("auto", "best", "smallest_within", "best_under")
@@ -70,15 +70,6 @@ class Chosen:
     trial: optuna.trial.FrozenTrial
     arch: ArchConfig
     weights: pathlib.Path
-
-
-def latest_study(storage: optuna.storages.BaseStorage) -> str:
-    """The study whose most recent trial started last."""
-    summaries = optuna.get_all_study_summaries(storage)
-    if not summaries:
-        raise ValueError("no study found in this storage; run `qkv sweep` first or give storage=...")
-    epoch = datetime.datetime.min
-    return max(summaries, key=lambda s: s.datetime_start or epoch).study_name
 
 
 def select_trial(study: optuna.Study, cfg: Any) -> optuna.trial.FrozenTrial:
@@ -130,12 +121,8 @@ def select_trial(study: optuna.Study, cfg: Any) -> optuna.trial.FrozenTrial:
 
 def choose(cfg: Any) -> Chosen:
     """Opens the study, selects the trial and finds its weights; raises ValueError when any is missing."""
-    storage = open_storage(cfg.storage)
-    name = cfg.study_name or latest_study(storage)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if name not in names:
-        raise ValueError(f"study {name!r} not found in {storage_url(cfg.storage)}; studies: {', '.join(names) or 'none'}")
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = load_named_study(cfg.storage, cfg.study_name)
+    name = study.study_name
     trial = select_trial(study, cfg)
     arch = ArchConfig.from_dict(trial.user_attrs["arch"])
     number = trial.user_attrs.get("duplicate_of", trial.number)

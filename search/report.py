@@ -23,10 +23,9 @@ from plotly.subplots import make_subplots
 
 from models import ArchConfig
 from search.artifacts import attention_weights, load_trained
-from search.export import latest_study
 from search.objective import trial_dir
 from search.report_text import top_trials
-from search.storage import open_storage, storage_url
+from search.storage import load_named_study
 
 State = optuna.trial.TrialState
 
@@ -178,12 +177,8 @@ def report(cfg: DictConfig) -> pathlib.Path:
     from search.configs import compose_config
     from search.sweep import build_task
 
-    storage = open_storage(cfg.storage)
-    name = cfg.study_name or latest_study(storage)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if name not in names:
-        raise ValueError(f"study {name!r} not found in {storage_url(cfg.storage)}; studies: {', '.join(names) or 'none'}")
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = load_named_study(cfg.storage, cfg.study_name)
+    name = study.study_name
 
     def task_loader(task: str) -> Any:
         return build_task(compose_config("sweep", [f"task={task}"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import hashlib
 import pathlib
@@ -140,3 +141,26 @@ def slot_lock(cfg: Any, study_name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def latest_study(storage: BaseStorage) -> str:
+    """The study whose first trial started last (the most recent sweep)."""
+    summaries = optuna.get_all_study_summaries(storage)
+    if not summaries:
+        raise ValueError("no study found in this storage; run `qkv sweep` first or give storage=...")
+    epoch = datetime.datetime.min
+    return max(summaries, key=lambda s: s.datetime_start or epoch).study_name
+
+
+def load_named_study(cfg: Any, name: str | None) -> optuna.Study:
+    """Loads study ``name`` (None: the latest) from the storage ``cfg`` describes.
+
+    Raises:
+        ValueError: no such study; the message lists the studies there are.
+    """
+    storage = open_storage(cfg)
+    name = name or latest_study(storage)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if name not in names:
+        raise ValueError(f"study {name!r} not found in {storage_url(cfg)}; studies: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=name, storage=storage)

@@ -20,7 +20,7 @@ from models import ArchConfig, count_parameters, flops_per_token
 from search.callbacks import BestWeights
 from search.lit import LitTransformer, check_compatible
 from search.objective import quiet_lightning
-from search.storage import open_storage
+from search.storage import load_named_study
 from search.sweep import build_task
 
 
@@ -38,16 +38,13 @@ def load_arch(cfg: DictConfig) -> tuple[ArchConfig, dict[str, Any]]:
         if not path.is_file():
             raise ValueError(f"arch: no file at {path}")
         return ArchConfig.from_dict(yaml.safe_load(path.read_text())), {"arch_file": str(path.resolve())}
-    trial = find_trial(open_storage(cfg.storage), cfg.study_name, cfg.trial)
+    trial = find_trial(load_named_study(cfg.storage, cfg.study_name), cfg.trial)
     return ArchConfig.from_dict(trial.user_attrs["arch"]), {"study": cfg.study_name, "trial": trial.number}
 
 
-def find_trial(storage: optuna.storages.BaseStorage, study_name: str, number: int | None) -> optuna.trial.FrozenTrial:
+def find_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
     """A complete trial of a study: trial ``number``, or the best of a single-objective study."""
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if study_name not in names:
-        raise ValueError(f"study {study_name!r} not found; studies in this storage: {', '.join(names) or 'none'}")
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study_name = study.study_name
     complete = {t.number: t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
     if number is None:
         if len(study.directions) > 1:

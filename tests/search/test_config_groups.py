@@ -150,7 +150,7 @@ def test_qkv_train_trains_a_study_trial_longer_and_keeps_its_best_weights(tmp_pa
     import json
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trial"] == study.best_trial.number and summary["steps"] == 20
-    with pytest.raises(ValueError, match=r"study 'nope' not found; studies in this storage: recall-tiny"):
+    with pytest.raises(ValueError, match=r"study .nope. not found in .*; studies: recall-tiny"):
         train(compose_conf("train", ["study_name=nope", f"run_root={tmp_path}", f"out_dir={tmp_path / 'x'}"]))
     with pytest.raises(ValueError, match=r"trial 7 of study 'recall-tiny' is not complete"):
         train(compose_conf("train", [f"study_name={sweep_cfg.study_name}", "trial=7", f"run_root={tmp_path}", f"out_dir={tmp_path / 'y'}"]))
