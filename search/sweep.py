@@ -95,6 +95,8 @@ def build_sampler(cfg: DictConfig, space: Space | FunctionSpace) -> optuna.sampl
         if not isinstance(space, Space):
             raise ValueError("sampler=grid needs a declarative space (a YAML space), not a Python function")
         extra["search_space"] = grid_of(space)
+    if cfg.sampler.get("seed") is not None:  # workers of one study must not propose the same points
+        extra["seed"] = cfg.sampler.seed + 1000 * cfg.worker_index
     return instantiate(cfg.sampler, **extra)
 
 

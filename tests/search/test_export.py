@@ -168,6 +168,11 @@ def test_qkv_export_writes_a_checked_folder_and_refuses_bad_requests(tmp_path):
         export(export_cfg("overwrite=true"))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export")) == []
 
+    short = ["task.data.n_train=256", "task.data.n_val=64", "task.data.n_pairs=4", "trainer.max_steps=20",
+             "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "show_progress=false"]
+    retrained = export(export_cfg("overwrite=true", "retrain=true", "retrain_overrides=[" + ",".join(f"'{o}'" for o in short) + "]"))
+    assert "weights: " in (retrained / "README.md").read_text() and "/train/" in (retrained / "README.md").read_text()
+
 
 @pytest.mark.slow
 def test_onnx_export_matches_the_model(tmp_path):

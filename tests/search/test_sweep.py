@@ -115,3 +115,11 @@ def test_a_journal_file_storage_works_the_same(tmp_path):
     sweep(cfg)
     study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg.storage))
     assert len(study.get_trials(states=(State.COMPLETE, State.PRUNED))) == 2
+
+
+def test_latency_and_flops_objectives_are_measured_and_recorded(tmp_path):
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=2", "objectives=[val_loss,latency_ms,flops_per_token]", "sampler=random")
+    sweep(cfg)
+    for trial in _load(cfg).get_trials(states=(State.COMPLETE,)):
+        assert trial.values[1] == trial.user_attrs["latency_ms"] > 0
+        assert trial.values[2] == trial.user_attrs["flops_per_token"]

@@ -1,0 +1,48 @@
+"""The qkv command behaves as a Hydra app should."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from search.cli import COMMANDS
+
+
+def _qkv(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_command():
+    result = _qkv("--help")
+    assert result.returncode == 0
+    for name in COMMANDS:
+        assert name in result.stdout
+
+
+def test_an_unknown_command_is_refused_with_the_list():
+    result = _qkv("swep")
+    assert result.returncode == 2
+    assert "unknown command 'swep'; available: sweep, train" in result.stderr
+
+
+def test_cfg_job_prints_the_composed_config_with_overrides():
+    result = _qkv("sweep", "--cfg", "job", "space=decoder", "n_trials=30", "sampler=random")
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["n_trials"] == 30 and cfg["space"]["name"] == "decoder"
+    assert cfg["sampler"]["_target_"] == "optuna.samplers.RandomSampler"
+
+
+@pytest.mark.slow
+def test_multirun_runs_one_sweep_per_value(tmp_path):
+    result = _qkv("sweep", "-m", "task=recall", "task.data.n_train=256", "task.data.n_val=64", "trainer.max_steps=10",
+                  "trainer.val_check_interval=5", "trainer.limit_val_batches=1", "n_trials=1", f"run_root={tmp_path}",
+                  "space=tiny", "seed=0,1", "study_name=multi${seed}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    import optuna
+
+    names = {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/studies.db")}
+    assert names == {"multi0", "multi1"}
