@@ -76,3 +76,15 @@ def test_ctrl_c_records_the_running_trial_as_failed_and_the_study_resumes(tmp_pa
     assert resumed.returncode == 0, err.decode()[-2000:]
     trials = optuna.load_study(study_name=cfg.study_name, storage=str(cfg.storage.url)).get_trials()
     assert len(trials) == 3 and trials[0].state == State.FAIL and all(t.state.is_finished() for t in trials)
+
+
+def test_a_submitit_multirun_starts_one_worker_per_job_on_one_study(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    proc = _qkv("-m", "hydra/launcher=submitit_local", *COMMON, f"run_root={tmp_path}", "n_trials=4", "worker_index=0,1",
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    cfg = tiny_sweep_conf(tmp_path)
+    trials = optuna.load_study(study_name=cfg.study_name, storage=str(cfg.storage.url)).get_trials()
+    assert sorted(t.number for t in trials) == list(range(4))
+    assert all(t.state.is_finished() for t in trials)
