@@ -19,7 +19,7 @@ from models.heads import HeadConfig, LMHeadConfig
 from models.masks import MaskConfig, mask_problems
 from models.norms import LayerNormConfig, NormConfig, PlacementConfig, PreNormConfig
 from models.positions import NoPositionsConfig, PositionsConfig
-from models.registry import ConfigError, parse_dataclass
+from models.registry import ConfigError, parse_dataclass, parse_fields
 from models.scaling import ScalingConfig, SqrtDkConfig
 
 Kind = Literal["encoder", "decoder", "encoder_decoder"]
@@ -255,9 +255,10 @@ class ArchConfig:
         problems: list[str] = []
         if not isinstance(data, Mapping):
             raise ConfigError([f"architecture: expected a mapping, got {data!r}"])
-        top = {k: v for k, v in data.items() if k not in ("encoder", "decoder")}
-        top.setdefault("kind", None)
-        parsed = parse_dataclass(_TopLevel, top, "", problems)
+        stack_names = ("encoder", "decoder")
+        top = {k: v for k, v in data.items() if k not in stack_names}
+        top.setdefault("kind", None)  # so a missing kind lists the valid ones
+        parsed = parse_fields(cls, top, "", problems, skip=stack_names)
         stacks = {}
         for name in ("encoder", "decoder"):
             if data.get(name) is not None:
@@ -265,23 +266,7 @@ class ArchConfig:
         problems = [p.lstrip(".") for p in problems]
         if problems or parsed is None:
             raise ConfigError(problems)
-        return cls(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(parsed)}, **stacks)
-
-
-@dataclasses.dataclass(frozen=True)
-class _TopLevel:
-    """The non-stack fields of :class:`ArchConfig`, for parsing."""
-
-    kind: Kind
-    vocab_size: int
-    max_seq_len: int
-    d_model: int
-    positions: PositionsConfig = NoPositionsConfig()
-    norm: NormConfig = LayerNormConfig()
-    norm_placement: PlacementConfig = PreNormConfig()
-    head: HeadConfig = LMHeadConfig()
-    dropout: float = 0.0
-    tie_embeddings: bool = False
+        return cls(**parsed, **stacks)
 
 
 _STACK_KEYS = ("n_layers", "attention", "ffn", "cross_attention", "layers")

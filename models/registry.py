@@ -118,11 +118,18 @@ def parse_dataclass(cls: type[T], data: Any, path: str, problems: list[str]) -> 
     Every problem found is appended to ``problems`` with its dotted path; returns None
     when any field could not be parsed.
     """
+    kwargs = parse_fields(cls, data, path, problems)
+    return None if kwargs is None else cls(**kwargs)
+
+
+def parse_fields(cls: type, data: Any, path: str, problems: list[str], skip: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """Parses the fields of dataclass ``cls`` (but ``skip``) from a mapping into keyword
+    arguments; appends problems and returns None when any field could not be parsed."""
     if not isinstance(data, typing.Mapping):
         problems.append(f"{path}: expected a mapping, got {data!r}")
         return None
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in skip}
     unknown = sorted(set(data) - set(fields))
     for key in unknown:
         problems.append(f"{path}.{key}: unknown key; valid keys: {', '.join(fields)}")
@@ -137,7 +144,7 @@ def parse_dataclass(cls: type[T], data: Any, path: str, problems: list[str]) -> 
         parsed, good = _parse_value(hints[name], data[name], f"{path}.{name}", problems)
         ok = ok and good
         kwargs[name] = parsed
-    return cls(**kwargs) if ok else None
+    return kwargs if ok else None
 
 
 def _parse_value(hint: Any, value: Any, path: str, problems: list[str]) -> tuple[Any, bool]:
