@@ -116,7 +116,7 @@ def plain_loop(cfg, steps: int) -> tuple[float, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=600)
     args = parser.parse_args()
     quiet_lightning()
@@ -130,8 +130,12 @@ def main() -> None:
                                          optuna.samplers.RandomSampler(), optuna.pruners.NopPruner())
             study.enqueue_trial(ARCH)
             timers: list[BatchTimer] = []
-            wall, timer = one_trial(cfg, timers)
-            plain_s, plain_cpu, plain_tokens = plain_loop(cfg, args.steps)
+            if round_ % 2:  # alternate the order (ABBA) so slow drift of the machine cancels out
+                plain_s, plain_cpu, plain_tokens = plain_loop(cfg, args.steps)
+                wall, timer = one_trial(cfg, timers)
+            else:
+                wall, timer = one_trial(cfg, timers)
+                plain_s, plain_cpu, plain_tokens = plain_loop(cfg, args.steps)
             trial_tps, plain_tps = timer.tokens / (timer.fit - timer.val), plain_tokens / plain_s
             cpu_ratio = (timer.tokens / (timer.fit_cpu - timer.val_cpu)) / (plain_tokens / plain_cpu)
             overhead = wall - timer.train - timer.val
