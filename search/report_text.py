@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import optuna
@@ -57,8 +56,9 @@ def _architecture(trial: optuna.trial.FrozenTrial) -> str:
     return " ".join(parts)
 
 
-def print_summary(study: optuna.Study, cfg: Any, run_dir: pathlib.Path, console: Console | None = None) -> None:
-    """Prints the best trials with their architectures, then what to run next."""
+def print_summary(study: optuna.Study, overrides: list[str], console: Console | None = None) -> None:
+    """Prints the best trials with their architectures, then the commands (with
+    ``overrides``) that open the dashboard and export the best."""
     console = console or Console()
     objectives = list(study.user_attrs.get("objectives") or [f"value{i}" for i in range(len(study.directions))])
     table = Table(title=f"study {study.study_name}: " + ("Pareto front" if len(objectives) > 1 else "best trials"))
@@ -73,6 +73,7 @@ def print_summary(study: optuna.Study, cfg: Any, run_dir: pathlib.Path, console:
         table.add_row(str(trial.number), *values, f"{trial.user_attrs.get('n_params', 0):,}", _architecture(trial) + note)
     console.print()
     console.print(table)
-    storage = f"storage={cfg.storage_name}" if cfg.get("storage_name") else ""
-    console.print(f"dashboard: qkv dashboard study_name={study.study_name} {storage}".rstrip())
-    console.print(f"export:    qkv export study_name={study.study_name} {storage}".rstrip())
+    args = " ".join(overrides)
+    console.print(f"dashboard: qkv dashboard {args}")
+    console.print(f"report:    qkv report {args}")
+    console.print(f"export:    qkv export {args}")

@@ -33,6 +33,7 @@ from search.storage import create_or_load_study, open_storage, slot_lock, storag
 from spaces import FunctionSpace, Infeasible, Space, load_space
 
 log = logging.getLogger("qkvsearch")
+#: States that count towards n_trials (with the running ones, which will end in one of them).
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
@@ -152,22 +153,13 @@ def prepare(cfg: DictConfig) -> Setup:
     return Setup(cfg, task, space, study, objective, run_dir)
 
 
-def counts(study: optuna.Study) -> dict[str, int]:
-    """Trials of the study by state name (complete, pruned, fail, running, waiting)."""
-    out: dict[str, int] = {}
-    for trial in study.get_trials(deepcopy=False):
-        out[trial.state.name.lower()] = out.get(trial.state.name.lower(), 0) + 1
-    return out
-
-
 def next_trial(setup: Setup) -> optuna.Trial | None:
     """Starts the next trial, or returns None when the study holds ``n_trials``."""
     with slot_lock(setup.cfg.storage, setup.cfg.study_name):
         if isinstance(setup.study._storage, optuna.storages.RDBStorage):
             optuna.storages.fail_stale_trials(setup.study)
-        state = counts(setup.study)
-        taken = sum(state.get(s, 0) for s in ("complete", "pruned", "fail", "running"))
-        if taken >= setup.cfg.n_trials:
+        taken = setup.study.get_trials(deepcopy=False, states=(*FINISHED, optuna.trial.TrialState.RUNNING))
+        if len(taken) >= setup.cfg.n_trials:
             return None
         return setup.study.ask()
 
@@ -241,14 +233,30 @@ def run_worker(setup: Setup, show_progress: bool) -> None:
                 live.update(progress_line(setup.study, setup.cfg.n_trials))
 
 
-def spawn_workers(cfg: DictConfig) -> list[subprocess.Popen]:
-    """Starts ``workers - 1`` more processes of the same command on the same study."""
+def spawn_workers(cfg: DictConfig, run_dir: pathlib.Path) -> list[tuple[subprocess.Popen, pathlib.Path]]:
+    """Starts ``workers - 1`` more processes of the same command on the same study; each
+    writes its output to ``run_dir/workers/worker-I.log``."""
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("worker_index=", "workers="))]
+    (run_dir / "workers").mkdir(parents=True, exist_ok=True)
     procs = []
     for index in range(1, cfg.workers):
         command = [sys.executable, "-m", "search.cli", "sweep", *overrides, f"workers={cfg.workers}", f"worker_index={index}"]
-        procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        log_path = run_dir / "workers" / f"worker-{index}.log"
+        with open(log_path, "w") as output:
+            procs.append((subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT), log_path))
     return procs
+
+
+def next_commands(cfg: DictConfig) -> list[str]:
+    """The overrides that point ``qkv dashboard`` and ``qkv export`` at this sweep's storage."""
+    extra = [f"study_name={cfg.study_name}"]
+    if HydraConfig.initialized():
+        storage = HydraConfig.get().runtime.choices.get("storage")
+        if storage and storage != "sqlite":
+            extra.append(f"storage={storage}")
+    if cfg.run_root != "runs":
+        extra.append(f"run_root={cfg.run_root}")
+    return extra
 
 
 def sweep(cfg: DictConfig) -> optuna.Study:
@@ -258,22 +266,21 @@ def sweep(cfg: DictConfig) -> optuna.Study:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
     setup = prepare(cfg)
     main = cfg.worker_index == 0
-    procs = spawn_workers(cfg) if main and cfg.workers > 1 else []
+    procs = spawn_workers(cfg, setup.run_dir) if main and cfg.workers > 1 else []
     if main:
         print(f"study {cfg.study_name!r} in {storage_url(cfg.storage)}; trials under {setup.run_dir}")
     try:
         run_worker(setup, show_progress=main)
     except (KeyboardInterrupt, SystemExit):
-        for proc in procs:
+        for proc, _ in procs:
             proc.send_signal(signal.SIGINT)
         print(f"interrupted: the running trial is recorded as failed; run the same command to resume {cfg.study_name!r}", file=sys.stderr)
         raise
-    for proc in procs:
-        _, err = proc.communicate()
-        if proc.returncode:
-            log.error("worker exited with %s: %s", proc.returncode, err.decode()[-2000:])
+    for proc, log_path in procs:
+        if proc.wait():
+            log.error("worker exited with %s; its output is in %s", proc.returncode, log_path)
     if main:
-        print_summary(setup.study, cfg, setup.run_dir)
+        print_summary(setup.study, next_commands(cfg))
     return setup.study
 
 

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 CONF = str(pathlib.Path(__file__).resolve().parent.parent / "conf")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -22,7 +22,7 @@ def compose_conf(config_name: str, overrides: list[str] | None = None) -> DictCo
 
 def tiny_sweep_conf(tmp_path: pathlib.Path, *overrides: str) -> DictConfig:
     """A sweep config cut down to seconds: small task, short trials, storage in tmp_path."""
-    cfg = compose_conf(
+    return compose_conf(
         "sweep",
         [
             "task=recall",
@@ -37,9 +37,6 @@ def tiny_sweep_conf(tmp_path: pathlib.Path, *overrides: str) -> DictConfig:
             *overrides,
         ],
     )
-    with open_dict(cfg):
-        cfg.storage_name = None
-    return cfg
 
 
 @pytest.fixture
