@@ -96,16 +96,17 @@ class Objective:
         callbacks: more Lightning callbacks for every trial (made fresh per trial).
         store: an Optuna artifact store: each trial's arch.yaml, and the attention maps
             of trials that become the best, are attached to them.
+        seed: trial N initialises its model from seed ``seed + N`` (reproducible trials).
     """
 
     def __init__(self, *, space: Any, task: Any, run_dir: pathlib.Path, objectives: list[str],
                  trainer_kwargs: dict[str, Any], optim: dict[str, Any], prune: bool, show_progress: bool = False,
-                 callbacks: Callable[[], list[L.Callback]] | None = None, store: Any = None) -> None:
+                 callbacks: Callable[[], list[L.Callback]] | None = None, store: Any = None, seed: int = 0) -> None:
         self.space, self.task, self.run_dir = space, task, run_dir
         self.objectives, self.trainer_kwargs, self.optim = objectives, trainer_kwargs, optim
         self.prune, self.show_progress = prune, show_progress
         self.callbacks = callbacks or list
-        self.store = store
+        self.store, self.seed = store, seed
         self.monitor = objectives[0]
 
     def sample(self, trial: optuna.Trial) -> ArchConfig:
@@ -161,6 +162,7 @@ class Objective:
     def _fit(self, trial: optuna.Trial, arch: ArchConfig, folder: pathlib.Path) -> tuple[LitTransformer, BestWeights, L.Trainer]:
         """Trains with a real Lightning Trainer; the pruning callback may raise TrialPruned."""
         optim = {**self.optim, "max_steps": self.trainer_kwargs["max_steps"]}
+        L.seed_everything(self.seed + trial.number, verbose=False)
         lit = LitTransformer(arch, self.task.kind, **optim)
         best = BestWeights(self.monitor, sign=-1.0 if self.monitor == "val_acc" else 1.0)
         callbacks: list[L.Callback] = [best, *self.callbacks()]

@@ -138,7 +138,7 @@ def prepare(cfg: DictConfig) -> Setup:
     objective = Objective(
         space=space, task=task, run_dir=run_dir, objectives=list(cfg.objectives), trainer_kwargs=trainer_kwargs,
         optim=OmegaConf.to_container(cfg.optim, resolve=True), prune=len(directions) == 1,
-        show_progress=cfg.show_trial_progress, store=open_store(cfg.artifacts) if cfg.artifacts else None,
+        show_progress=cfg.show_trial_progress, store=open_store(cfg.artifacts) if cfg.artifacts else None, seed=cfg.seed,
     )
     dry_sample(space, objective)
     sampler = build_sampler(cfg, space)

@@ -123,3 +123,12 @@ def test_latency_and_flops_objectives_are_measured_and_recorded(tmp_path):
     for trial in _load(cfg).get_trials(states=(State.COMPLETE,)):
         assert trial.values[1] == trial.user_attrs["latency_ms"] > 0
         assert trial.values[2] == trial.user_attrs["flops_per_token"]
+
+
+def test_a_trial_is_reproducible_from_the_seed_and_its_number(tmp_path):
+    first = tiny_sweep_conf(tmp_path / "a", "+space._target_=tests.search.helpers.fixed_space", "n_trials=1", "pruner=none")
+    second = tiny_sweep_conf(tmp_path / "b", "+space._target_=tests.search.helpers.fixed_space", "n_trials=1", "pruner=none")
+    sweep(first)
+    sweep(second)
+    (a,), (b,) = _load(first).get_trials(), _load(second).get_trials()
+    assert a.intermediate_values == b.intermediate_values and a.values == b.values
