@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import sys
+from collections.abc import Callable
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -20,3 +24,16 @@ def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
         return compose(config_name=name, overrides=overrides or [])
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name=name, overrides=overrides or [])
+
+
+def run_command(command: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Runs a ``qkv`` command; bad input (a ValueError or OSError, which is how every
+    check here reports it) ends with its message and exit status 2 instead of a
+    traceback. ``QKV_DEBUG=1`` keeps the traceback."""
+    try:
+        return command(cfg)
+    except (ValueError, OSError) as error:
+        if os.environ.get("QKV_DEBUG"):
+            raise
+        print(f"qkv: error: {error}\n(set QKV_DEBUG=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -12,6 +12,7 @@ import optuna
 from omegaconf import DictConfig
 
 from search.artifacts import open_store
+from search.configs import run_command
 from search.storage import open_storage, storage_url
 
 
@@ -48,4 +49,4 @@ def serve(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="dashboard")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv dashboard``."""
-    serve(cfg)
+    run_command(serve, cfg)

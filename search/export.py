@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from models import ArchConfig, build_model, count_parameters, flops_per_token
 from search.codegen import ExportError, generate_model_source
+from search.configs import run_command
 from search.objective import trial_dir
 from search.storage import load_named_study
 
@@ -337,5 +338,5 @@ def export_program(model: torch.nn.Module, arch: ArchConfig, folder: pathlib.Pat
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv export``."""
-    out = export(cfg)
+    out = run_command(export, cfg)
     print(f"exported to {out} (checked in a fresh process without qkvsearch)")

@@ -23,6 +23,7 @@ from plotly.subplots import make_subplots
 
 from models import ArchConfig
 from search.artifacts import attention_weights, load_trained
+from search.configs import run_command
 from search.objective import trial_dir
 from search.report_text import top_trials
 from search.storage import load_named_study
@@ -192,5 +193,5 @@ def report(cfg: DictConfig) -> pathlib.Path:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv report``."""
-    out = report(cfg)
+    out = run_command(report, cfg)
     print(f"report written to {out} (self-contained: open it in any browser, offline)")

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from search.configs import run_command
 from search.lit import check_compatible
 from search.sweep import build_space, build_task
 from spaces import FunctionSpace, Infeasible, Space
@@ -86,4 +87,4 @@ def show(cfg: DictConfig, console: Console | None = None) -> SampleStats:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="space_show")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv space show``."""
-    show(cfg)
+    run_command(show, cfg)

@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from search.artifacts import open_store
+from search.configs import run_command
 from search.lit import NonFiniteLoss
 from search.objective import Objective, check_objectives, quiet_lightning
 from search.report_text import print_summary, progress_line
@@ -288,5 +289,5 @@ def sweep(cfg: DictConfig) -> optuna.Study:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv sweep``."""
     started = time.perf_counter()
-    sweep(cfg)
+    run_command(sweep, cfg)
     log.info("sweep took %.1f s", time.perf_counter() - started)

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from models import ArchConfig, count_parameters, flops_per_token
 from search.callbacks import BestWeights
+from search.configs import run_command
 from search.lit import LitTransformer, check_compatible
 from search.objective import quiet_lightning
 from search.storage import load_named_study
@@ -96,4 +97,4 @@ def train(cfg: DictConfig) -> pathlib.Path:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv train``."""
-    train(cfg)
+    run_command(train, cfg)
