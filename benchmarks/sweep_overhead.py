@@ -32,7 +32,6 @@ from search.lit import LitTransformer
 from search.objective import quiet_lightning
 from search.storage import create_or_load_study, open_storage
 from search.sweep import build_space, build_task, next_trial, prepare, run_trial
-from spaces import Space
 
 CONF = str(pathlib.Path(__file__).resolve().parent.parent / "conf")
 ARCH = {
@@ -90,7 +89,7 @@ def plain_loop(cfg, steps: int) -> tuple[float, float, int]:
     space = build_space(cfg)
     study = optuna.create_study()
     study.enqueue_trial(ARCH)
-    arch = space.suggest(study.ask()) if isinstance(space, Space) else None
+    arch = space.suggest(study.ask())
     torch.manual_seed(0)
     lit = LitTransformer(arch, task.kind, **cfg.optim, max_steps=steps)
     optimizers = lit.configure_optimizers()

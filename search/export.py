@@ -28,9 +28,10 @@ import optuna
 import torch
 import yaml
 from omegaconf import DictConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from models import ArchConfig, build_model, count_parameters, flops_per_token
+from models import ArchConfig, count_parameters, flops_per_token
+from search.artifacts import load_trained
 from search.codegen import ExportError, generate_model_source
 from search.configs import run_command
 from search.objective import trial_dir
@@ -193,7 +194,7 @@ def _versions() -> dict[str, str]:
     return {"qkvsearch": ours, "torch": torch.__version__, "python": sys.version.split()[0]}
 
 
-def model_card(chosen: Chosen, source: dict[str, Any], check: dict[str, Any], extras: list[str]) -> str:
+def model_card(chosen: Chosen, weights: pathlib.Path, check: dict[str, Any], extras: list[str]) -> str:
     """The folder's README.md."""
     arch, trial, study = chosen.arch, chosen.trial, chosen.study
     objectives = study.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(trial.values))]
@@ -243,7 +244,7 @@ net = model.load()            # builds the architecture, loads model.safetensors
 
 - study: `{study.study_name}`, trial {trial.number}{f" (same architecture as trial {trial.user_attrs['duplicate_of']})" if 'duplicate_of' in trial.user_attrs else ''}
 - task: {study.user_attrs.get('task', 'unknown')}, space: {study.user_attrs.get('space', 'unknown')}
-- weights: {source['weights']}
+- weights: {weights}
 - architecture hash: {arch.fingerprint()}
 - exported {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')} with qkvsearch {versions['qkvsearch']}, torch {versions['torch']}, Python {versions['python']}
 - checked in a fresh process without qkvsearch: outputs within {check.get('max_abs_difference', 0):.2g}, {check['n_params']:,} parameters
@@ -272,8 +273,7 @@ def export(cfg: DictConfig) -> pathlib.Path:
     if out.exists() and not cfg.overwrite:
         raise ValueError(f"output folder {out} exists; choose out=... or overwrite=true")
     weights = retrain(cfg, chosen) if cfg.retrain else chosen.weights
-    model = build_model(chosen.arch)
-    model.load_state_dict(load_file(str(weights)))
+    model = load_trained(chosen.arch, weights)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -287,7 +287,7 @@ def export(cfg: DictConfig) -> pathlib.Path:
             extras.append(export_onnx(model, chosen.arch, partial))
         if cfg.torch_export:
             extras.append(export_program(model, chosen.arch, partial))
-        (partial / "README.md").write_text(model_card(chosen, {"weights": str(weights)}, check, extras))
+        (partial / "README.md").write_text(model_card(chosen, weights, check, extras))
         if out.exists():
             shutil.rmtree(out)
         partial.rename(out)

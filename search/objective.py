@@ -81,6 +81,18 @@ def measure_latency_ms(model: torch.nn.Module, example: list[torch.Tensor], devi
     return statistics.median(times)
 
 
+def suggest_checked(space: Any, task: Any, trial: optuna.Trial) -> ArchConfig:
+    """Samples an architecture and checks it against the task; raises Infeasible (with
+    the trial's ``pruned_reason`` set) when it breaks a constraint or does not fit."""
+    arch = space.suggest(trial)
+    try:
+        check_compatible(arch, task)
+    except ValueError as error:
+        trial.set_user_attr("pruned_reason", f"infeasible: {error}")
+        raise Infeasible(str(error)) from None
+    return arch
+
+
 class Objective:
     """Trains one sampled architecture per call and returns the objective values.
 
@@ -111,12 +123,7 @@ class Objective:
 
     def sample(self, trial: optuna.Trial) -> ArchConfig:
         """Samples and checks an architecture; records its counts. Raises Infeasible."""
-        arch = self.space.suggest(trial)
-        try:
-            check_compatible(arch, self.task)
-        except ValueError as error:
-            trial.set_user_attr("pruned_reason", f"infeasible: {error}")
-            raise Infeasible(str(error)) from None
+        arch = suggest_checked(self.space, self.task, trial)
         trial.set_user_attr("arch_hash", arch.fingerprint())
         trial.set_user_attr("n_params", count_parameters(arch))
         trial.set_user_attr("flops_per_token", flops_per_token(arch))
@@ -145,8 +152,8 @@ class Objective:
         measured = {
             "val_loss": best.best if self.monitor == "val_loss" else float(trainer.callback_metrics["val_loss"]),
             "val_acc": -best.best if self.monitor == "val_acc" else float(trainer.callback_metrics.get("val_acc", float("nan"))),
-            "n_params": float(count_parameters(arch)),
-            "flops_per_token": float(flops_per_token(arch)),
+            "n_params": float(trial.user_attrs["n_params"]),
+            "flops_per_token": float(trial.user_attrs["flops_per_token"]),
         }
         if "latency_ms" in self.objectives:
             example = model_inputs(self.task.kind, self.task.sample_batch(1))

@@ -14,8 +14,9 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from models import count_parameters, flops_per_token
 from search.configs import run_command
-from search.lit import check_compatible
+from search.objective import suggest_checked
 from search.sweep import build_space, build_task
 from spaces import FunctionSpace, Infeasible, Space
 
@@ -36,14 +37,11 @@ def sample_space(space: Space | FunctionSpace, task, n: int, seed: int = 0) -> S
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     stats = SampleStats(n, 0, collections.Counter(), [], [])
-    from models import count_parameters, flops_per_token
-
     for _ in range(n):
         trial = study.ask()
         try:
-            arch = space.suggest(trial)
-            check_compatible(arch, task)
-        except (Infeasible, ValueError) as error:
+            arch = suggest_checked(space, task, trial)
+        except Infeasible as error:
             stats.reasons[_reason_kind(error)] += 1
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue
@@ -54,10 +52,9 @@ def sample_space(space: Space | FunctionSpace, task, n: int, seed: int = 0) -> S
     return stats
 
 
-def _reason_kind(error: Exception) -> str:
+def _reason_kind(error: Infeasible) -> str:
     """The reason with its numbers blanked, so equal kinds of rejection count together."""
-    text = str(error) if isinstance(error, Infeasible) else f"does not fit the task: {error}"
-    return re.sub(r"\d[\d,.]*", "N", text.removeprefix("infeasible: "))[:160]
+    return re.sub(r"\d[\d,.]*", "N", str(error).removeprefix("infeasible: "))[:160]
 
 
 def _range(values: list[int]) -> str:

@@ -9,7 +9,25 @@ import torch
 from tasks.base import IGNORE, TensorTask
 
 
-class AssociativeRecall(TensorTask):
+class GeneratedTask(TensorTask):
+    """A task whose splits are drawn from one seeded generator: ``n_train`` then ``n_val``
+    examples of ``_generate``."""
+
+    def __init__(self, n_train: int, n_val: int, batch_size: int, seed: int) -> None:
+        super().__init__(batch_size, seed)
+        if n_train < 1 or n_val < 1:
+            raise ValueError(f"n_train ({n_train}) and n_val ({n_val}) must be >= 1")
+        self.n_train, self.n_val = n_train, n_val
+
+    def _generate(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def build(self) -> dict[str, dict[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        return {"train": self._generate(self.n_train, generator), "val": self._generate(self.n_val, generator)}
+
+
+class AssociativeRecall(GeneratedTask):
     """Key-value pairs, then a query key; the model must name the query's value.
 
     A sequence is ``k1 v1 k2 v2 ... kn vn SEP q`` and only the last position is scored,
@@ -27,10 +45,10 @@ class AssociativeRecall(TensorTask):
 
     def __init__(self, n_pairs: int = 8, n_keys: int = 16, n_values: int = 16, n_train: int = 20000,
                  n_val: int = 1000, batch_size: int = 64, seed: int = 0) -> None:
-        super().__init__(batch_size, seed)
+        super().__init__(n_train, n_val, batch_size, seed)
         if not 1 <= n_pairs <= n_keys or n_values < 2:
             raise ValueError(f"need 1 <= n_pairs ({n_pairs}) <= n_keys ({n_keys}) and n_values >= 2 ({n_values})")
-        self.n_pairs, self.n_keys, self.n_values, self.n_train, self.n_val = n_pairs, n_keys, n_values, n_train, n_val
+        self.n_pairs, self.n_keys, self.n_values = n_pairs, n_keys, n_values
         self.separator = n_keys + n_values
         self.vocab_size = n_keys + n_values + 1
         self.seq_len = 2 * n_pairs + 2
@@ -49,10 +67,6 @@ class AssociativeRecall(TensorTask):
         targets[:, -1] = values[rows, pick]
         return {"tokens": tokens, "targets": targets}
 
-    def build(self) -> dict[str, dict[str, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(self.seed)
-        return {"train": self._generate(self.n_train, generator), "val": self._generate(self.n_val, generator)}
-
     def trivial_loss(self) -> float:
         return math.log(self.n_values)
 
@@ -60,7 +74,7 @@ class AssociativeRecall(TensorTask):
 PAD, BOS, EOS = 0, 1, 2
 
 
-class Reverse(TensorTask):
+class Reverse(GeneratedTask):
     """Sequence-to-sequence: output the input sequence reversed, then end-of-sequence.
 
     Sources are random symbols of random length in ``[min_len, max_len]``, padded.
@@ -76,10 +90,10 @@ class Reverse(TensorTask):
 
     def __init__(self, n_symbols: int = 10, min_len: int = 4, max_len: int = 12, n_train: int = 20000,
                  n_val: int = 1000, batch_size: int = 64, seed: int = 0) -> None:
-        super().__init__(batch_size, seed)
+        super().__init__(n_train, n_val, batch_size, seed)
         if n_symbols < 2 or not 1 <= min_len <= max_len:
             raise ValueError(f"need n_symbols >= 2 ({n_symbols}) and 1 <= min_len ({min_len}) <= max_len ({max_len})")
-        self.n_symbols, self.min_len, self.max_len, self.n_train, self.n_val = n_symbols, min_len, max_len, n_train, n_val
+        self.n_symbols, self.min_len, self.max_len = n_symbols, min_len, max_len
         self.vocab_size = n_symbols + 3
         self.seq_len = max_len + 1
 
@@ -103,10 +117,6 @@ class Reverse(TensorTask):
             "tgt_out": torch.where(tgt_real, tgt_out, IGNORE),
             "tgt_padding_mask": tgt_real,
         }
-
-    def build(self) -> dict[str, dict[str, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(self.seed)
-        return {"train": self._generate(self.n_train, generator), "val": self._generate(self.n_val, generator)}
 
     def trivial_loss(self) -> float:
         # each target is one of the symbols or EOS, uniformly at best without the input
