@@ -134,6 +134,8 @@ class MultiHeadAttention(nn.Module):
         if visible is not None:
             scores = scores.masked_fill(~visible, float("-inf"))
         weights = scores.softmax(dim=-1)
+        if visible is not None:  # a query that sees no key (all padding) gets zeros, as in the fused path
+            weights = weights.masked_fill(~visible, 0.0)
         if self.weights_sink is not None:
             self.weights_sink(weights.detach())
         weights = F.dropout(weights, dropout) if dropout else weights

@@ -217,6 +217,15 @@ class ArchConfig:
         out += layer.ffn.problems(f"{path}.ffn")
         return out
 
+    def unscored_positions(self) -> int:
+        """Leading decoder positions that can see their own next token: inside a prefix-LM's
+        bidirectional prefix of P tokens, position t < P - 1 attends to token t + 1. A
+        next-token loss must skip them (as prefix-LM training does, Raffel et al. 2020)."""
+        if self.decoder is None:
+            return 0
+        prefix = max((m.bidirectional_prefix() for layer in self.decoder.layers for m in layer.attention.masks), default=0)
+        return max(0, prefix - 1)
+
     def fingerprint(self) -> str:
         """Returns a hash that is equal for equal architectures, however they were written.
 

@@ -34,6 +34,10 @@ class MaskConfig(ComponentConfig):
     def __parse__(cls, value: Any, path: str, problems: list[str]) -> MaskConfig | None:
         return MASKS.parse(value, path, problems)
 
+    def bidirectional_prefix(self) -> int:
+        """Leading positions whose queries may see later keys of the prefix (0: none)."""
+        return 0
+
 
 MASKS: Registry[MaskConfig] = Registry("mask")
 
@@ -190,6 +194,9 @@ class PrefixLMConfig(MaskConfig):
         if self.prefix_len < 0:
             return [f"{path}.prefix_len: must be >= 0, got {self.prefix_len}"]
         return []
+
+    def bidirectional_prefix(self) -> int:
+        return self.prefix_len
 
 
 class PrefixLMMask(Mask):

@@ -88,6 +88,8 @@ class LitTransformer(L.LightningModule):
         self.arch = arch
         self.model = build_model(arch)
         self.step_fn = STEPS[task_kind]
+        #: leading target positions a decoder could see (a prefix-LM's prefix): never scored
+        self.unscored = arch.unscored_positions() if task_kind in ("language_model", "seq2seq") else 0
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.min_lr_ratio, self.max_steps = min_lr_ratio, max_steps
         self.tokens_seen = 0
@@ -95,6 +97,9 @@ class LitTransformer(L.LightningModule):
     def logits_and_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat ``[n, outputs]`` logits (float32) and ``[n]`` targets of a batch."""
         logits, targets = self.step_fn(self.model, batch)
+        if self.unscored:
+            targets = targets.clone()
+            targets[:, : self.unscored] = IGNORE
         return logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -164,3 +164,28 @@ def test_classic_block_matches_torch_transformer_encoder_layer():
     expected = reference(x, src_key_padding_mask=~padding_mask)
     got = block(x, padding_mask)
     torch.testing.assert_close(got[padding_mask], expected[padding_mask])
+
+
+def test_an_all_padding_source_gives_the_same_finite_output_on_both_paths():
+    """Cross-attention to a source that is all padding: no key to attend to. Both paths
+    give zeros for it (the fused path always did; the reference path gave NaN)."""
+    from models import ArchConfig, build_model, capture_attention
+
+    arch = ArchConfig.from_dict({
+        "kind": "encoder_decoder", "vocab_size": 12, "max_seq_len": 8, "d_model": 16,
+        "encoder": {"n_layers": 1, "attention": {"n_heads": 2, "masks": ["padding"]}},
+        "decoder": {"n_layers": 1, "attention": {"n_heads": 2, "masks": ["causal", "padding"]},
+                    "cross_attention": {"n_heads": 2, "masks": ["padding"]}},
+    })
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    src, tgt = torch.randint(0, 12, (2, 6)), torch.randint(0, 12, (2, 5))
+    src_padding = torch.tensor([[False] * 6, [True] * 6])  # the first source is all padding
+    tgt_padding = torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        fused = model(src, tgt, src_padding, tgt_padding)
+        with capture_attention(model) as weights:
+            reference = model(src, tgt, src_padding, tgt_padding)
+    assert torch.isfinite(reference).all() and torch.isfinite(fused).all()
+    torch.testing.assert_close(reference, fused, atol=1e-5, rtol=1e-5)
+    assert all(torch.isfinite(w).all() for w in weights.values())
