@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import pathlib
 import socket
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import hydra
 import optuna
@@ -13,6 +16,7 @@ from omegaconf import DictConfig
 
 from search.artifacts import open_store
 from search.configs import run_command
+from search.errors import Interrupted
 from search.storage import open_storage, storage_url
 
 
@@ -28,10 +32,47 @@ def check_port(host: str, port: int) -> None:
             raise OSError(f"cannot listen on {host}:{port}: {error.strerror}") from None
 
 
+#: HTTP methods a read-only dashboard answers; every other one is refused.
+READING = ("GET", "HEAD", "OPTIONS")
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_only(app: Callable[..., Any]) -> Callable[..., Any]:
+    """A WSGI filter that refuses every request that could change a study (403)."""
+
+    def filtered(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("REQUEST_METHOD", "GET").upper() not in READING:
+            start_response("403 Forbidden", [("Content-Type", "text/plain")])
+            return [b"this dashboard is read-only (qkv dashboard read_only=true)\n"]
+        return app(environ, start_response)
+
+    return filtered
+
+
+def exposure_warning(host: str, writable: bool) -> str | None:
+    """What a user must hear before a dashboard is served beyond this machine."""
+    if is_loopback(host):
+        return None
+    risk = ("anyone who can reach it can delete studies and trials: optuna-dashboard has no authentication"
+            if writable else "anyone who can reach it can read every study, trial and artifact (it has no authentication)")
+    return (f"qkv: warning: serving on {host}, not loopback: {risk}. To watch a cluster's sweep, keep the default "
+            f"host and tunnel instead: ssh -L 8080:127.0.0.1:8080 <node>")
+
+
 def serve(cfg: DictConfig) -> None:
     """Checks the storage and the port, then serves until interrupted."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
     import optuna_dashboard
 
+    writable = not (cfg.read_only if cfg.read_only is not None else not is_loopback(cfg.host))
     storage = open_storage(cfg.storage)
     studies = optuna.get_all_study_summaries(storage)
     if not studies:
@@ -39,11 +80,24 @@ def serve(cfg: DictConfig) -> None:
     check_port(cfg.host, cfg.port)
     store = open_store(cfg.artifacts) if cfg.artifacts and pathlib.Path(cfg.artifacts).exists() else None
     names = ", ".join(s.study_name for s in studies)
-    print(f"optuna-dashboard for {storage_url(cfg.storage)} ({names}) at http://{cfg.host}:{cfg.port}/dashboard", flush=True)
+    warning = exposure_warning(cfg.host, writable)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    app = optuna_dashboard.wsgi(storage, artifact_store=store)
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+            pass
+
+    server = make_server(cfg.host, cfg.port, app if writable else read_only(app), handler_class=Quiet)
+    mode = "" if writable else ", read-only"
+    print(f"optuna-dashboard for {storage_url(cfg.storage)} ({names}{mode}) at http://{cfg.host}:{cfg.port}/dashboard", flush=True)
     try:
-        optuna_dashboard.run_server(storage, host=cfg.host, port=cfg.port, artifact_store=store)
-    except KeyboardInterrupt:
+        server.serve_forever()
+    except (Interrupted, KeyboardInterrupt):  # Ctrl-C is how a server is stopped: not an error
         print("dashboard stopped", file=sys.stderr)
+    finally:
+        server.server_close()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="dashboard")

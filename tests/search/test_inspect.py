@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import optuna
@@ -83,6 +84,63 @@ def test_the_dashboard_serves_the_study_on_loopback_and_renders_it(swept):
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
     assert proc.returncode == 0
+
+
+def _serve(root, port: int, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search.cli", "dashboard", f"port={port}", f"run_root={root}", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for _ in range(150):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5):
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"the dashboard never answered: {proc.stdout.read()}")
+
+
+def _delete(port: int, study_id: int) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/studies/{study_id}", method="DELETE")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_a_read_only_dashboard_refuses_an_unauthenticated_delete(tmp_path):
+    sweep(tiny_sweep_conf(tmp_path, "n_trials=1", "pruner=none", "trainer.max_steps=10"))
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    study_id = optuna.load_study(study_name="recall-tiny", storage=storage)._study_id
+    port = _free_port()
+    proc = _serve(tmp_path, port, "read_only=true")
+    try:
+        assert _delete(port, study_id) == 403
+        assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["recall-tiny"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert "read-only" in out
+    proc = _serve(tmp_path, port)  # on loopback, writable by default: what read_only=true prevents
+    try:
+        assert _delete(port, study_id) == 204
+        assert optuna.get_all_study_summaries(storage) == []
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def test_serving_beyond_loopback_warns_and_is_read_only_by_default():
+    from search.dashboard import exposure_warning, is_loopback
+
+    assert exposure_warning("127.0.0.1", writable=True) is None and is_loopback("::1") and is_loopback("localhost")
+    warning = exposure_warning("0.0.0.0", writable=True)
+    assert "can delete studies" in warning and "ssh -L 8080:127.0.0.1:8080" in warning
+    assert "can read every study" in exposure_warning("10.1.2.3", writable=False)
+    cfg = compose_conf("dashboard", ["host=0.0.0.0"])
+    assert cfg.read_only is None  # null: read-only unless on loopback (decided in serve())
 
 
 def test_the_report_is_self_contained_and_renders_its_plots(swept, tmp_path):
