@@ -93,10 +93,47 @@ def attach_attention(store: FileSystemArtifactStore, trial: optuna.Trial, model:
         upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype="image/png")
 
 
+def study_run_dir(study: optuna.Study, run_root: str | pathlib.Path) -> pathlib.Path:
+    """The study's run folder: ``run_root/<study>/<uid>`` (relative to ``run_root``, so a
+    copied ``runs/`` folder still finds its trials; the uid keeps two studies of one name
+    in two storages apart). Studies made before the uid keep their recorded folder."""
+    attrs = study.user_attrs
+    if "run_subdir" in attrs:
+        return pathlib.Path(run_root) / attrs["run_subdir"]
+    if "run_dir" in attrs:
+        return pathlib.Path(attrs["run_dir"])
+    return pathlib.Path(run_root) / study.study_name
+
+
+def trial_dir(run_dir: pathlib.Path, number: int) -> pathlib.Path:
+    """Where a trial keeps its architecture, best weights and metrics."""
+    return run_dir / "trials" / f"{number:05d}"
+
+
+def trial_weights(study: optuna.Study, trial: optuna.trial.FrozenTrial, run_root: str | pathlib.Path) -> pathlib.Path:
+    """The file of a trial's best weights (a duplicate's are its original's)."""
+    return trial_dir(study_run_dir(study, run_root), trial.user_attrs.get("duplicate_of", trial.number)) / "model.safetensors"
+
+
 def load_trained(arch: ArchConfig, weights: pathlib.Path) -> torch.nn.Module:
-    """The trial's model with its saved best weights (no pickle)."""
+    """The model with saved weights (no pickle), after checking that the file's
+    ``arch_hash`` is this architecture's.
+
+    Raises:
+        ValueError: the file is missing, or holds weights of another architecture.
+    """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if not pathlib.Path(weights).is_file():
+        raise ValueError(f"no weights at {weights}")
+    with safe_open(str(weights), framework="pt") as handle:
+        recorded = (handle.metadata() or {}).get("arch_hash")
+    if recorded != arch.fingerprint():
+        raise ValueError(
+            f"{weights} holds weights of architecture {recorded or 'unknown'}, not of this trial's "
+            f"({arch.fingerprint()}); the trial folder belongs to another study or was overwritten"
+        )
     model = build_model(arch)
     model.load_state_dict(load_file(str(weights)))
     return model.eval()

@@ -6,6 +6,8 @@ import importlib
 import signal
 import sys
 
+from search.errors import Interrupted
+
 COMMANDS = {
     "sweep": ("search.sweep", "search architectures: an Optuna study of Lightning-trained trials"),
     "train": ("search.train", "train one architecture (a config file or a study's trial)"),
@@ -31,7 +33,7 @@ def usage() -> str:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+    raise Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,12 +50,20 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"qkv: unknown command {command!r}; available: {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    module = importlib.import_module(COMMANDS[command][0])
+    from search.group import die_with_parent
+
+    die_with_parent()  # an extra worker of `qkv sweep workers=N` ends with the process that started it
     rest = argv[1:]
     if command == "space" and rest[:1] == ["show"]:
         rest = rest[1:]
     sys.argv = [f"qkv {command}", *rest]
-    module.main()
+    try:
+        importlib.import_module(COMMANDS[command][0]).main()
+    except (Interrupted, KeyboardInterrupt) as error:
+        # one line, not a traceback; 128 + the signal's number, as a shell reports it
+        signum = getattr(error, "signum", signal.SIGINT)
+        print(f"qkv {command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
 
 
 if __name__ == "__main__":

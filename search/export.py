@@ -31,11 +31,10 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from models import ArchConfig, count_parameters, flops_per_token
-from search.artifacts import load_trained
+from search.artifacts import load_trained, trial_weights
 from search.codegen import ExportError, generate_model_source
 from search.configs import run_command
-from search.objective import trial_dir
-from search.storage import load_named_study
+from search.storage import check_study_name, load_named_study
 
 State = optuna.trial.TrialState
 RULES = ("auto", "best", "smallest_within", "best_under")
@@ -124,12 +123,9 @@ def select_trial(study: optuna.Study, cfg: Any) -> optuna.trial.FrozenTrial:
 def choose(cfg: Any) -> Chosen:
     """Opens the study, selects the trial and finds its weights; raises ValueError when any is missing."""
     study = load_named_study(cfg.storage, cfg.study_name)
-    name = study.study_name
     trial = select_trial(study, cfg)
     arch = ArchConfig.from_dict(trial.user_attrs["arch"])
-    number = trial.user_attrs.get("duplicate_of", trial.number)
-    run_dir = pathlib.Path(study.user_attrs.get("run_dir") or pathlib.Path(cfg.run_root) / name)
-    weights = trial_dir(run_dir, number) / "model.safetensors"
+    weights = trial_weights(study, trial, cfg.run_root)
     if not cfg.retrain and not weights.is_file():
         raise ValueError(f"trial {trial.number} has no saved weights at {weights}; use retrain=true to train it again")
     return Chosen(study, trial, arch, weights)
@@ -256,10 +252,8 @@ def retrain(cfg: DictConfig, chosen: Chosen) -> pathlib.Path:
     from search.configs import compose_config
     from search.train import train
 
-    task = chosen.study.user_attrs.get("task")
-    if task is None:
-        raise ValueError("the study does not record its task; train with `qkv train` and export that")
-    overrides = [f"task={task}", f"study_name={chosen.study.study_name}", f"trial={chosen.trial.number}",
+    # qkv train rebuilds the task from the config the study recorded
+    overrides = [f"study_name={chosen.study.study_name}", f"trial={chosen.trial.number}",
                  f"run_root={cfg.run_root}", *cfg.retrain_overrides]
     train_cfg = compose_config("train", overrides)
     train_cfg.storage = cfg.storage
@@ -269,6 +263,8 @@ def retrain(cfg: DictConfig, chosen: Chosen) -> pathlib.Path:
 def export(cfg: DictConfig) -> pathlib.Path:
     """Writes and checks the export folder; returns its path."""
     chosen = choose(cfg)
+    if not cfg.out:
+        check_study_name(chosen.study.study_name)  # the default folder is named after it: keep it inside exports/
     out = pathlib.Path(cfg.out or pathlib.Path("exports") / f"{chosen.study.study_name}-trial{chosen.trial.number}")
     if out.exists() and not cfg.overwrite:
         raise ValueError(f"output folder {out} exists; choose out=... or overwrite=true")

@@ -18,9 +18,10 @@ from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import save_file
 
 from models import ArchConfig, count_parameters, flops_per_token
-from search.artifacts import attach_architecture, attach_attention, would_be_best
+from search.artifacts import attach_architecture, attach_attention, trial_dir, would_be_best
 from search.callbacks import BestWeights, OptunaPruning
 from search.lit import LitTransformer, check_compatible, model_inputs
+from search.workers import wait_for_twin
 from spaces import Infeasible
 
 #: Objectives a study may optimise, with their directions.
@@ -47,11 +48,6 @@ def check_objectives(objectives: list[str]) -> list[str]:
     if len(set(objectives)) != len(objectives):
         raise ValueError(f"objectives: {objectives} lists an objective twice")
     return [OBJECTIVES[name] for name in objectives]
-
-
-def trial_dir(run_dir: pathlib.Path, number: int) -> pathlib.Path:
-    """Where a trial keeps its architecture, best weights and metrics."""
-    return run_dir / "trials" / f"{number:05d}"
 
 
 def find_duplicate(study: optuna.Study, fingerprint: str, number: int) -> optuna.trial.FrozenTrial | None:
@@ -109,16 +105,20 @@ class Objective:
         store: an Optuna artifact store: each trial's arch.yaml, and the attention maps
             of trials that become the best, are attached to them.
         seed: trial N initialises its model from seed ``seed + N`` (reproducible trials).
+        poll_s: how often a trial waiting for another worker's trial of the same
+            architecture looks again.
+        reap: fails trials of dead workers (so a wait for one of them ends).
     """
 
     def __init__(self, *, space: Any, task: Any, run_dir: pathlib.Path, objectives: list[str],
                  trainer_kwargs: dict[str, Any], optim: dict[str, Any], prune: bool, show_progress: bool = False,
-                 callbacks: Callable[[], list[L.Callback]] | None = None, store: Any = None, seed: int = 0) -> None:
+                 callbacks: Callable[[], list[L.Callback]] | None = None, store: Any = None, seed: int = 0,
+                 poll_s: float = 5.0, reap: Callable[[], None] = lambda: None) -> None:
         self.space, self.task, self.run_dir = space, task, run_dir
         self.objectives, self.trainer_kwargs, self.optim = objectives, trainer_kwargs, optim
         self.prune, self.show_progress = prune, show_progress
         self.callbacks = callbacks or list
-        self.store, self.seed = store, seed
+        self.store, self.seed, self.poll_s, self.reap = store, seed, poll_s, reap
         self.monitor = objectives[0]
 
     def sample(self, trial: optuna.Trial) -> ArchConfig:
@@ -132,6 +132,10 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         arch = self.sample(trial)
+        twin = wait_for_twin(trial.study, trial, trial.user_attrs["arch_hash"], self.poll_s, self.reap)
+        if twin is not None and twin.state == optuna.trial.TrialState.PRUNED:
+            trial.set_user_attr("duplicate_of", twin.number)
+            raise optuna.TrialPruned(f"the same architecture as trial {twin.number}, which was pruned while this waited")
         duplicate = find_duplicate(trial.study, trial.user_attrs["arch_hash"], trial.number)
         if duplicate is not None:
             trial.set_user_attr("duplicate_of", duplicate.number)

@@ -22,9 +22,8 @@ from omegaconf import DictConfig
 from plotly.subplots import make_subplots
 
 from models import ArchConfig
-from search.artifacts import attention_weights, load_trained
+from search.artifacts import attention_weights, load_trained, trial_weights
 from search.configs import run_command
-from search.objective import trial_dir
 from search.report_text import top_trials
 from search.storage import load_named_study
 
@@ -127,7 +126,7 @@ def attention_figure(weights: dict[str, Any]) -> go.Figure:
     return fig
 
 
-def best_model_sections(study: optuna.Study, task_loader: Callable[[str], Any] | None) -> list[str]:
+def best_model_sections(study: optuna.Study, task_loader: Callable[[], Any] | None, run_root: str) -> list[str]:
     """The best architecture per layer, and its attention on a sample input."""
     best = top_trials(study, k=1)
     if not best:
@@ -135,13 +134,12 @@ def best_model_sections(study: optuna.Study, task_loader: Callable[[str], Any] |
     trial = best[0]
     arch = ArchConfig.from_dict(trial.user_attrs["arch"])
     out = [_section(f"Best architecture (trial {trial.number})", _figure(layer_figure(arch)))]
-    run_dir = pathlib.Path(study.user_attrs.get("run_dir", "."))
-    weights = trial_dir(run_dir, trial.user_attrs.get("duplicate_of", trial.number)) / "model.safetensors"
+    weights = trial_weights(study, trial, run_root)
     task_name = study.user_attrs.get("task")
     if not weights.is_file() or task_loader is None or task_name is None:
         out.append(_section("Attention weights", _note(f"not drawn: no weights at {weights} or no task recorded")))
         return out
-    task = task_loader(task_name)
+    task = task_loader()
     maps = attention_weights(load_trained(arch, weights), task.kind, task.sample_batch(1))
     out.append(_section(f"Attention weights of trial {trial.number} on the first validation example of {task_name}",
                         _figure(attention_figure(maps))))
@@ -152,7 +150,7 @@ STYLE = """body{font-family:system-ui,sans-serif;margin:2rem;max-width:1200px}ta
 td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}.note{color:#777}"""
 
 
-def render(study: optuna.Study, task_loader: Callable[[str], Any] | None = None) -> str:
+def render(study: optuna.Study, task_loader: Callable[[], Any] | None = None, run_root: str = "runs") -> str:
     """The whole report as one HTML string."""
     trials = study.get_trials(deepcopy=False)
     counts = {s: sum(t.state == s for t in trials) for s in (State.COMPLETE, State.PRUNED, State.FAIL, State.RUNNING)}
@@ -162,7 +160,7 @@ def render(study: optuna.Study, task_loader: Callable[[str], Any] | None = None)
                + f". Task {study.user_attrs.get('task', '?')}, space {study.user_attrs.get('space', '?')}.")
     sections = [trials_table(study)]
     if counts[State.COMPLETE]:
-        sections += history_sections(study) + best_model_sections(study, task_loader)
+        sections += history_sections(study) + best_model_sections(study, task_loader, run_root)
     elif trials:
         sections.append(_note("no trial has completed: plots appear once one has"))
     else:
@@ -175,18 +173,17 @@ def render(study: optuna.Study, task_loader: Callable[[str], Any] | None = None)
 
 def report(cfg: DictConfig) -> pathlib.Path:
     """Writes the report of ``cfg.study_name`` (default: the latest study) and returns its path."""
-    from search.configs import compose_config
-    from search.sweep import build_task
+    from search.sweep import task_of_study
 
     study = load_named_study(cfg.storage, cfg.study_name)
     name = study.study_name
 
-    def task_loader(task: str) -> Any:
-        return build_task(compose_config("sweep", [f"task={task}"]))
+    def task_loader() -> Any:
+        return task_of_study(study)
 
     out = pathlib.Path(cfg.out or pathlib.Path(cfg.run_root) / f"{name}-report.html")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(study, task_loader), encoding="utf-8")
+    out.write_text(render(study, task_loader, cfg.run_root), encoding="utf-8")
     return out
 
 

@@ -13,18 +13,21 @@ State = optuna.trial.TrialState
 
 
 def progress_line(study: optuna.Study, n_trials: int) -> Text:
-    """``trials 5/12 | complete 3 | pruned 2 | failed 0 | running 1 | best 1.234``."""
+    """``trials 5/12 | complete 3 | pruned 1 | failed 1 | retried 1 | running 1 | best 1.234``:
+    what counts towards ``n_trials``; lost trials that were queued again show as retried."""
+    from search.workers import counted
+
     trials = study.get_trials(deepcopy=False)
-    by_state = {s: sum(t.state == s for t in trials) for s in (State.COMPLETE, State.PRUNED, State.FAIL, State.RUNNING)}
+    kept = counted(trials)
+    by_state = {s: sum(t.state == s for t in kept) for s in (State.COMPLETE, State.PRUNED, State.FAIL, State.RUNNING)}
     finished = by_state[State.COMPLETE] + by_state[State.PRUNED] + by_state[State.FAIL]
     width = 24
     filled = int(width * min(finished, n_trials) / n_trials)
-    best = best_text(study)
     return Text.assemble(
         ("[" + "#" * filled + "-" * (width - filled) + "] ", "cyan"),
         f"trials {finished}/{n_trials} | complete {by_state[State.COMPLETE]} | pruned {by_state[State.PRUNED]} | ",
         (f"failed {by_state[State.FAIL]}", "red" if by_state[State.FAIL] else ""),
-        f" | running {by_state[State.RUNNING]} | best {best}",
+        f" | retried {len(trials) - len(kept)} | running {by_state[State.RUNNING]} | best {best_text(study)}",
     )
 
 

@@ -1,4 +1,10 @@
-"""Optuna storage from config, the study created once, and the lock that hands out trial slots."""
+"""Optuna storage from config, the study created once, and the locks that serialise workers.
+
+Liveness: every storage this opens records heartbeats of running trials. RDB storages use
+Optuna's own heartbeat table; journal files use :class:`HeartbeatJournalStorage`, a small
+adapter that records the heartbeat as a trial system attribute, so Optuna's
+``fail_stale_trials`` fails a dead worker's trial on either kind of storage.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +13,53 @@ import datetime
 import fcntl
 import hashlib
 import pathlib
+import re
+import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import optuna
 import sqlalchemy
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend
+
+# Optuna keeps the heartbeat interface in a private module; this is its one use here,
+# and tests/search/test_faults.py breaks if Optuna moves or changes it.
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+from optuna.trial import FrozenTrial, TrialState
 
 STORAGE_KINDS = ("rdb", "journal")
-HEARTBEAT_S = 30
-GRACE_S = 120
+#: Trial system attribute that carries a journal trial's last heartbeat (seconds since the epoch).
+HEARTBEAT_ATTR = "qkv:heartbeat"
+#: A study name: letters, digits and ``. _ - = , +``; no separators, no ``..``.
+STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=,+-]{0,119}")
+
+StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 
 class StorageError(RuntimeError):
     """The storage cannot be opened or reached."""
+
+
+def check_study_name(name: Any) -> str:
+    """Returns ``name`` when it is a plain name that stays inside the folders it names.
+
+    Raises:
+        ValueError: a number, a path, ``..`` or characters outside ``[A-Za-z0-9_.=,+-]``.
+    """
+    if not isinstance(name, str):
+        raise ValueError(
+            f"study_name: {name!r} is a {type(name).__name__}, not a name (Hydra reads a bare number as a number); "
+            f"start it with a letter, e.g. study_name=run{name}"
+        )
+    if not STUDY_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"study_name: {name!r} is not a plain name; use up to 120 letters, digits and '. _ - = , +', "
+            "starting with a letter, digit or '_' (no '/', no '..', not an absolute path)"
+        )
+    return name
 
 
 def storage_url(cfg: Any) -> str:
@@ -31,75 +67,155 @@ def storage_url(cfg: Any) -> str:
     return str(cfg.url if cfg.kind == "rdb" else cfg.path)
 
 
-def open_storage(cfg: Any) -> BaseStorage:
-    """Opens the storage ``cfg`` describes: ``{kind: rdb, url}`` or ``{kind: journal, path}``.
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """A journal storage whose running trials record heartbeats, so dead workers are found.
 
-    RDB storages record heartbeats, so trials of a worker that died are failed and
-    their slots freed for the others.
+    The heartbeat is a trial system attribute holding the writer's wall-clock time; a
+    running trial is stale when no heartbeat (or, before the first, its start) is newer
+    than ``grace_period`` seconds. Machines that share the file need clocks within a
+    small part of the grace period of each other (NTP gives milliseconds).
+    """
+
+    def __init__(self, backend: JournalFileBackend, *, heartbeat_interval: int, grace_period: int,
+                 stale_callback: StaleCallback | None = None) -> None:
+        super().__init__(backend)
+        self._heartbeat_interval, self._grace_period = heartbeat_interval, grace_period
+        self._stale_callback = stale_callback
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state["_stale_callback"] = None
+        return state
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        stale = []
+        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            beat = trial.system_attrs.get(HEARTBEAT_ATTR)
+            if beat is None and trial.datetime_start is not None:
+                beat = trial.datetime_start.timestamp()
+            if beat is not None and now - float(beat) > self._grace_period:
+                stale.append(self.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+        return stale
+
+    def get_heartbeat_interval(self) -> int:
+        return self._heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self) -> StaleCallback | None:
+        return self._stale_callback
+
+
+def open_storage(cfg: Any, stale_callback: StaleCallback | None = None) -> BaseStorage:
+    """Opens the storage ``cfg`` describes: ``{kind: rdb, url}`` or ``{kind: journal, path}``,
+    each with ``heartbeat_s`` and ``grace_s``.
+
+    A running trial records a heartbeat every ``heartbeat_s`` seconds; one whose worker
+    has been silent for ``grace_s`` seconds is failed by the next worker that asks for a
+    trial, and ``stale_callback`` (the sweep's retry) runs on it.
 
     Raises:
-        StorageError: unknown kind, or the storage cannot be reached.
+        StorageError: unknown kind, bad timings, or the storage cannot be reached.
     """
     kind = cfg.get("kind")
     if kind not in STORAGE_KINDS:
         raise StorageError(f"storage.kind: unknown {kind!r}; valid: {', '.join(STORAGE_KINDS)}")
+    heartbeat_s, grace_s = int(cfg.get("heartbeat_s", 30)), int(cfg.get("grace_s", 120))
+    if heartbeat_s < 1 or grace_s <= heartbeat_s:
+        raise StorageError(
+            f"storage.heartbeat_s ({heartbeat_s}) must be >= 1 and storage.grace_s ({grace_s}) larger than it"
+        )
     try:
         if kind == "journal":
             path = pathlib.Path(cfg.path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
-        return _open_rdb(str(cfg.url))
+            lock = JournalFileSymlinkLock(str(path))
+            repair_journal_tail(path, lock)
+            return HeartbeatJournalStorage(
+                JournalFileBackend(str(path), lock_obj=lock),
+                heartbeat_interval=heartbeat_s, grace_period=grace_s, stale_callback=stale_callback,
+            )
+        with storage_lock(cfg, "qkvsearch-schema"):  # one process creates the tables; the others wait
+            return _open_rdb(str(cfg.url), heartbeat_s, grace_s, stale_callback)
     except (sqlalchemy.exc.SQLAlchemyError, OSError, ImportError, ValueError) as error:
         raise StorageError(f"cannot open storage {storage_url(cfg)}: {error}") from None
 
 
-def _open_rdb(url: str, attempts: int = 6) -> RDBStorage:
-    """Opens an RDB storage. Workers that start together race to create its tables (a
-    UNIQUE or 'already exists' error for the loser), so creation is retried."""
+def repair_journal_tail(path: pathlib.Path, lock: JournalFileSymlinkLock) -> None:
+    """Cuts a partial last line (what a full disk or power loss leaves) off a journal file,
+    under the journal's own lock, before anything appends to it; keeps the cut bytes in a
+    ``.partial-<time>`` file beside it and says so."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    lock.acquire()
+    try:
+        with open(path, "rb+") as journal:
+            size = journal.seek(0, 2)
+            journal.seek(max(0, size - 1))
+            if journal.read(1) == b"\n":
+                return
+            tail_start = size
+            while tail_start > 0:
+                step = min(65536, tail_start)
+                journal.seek(tail_start - step)
+                block = journal.read(step)
+                newline = block.rfind(b"\n")
+                if newline >= 0:
+                    tail_start = tail_start - step + newline + 1
+                    break
+                tail_start -= step
+            journal.seek(tail_start)
+            partial = journal.read()
+            kept = path.with_name(f"{path.name}.partial-{time.strftime('%Y%m%d-%H%M%S')}")
+            kept.write_bytes(partial)
+            journal.truncate(tail_start)
+        print(
+            f"qkv: warning: {path} ended in a partial record ({len(partial)} bytes, an interrupted write); "
+            f"cut it off so the journal stays readable (kept in {kept})", file=sys.stderr,
+        )
+    finally:
+        lock.release()
+
+
+def _open_rdb(url: str, heartbeat_s: int, grace_s: int, stale_callback: StaleCallback | None,
+              attempts: int = 6) -> RDBStorage:
+    """Opens an RDB storage; retries the races that a lock cannot exclude (SQLite busy)."""
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite:///"):
         pathlib.Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = {"connect_args": {"timeout": 60}}
-    for attempt in range(attempts - 1):
+    for attempt in range(attempts):
         try:
-            return _rdb(url, engine)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
-            racing = isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error) or "locked" in str(error)
-            if not racing:
+            with warnings.catch_warnings():  # heartbeats are experimental in Optuna; used on purpose
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                                  heartbeat_stale_trial_callback=stale_callback)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as error:
+            racing = isinstance(error, sqlalchemy.exc.IntegrityError) or any(
+                text in str(error) for text in ("already exists", "locked", "duplicate key")
+            )
+            if not racing or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
-    return _rdb(url, engine)
-
-
-def _rdb(url: str, engine: dict[str, Any]) -> RDBStorage:
-    with warnings.catch_warnings():  # heartbeats are experimental in Optuna; used on purpose
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    raise AssertionError("unreachable")
 
 
 def create_or_load_study(
     storage: BaseStorage, name: str, directions: Sequence[str], sampler: optuna.samplers.BaseSampler,
-    pruner: optuna.pruners.BasePruner, attempts: int = 5,
+    pruner: optuna.pruners.BasePruner,
 ) -> optuna.Study:
-    """Creates the study, or loads it when another process did, and checks its directions.
-
-    Concurrent first starts can race on creation (an IntegrityError in RDB storages);
-    the loser loads the winner's study.
+    """Creates the study, or loads it when it exists, and checks its directions. Callers
+    that may start together hold :func:`slot_lock` around it.
 
     Raises:
         ValueError: the existing study optimises other directions than ``directions``.
     """
-    for attempt in range(attempts):
-        try:
-            study = optuna.create_study(
-                storage=storage, study_name=name, directions=list(directions),
-                sampler=sampler, pruner=pruner, load_if_exists=True,
-            )
-            break
-        except (sqlalchemy.exc.IntegrityError, optuna.exceptions.DuplicatedStudyError):
-            time.sleep(0.1 * (attempt + 1))
-    else:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    study = optuna.create_study(
+        storage=storage, study_name=check_study_name(name), directions=list(directions),
+        sampler=sampler, pruner=pruner, load_if_exists=True,
+    )
     existing = [d.name.lower() for d in study.directions]
     if existing != [d.lower() for d in directions]:
         raise ValueError(
@@ -110,23 +226,25 @@ def create_or_load_study(
 
 
 @contextlib.contextmanager
-def slot_lock(cfg: Any, study_name: str) -> Iterator[None]:
-    """Serialises 'count the trials, then start one' across every worker of a study.
+def storage_lock(cfg: Any, key_name: str) -> Iterator[None]:
+    """An exclusive lock named ``key_name`` shared by every process using the storage.
 
     File storages use a lock file beside them; PostgreSQL uses an advisory lock, so
     workers on several machines agree too.
     """
-    key = int(hashlib.sha256(study_name.encode()).hexdigest()[:15], 16)
+    key = int(hashlib.sha256(key_name.encode()).hexdigest()[:15], 16)
     url = str(cfg.get("url") or "")
     if cfg.kind == "rdb" and url.startswith("postgresql"):
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        engine.dispose()
+        try:
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        finally:
+            engine.dispose()
         return
     if cfg.kind == "journal":
         path = pathlib.Path(cfg.path)
@@ -134,6 +252,7 @@ def slot_lock(cfg: Any, study_name: str) -> Iterator[None]:
         path = pathlib.Path(url.removeprefix("sqlite:///"))
     else:
         raise StorageError(f"no cross-process lock for storage {url!r}; use sqlite, postgresql or a journal file")
+    path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(f"{path.name}.{key:x}.lock")
     with open(lock_path, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -141,6 +260,11 @@ def slot_lock(cfg: Any, study_name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def slot_lock(cfg: Any, study_name: str) -> contextlib.AbstractContextManager[None]:
+    """Serialises 'count the trials, then start one' across every worker of a study."""
+    return storage_lock(cfg, study_name)
 
 
 def latest_study(storage: BaseStorage) -> str:
@@ -156,8 +280,11 @@ def load_named_study(cfg: Any, name: str | None) -> optuna.Study:
     """Loads study ``name`` (None: the latest) from the storage ``cfg`` describes.
 
     Raises:
-        ValueError: no such study; the message lists the studies there are.
+        ValueError: a name that is not a plain name, or no such study; the message lists
+            the studies there are.
     """
+    if name is not None:
+        check_study_name(name)
     storage = open_storage(cfg)
     name = name or latest_study(storage)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import os
 import pathlib
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Iterator
+import uuid
 from typing import Any
 
 import hydra
@@ -24,18 +23,20 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from optuna.storages import BaseStorage
 
-from search.artifacts import open_store
+from search.artifacts import open_store, study_run_dir
 from search.configs import run_command
+from search.errors import Interrupted
+from search.group import SPAWNED_BY, WorkerGroup
 from search.lit import NonFiniteLoss
-from search.objective import Objective, check_objectives, quiet_lightning
+from search.objective import Objective, check_objectives, quiet_lightning, suggest_checked
 from search.report_text import print_summary, progress_line
-from search.storage import create_or_load_study, open_storage, slot_lock, storage_url
+from search.storage import check_study_name, create_or_load_study, open_storage, slot_lock, storage_url
+from search.workers import RetryLost, heartbeat, join_study, next_trial, reap_stale, record_interrupted
 from spaces import FunctionSpace, Infeasible, Space, load_space
 
 log = logging.getLogger("qkvsearch")
-#: States that count towards n_trials (with the running ones, which will end in one of them).
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
 @dataclasses.dataclass
@@ -46,8 +47,11 @@ class Setup:
     task: Any
     space: Space | FunctionSpace
     study: optuna.Study
+    storage: BaseStorage
+    retry: RetryLost
     objective: Objective
     run_dir: pathlib.Path
+    index: int  # this process's worker index in the study (seeds its sampler)
 
 
 def build_task(cfg: DictConfig) -> Any:
@@ -61,6 +65,24 @@ def build_task(cfg: DictConfig) -> Any:
     return task
 
 
+def task_of_study(study: optuna.Study) -> Any:
+    """Builds the task a study was trained on, from the task config it recorded (studies
+    made before that record are rebuilt from their task's name and the defaults).
+
+    Raises:
+        ValueError: the study records no task at all.
+    """
+    from search.configs import compose_config
+
+    recorded = study.user_attrs.get("task_config")
+    if recorded is not None:
+        return build_task(OmegaConf.create({"task": recorded}))
+    name = study.user_attrs.get("task")
+    if name is None:
+        raise ValueError(f"study {study.study_name!r} records no task; train it with `qkv train task=...`")
+    return build_task(compose_config("sweep", [f"task={name}"]))
+
+
 def build_space(cfg: DictConfig) -> Space | FunctionSpace:
     """Loads the space with the task's values filled in; raises SpaceError when malformed."""
     data = OmegaConf.to_container(cfg.space, resolve=True)
@@ -68,14 +90,14 @@ def build_space(cfg: DictConfig) -> Space | FunctionSpace:
     return load_space(data, cfg, source=f"space {name!r}")
 
 
-def dry_sample(space: Space | FunctionSpace, objective: Objective, attempts: int = 50) -> None:
+def dry_sample(space: Space | FunctionSpace, task: Any, attempts: int = 50) -> None:
     """Samples offline until one architecture passes every check; errors when none does."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     reasons: list[str] = []
     for _ in range(attempts):
         trial = study.ask()
         try:
-            objective.sample(trial)
+            suggest_checked(space, task, trial)
             return
         except Infeasible as error:
             reasons.append(str(error))
@@ -87,9 +109,10 @@ def dry_sample(space: Space | FunctionSpace, objective: Objective, attempts: int
     )
 
 
-def build_sampler(cfg: DictConfig, space: Space | FunctionSpace) -> optuna.samplers.BaseSampler:
-    """Instantiates the sampler (a grid sampler gets the space's grid). Samplers read the
-    constraints each trial records with ``trial.set_constraint``."""
+def build_sampler(cfg: DictConfig, space: Space | FunctionSpace, index: int) -> optuna.samplers.BaseSampler:
+    """Instantiates the sampler (a grid sampler gets the space's grid); worker ``index``
+    draws its own stream (seed + 1000 * index). Samplers read the constraints each trial
+    records with ``trial.set_constraint``."""
     target = hydra.utils.get_class(cfg.sampler._target_)
     accepted = inspect.signature(target.__init__).parameters
     extra: dict[str, Any] = {}
@@ -98,7 +121,7 @@ def build_sampler(cfg: DictConfig, space: Space | FunctionSpace) -> optuna.sampl
             raise ValueError("sampler=grid needs a declarative space (a YAML space), not a Python function")
         extra["search_space"] = grid_of(space)
     if cfg.sampler.get("seed") is not None:  # workers of one study must not propose the same points
-        extra["seed"] = cfg.sampler.seed + 1000 * cfg.worker_index
+        extra["seed"] = cfg.sampler.seed + 1000 * index
     return instantiate(cfg.sampler, **extra)
 
 
@@ -125,127 +148,148 @@ def grid_of(space: Space) -> dict[str, list[Any]]:
     return grid
 
 
+def check_sweep(cfg: DictConfig) -> list[str]:
+    """Checks the sweep's own settings before anything is built; returns the directions."""
+    directions = check_objectives(list(cfg.objectives))
+    check_study_name(cfg.study_name)
+    for key, least in (("n_trials", 1), ("workers", 1), ("max_retries", 0)):
+        if not isinstance(cfg[key], int) or cfg[key] < least:
+            raise ValueError(f"{key} must be an integer >= {least}, got {cfg[key]!r}")
+    if cfg.worker_index is not None and (not isinstance(cfg.worker_index, int) or cfg.worker_index < 0):
+        raise ValueError(f"worker_index must be null or an integer >= 0, got {cfg.worker_index!r}")
+    return directions
+
+
+def code_version() -> str:
+    """qkvsearch's version, and the commit when it runs from a git checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("qkvsearch")
+    except PackageNotFoundError:
+        found = "unknown"
+    root = pathlib.Path(__file__).resolve().parent.parent
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5)
+        if commit.returncode == 0 and commit.stdout.strip():
+            found += f"+g{commit.stdout.strip()}"
+    return found
+
+
+def describe_study(study: optuna.Study, cfg: DictConfig, space_name: str) -> None:
+    """Records, once, what the study is (under the slot lock): its identity and run
+    folder, the composed task config every later command rebuilds the task from, the
+    space, objectives and code version. A later run must compose the same task.
+
+    Raises:
+        ValueError: the study was made with another task config.
+    """
+    task_config = OmegaConf.to_container(cfg.task, resolve=True)
+    attrs = study.user_attrs
+    if "uid" in attrs:
+        recorded = attrs.get("task_config")
+        if recorded is not None and recorded != task_config:
+            raise ValueError(
+                f"study {study.study_name!r} was made with task config {recorded}, but this run composes "
+                f"{task_config}; resume it with the same task settings or choose another study_name"
+            )
+        return
+    uid = uuid.uuid4().hex[:8]
+    for key, value in {
+        "uid": uid, "run_subdir": f"{study.study_name}/{uid}", "task": cfg.task.name, "task_config": task_config,
+        "space": space_name, "objectives": list(cfg.objectives), "code_version": code_version(),
+    }.items():
+        study.set_user_attr(key, value)
+
+
 def prepare(cfg: DictConfig) -> Setup:
     """Checks the whole config and opens the study; no trial has run when it returns."""
-    directions = check_objectives(list(cfg.objectives))
-    if cfg.n_trials < 1:
-        raise ValueError(f"n_trials must be >= 1, got {cfg.n_trials}")
-    if cfg.workers < 1:
-        raise ValueError(f"workers must be >= 1, got {cfg.workers}")
+    directions = check_sweep(cfg)
     task = build_task(cfg)
     space = build_space(cfg)
-    run_dir = pathlib.Path(cfg.run_root) / cfg.study_name
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    objective = Objective(
-        space=space, task=task, run_dir=run_dir, objectives=list(cfg.objectives), trainer_kwargs=trainer_kwargs,
-        optim=OmegaConf.to_container(cfg.optim, resolve=True), prune=len(directions) == 1,
-        show_progress=cfg.show_trial_progress, store=open_store(cfg.artifacts) if cfg.artifacts else None, seed=cfg.seed,
-    )
-    dry_sample(space, objective)
-    sampler = build_sampler(cfg, space)
+    dry_sample(space, task)
     pruner = instantiate(cfg.pruner)
-    storage = open_storage(cfg.storage)
-    study = create_or_load_study(storage, cfg.study_name, directions, sampler, pruner)
+    retry = RetryLost(cfg.max_retries)
+    storage = open_storage(cfg.storage, stale_callback=retry)
+    with slot_lock(cfg.storage, cfg.study_name):  # one process creates the study; the others load it
+        study = create_or_load_study(storage, cfg.study_name, directions, optuna.samplers.RandomSampler(), pruner)
+        describe_study(study, cfg, space.name)
+        index = join_study(study, cfg.worker_index)
+    study.sampler = build_sampler(cfg, space, index)
     study.set_metric_names(list(cfg.objectives))  # named axes in optuna-dashboard
-    study.set_user_attr("task", cfg.task.name)
-    study.set_user_attr("space", space.name)
-    study.set_user_attr("objectives", list(cfg.objectives))
-    study.set_user_attr("run_dir", str(run_dir.resolve()))
-    return Setup(cfg, task, space, study, objective, run_dir)
+    run_dir = study_run_dir(study, cfg.run_root)
+    objective = Objective(
+        space=space, task=task, run_dir=run_dir, objectives=list(cfg.objectives),
+        trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True), prune=len(directions) == 1,
+        show_progress=cfg.show_trial_progress, store=open_store(cfg.artifacts) if cfg.artifacts else None,
+        seed=cfg.seed, poll_s=float(cfg.storage.heartbeat_s), reap=functools.partial(reap_stale, study, cfg.storage),
+    )
+    return Setup(cfg, task, space, study, storage, retry, objective, run_dir, index)
 
 
-def next_trial(setup: Setup) -> optuna.Trial | None:
-    """Starts the next trial, or returns None when the study holds ``n_trials``."""
-    with slot_lock(setup.cfg.storage, setup.cfg.study_name):
-        if isinstance(setup.study._storage, optuna.storages.RDBStorage):
-            optuna.storages.fail_stale_trials(setup.study)
-        taken = setup.study.get_trials(deepcopy=False, states=(*FINISHED, optuna.trial.TrialState.RUNNING))
-        if len(taken) >= setup.cfg.n_trials:
-            return None
-        return setup.study.ask()
-
-
-@contextlib.contextmanager
-def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
-    """Records the trial's heartbeat while it runs, so a dead worker's trial is failed later."""
-    storage = study._storage
-    if not isinstance(storage, optuna.storages.RDBStorage) or storage.get_heartbeat_interval() is None:
-        yield
-        return
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(storage.get_heartbeat_interval()):
-            storage.record_heartbeat(trial._trial_id)
-
-    storage.record_heartbeat(trial._trial_id)
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
+def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None = None,
+         state: optuna.trial.TrialState | None = None) -> None:
+    """Tells the study a result; a trial another worker already failed (its heartbeat
+    went stale, so its retry is queued) is left as it is."""
     try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+        study.tell(trial, values, state=state)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        log.warning("trial %d was failed by another worker while it ran (heartbeats late?); its retry runs instead",
+                    trial.number)
 
 
 def run_trial(setup: Setup, trial: optuna.Trial) -> None:
     """Runs one trial and tells the study how it ended; only an interrupt propagates."""
     pruned, failed = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr("worker_index", setup.index)
     start = time.perf_counter()
     try:
-        with heartbeat(setup.study, trial):
+        with heartbeat(setup.storage, trial):
             try:
                 values = setup.objective(trial)
             finally:
-                trial.set_user_attr("wall_time_s", time.perf_counter() - start)
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    trial.set_user_attr("wall_time_s", time.perf_counter() - start)
     except optuna.TrialPruned as error:
-        trial.set_user_attr("pruned_reason", trial.user_attrs.get("pruned_reason") or str(error) or "pruned")
-        setup.study.tell(trial, state=pruned)
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            trial.set_user_attr("pruned_reason", trial.user_attrs.get("pruned_reason") or str(error) or "pruned")
+        tell(setup.study, trial, state=pruned)
     except NonFiniteLoss as error:
         trial.set_user_attr("pruned_reason", f"non-finite loss: {error}")
-        setup.study.tell(trial, state=pruned)
+        tell(setup.study, trial, state=pruned)
     except torch.OutOfMemoryError as error:
         trial.set_user_attr("pruned_reason", f"out of memory: {str(error).splitlines()[0]}")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        setup.study.tell(trial, state=pruned)
-    except (KeyboardInterrupt, SystemExit):
-        trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); run the same command to resume")
-        setup.study.tell(trial, state=failed)
+        tell(setup.study, trial, state=pruned)
+    except (Interrupted, KeyboardInterrupt, SystemExit) as error:
+        record_interrupted(setup.study, trial, str(error) or type(error).__name__, setup.retry)
         raise
+    except optuna.exceptions.UpdateFinishedTrialError:
+        log.warning("trial %d was failed by another worker while it ran; its retry runs instead", trial.number)
     except Exception as error:  # noqa: BLE001 - any error of one trial must not stop the study
-        trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}"[:2000])
-        trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
-        setup.study.tell(trial, state=failed)
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}"[:2000])
+            trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+        tell(setup.study, trial, state=failed)
     else:
-        setup.study.tell(trial, values)
+        tell(setup.study, trial, values)
 
 
 def run_worker(setup: Setup, show_progress: bool) -> None:
-    """Runs trials until the study holds ``n_trials`` finished (or running) trials."""
+    """Runs trials until the study holds ``n_trials`` counted trials and none runs."""
     from rich.live import Live
 
-    live = Live(progress_line(setup.study, setup.cfg.n_trials), refresh_per_second=2) if show_progress else None
+    cfg = setup.cfg
+    live = Live(progress_line(setup.study, cfg.n_trials), refresh_per_second=2) if show_progress else None
     with live or contextlib.nullcontext():
-        while (trial := next_trial(setup)) is not None:
+        while (trial := next_trial(setup.study, setup.storage, cfg.storage, cfg.n_trials, cfg.storage.heartbeat_s)) is not None:
             run_trial(setup, trial)
             if live is not None:
-                live.update(progress_line(setup.study, setup.cfg.n_trials))
-
-
-def spawn_workers(cfg: DictConfig, run_dir: pathlib.Path) -> list[tuple[subprocess.Popen, pathlib.Path]]:
-    """Starts ``workers - 1`` more processes of the same command on the same study; each
-    writes its output to ``run_dir/workers/worker-I.log``."""
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("worker_index=", "workers="))]
-    (run_dir / "workers").mkdir(parents=True, exist_ok=True)
-    procs = []
-    for index in range(1, cfg.workers):
-        command = [sys.executable, "-m", "search.cli", "sweep", *overrides, f"workers={cfg.workers}", f"worker_index={index}"]
-        log_path = run_dir / "workers" / f"worker-{index}.log"
-        with open(log_path, "w") as output:
-            procs.append((subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT), log_path))
-    return procs
+                live.update(progress_line(setup.study, cfg.n_trials))
 
 
 def next_commands(cfg: DictConfig) -> list[str]:
@@ -265,22 +309,30 @@ def sweep(cfg: DictConfig) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     quiet_lightning()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
-    setup = prepare(cfg)
-    main = cfg.worker_index == 0
-    procs = spawn_workers(cfg, setup.run_dir) if main and cfg.workers > 1 else []
-    if main:
-        print(f"study {cfg.study_name!r} in {storage_url(cfg.storage)}; trials under {setup.run_dir}")
+    check_sweep(cfg)
+    spawned = SPAWNED_BY in os.environ
+    group = WorkerGroup.start(cfg) if cfg.workers > 1 and not spawned else None
     try:
-        run_worker(setup, show_progress=main)
-    except (KeyboardInterrupt, SystemExit):
-        for proc, _ in procs:
-            proc.send_signal(signal.SIGINT)
-        print(f"interrupted: the running trial is recorded as failed; run the same command to resume {cfg.study_name!r}", file=sys.stderr)
+        setup = prepare(cfg)
+        main = not spawned and setup.index == 0
+        if not spawned:
+            print(f"study {cfg.study_name!r} in {storage_url(cfg.storage)}; trials under {setup.run_dir}", flush=True)
+            if group:
+                print(f"{len(group.procs)} more workers, logs in {group.log_dir}", flush=True)
+        run_worker(setup, show_progress=main and sys.stdout.isatty())
+    except (Interrupted, KeyboardInterrupt):
+        if group:
+            group.interrupt()
+        print(f"interrupted: the running trial is failed and queued again; run the same command to resume "
+              f"{cfg.study_name!r}", file=sys.stderr)
         raise
-    for proc, log_path in procs:
-        if proc.wait():
-            log.error("worker exited with %s; its output is in %s", proc.returncode, log_path)
-    if main:
+    except BaseException:
+        if group:
+            group.interrupt()
+        raise
+    if group:
+        group.wait()
+    if not spawned:
         print_summary(setup.study, next_commands(cfg))
     return setup.study
 

@@ -22,11 +22,11 @@ from search.configs import run_command
 from search.lit import LitTransformer, check_compatible
 from search.objective import quiet_lightning
 from search.storage import load_named_study
-from search.sweep import build_task
+from search.sweep import build_task, task_of_study
 
 
-def load_arch(cfg: DictConfig) -> tuple[ArchConfig, dict[str, Any]]:
-    """The architecture to train, and where it came from.
+def load_arch(cfg: DictConfig) -> tuple[ArchConfig, dict[str, Any], optuna.Study | None]:
+    """The architecture to train, where it came from, and its study (None for a file).
 
     Raises:
         ValueError: neither or both of ``arch`` and ``study_name`` given, a missing file,
@@ -38,9 +38,17 @@ def load_arch(cfg: DictConfig) -> tuple[ArchConfig, dict[str, Any]]:
         path = pathlib.Path(cfg.arch)
         if not path.is_file():
             raise ValueError(f"arch: no file at {path}")
-        return ArchConfig.from_dict(yaml.safe_load(path.read_text())), {"arch_file": str(path.resolve())}
-    trial = find_trial(load_named_study(cfg.storage, cfg.study_name), cfg.trial)
-    return ArchConfig.from_dict(trial.user_attrs["arch"]), {"study": cfg.study_name, "trial": trial.number}
+        return ArchConfig.from_dict(yaml.safe_load(path.read_text())), {"arch_file": str(path.resolve())}, None
+    study = load_named_study(cfg.storage, cfg.study_name)
+    trial = find_trial(study, cfg.trial)
+    return ArchConfig.from_dict(trial.user_attrs["arch"]), {"study": cfg.study_name, "trial": trial.number}, study
+
+
+def task_overridden() -> bool:
+    """True when the command line chose the task (``task=...`` or ``task.x=...``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and any(o.startswith(("task=", "task.")) for o in HydraConfig.get().overrides.task)
 
 
 def find_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
@@ -64,8 +72,11 @@ def train(cfg: DictConfig) -> pathlib.Path:
     """Trains and writes ``arch.yaml``, ``model.safetensors`` (best weights) and metrics to ``out_dir``."""
     quiet_lightning()
     L.seed_everything(cfg.seed, verbose=False)
-    arch, source = load_arch(cfg)
-    task = build_task(cfg)
+    arch, source, study = load_arch(cfg)
+    # a study's trial trains on the task the study was made with, unless the command line chooses one
+    from_study = study is not None and not task_overridden()
+    task = task_of_study(study) if from_study else build_task(cfg)
+    task_name = study.user_attrs.get("task", cfg.task.name) if from_study else cfg.task.name
     check_compatible(arch, task)
     out = pathlib.Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +95,7 @@ def train(cfg: DictConfig) -> pathlib.Path:
     (out / "arch.yaml").write_text(yaml.safe_dump(arch.to_dict(), sort_keys=False))
     save_file(best.state, str(out / "model.safetensors"), metadata={"arch_hash": arch.fingerprint()})
     summary = {
-        **source, "task": cfg.task.name, "val_loss": best.best, "best_step": best.best_step,
+        **source, "task": task_name, "val_loss": best.best, "best_step": best.best_step,
         "steps": trainer.global_step, "seconds": time.perf_counter() - start,
         "n_params": count_parameters(arch), "flops_per_token": flops_per_token(arch),
         "trivial_val_loss": task.trivial_loss(), "torch": torch.__version__,

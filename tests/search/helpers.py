@@ -57,3 +57,13 @@ def fixed_space(trial: optuna.Trial, cfg) -> ArchConfig:
     """One architecture, whatever the trial."""
     trial.suggest_categorical("only", ["one"])
     return _arch(cfg, {"name": "gelu", "d_ff": 32})
+
+
+def dies_in_extra_workers(trial: optuna.Trial, cfg) -> ArchConfig:
+    """Raises in an extra worker of `qkv sweep workers=N` (so it dies at start-up), and
+    samples the fixed architecture in the first process."""
+    import os
+
+    if "QKV_SPAWNED_BY" in os.environ:
+        raise RuntimeError("this extra worker fails on purpose")
+    return fixed_space(trial, cfg)

@@ -51,6 +51,6 @@ def test_multirun_runs_one_sweep_per_value(tmp_path):
 def test_bad_input_ends_with_its_message_and_status_2_not_a_traceback(tmp_path):
     result = _qkv("sweep", "n_trials=0", f"run_root={tmp_path}")
     assert result.returncode == 2
-    assert "qkv: error: n_trials must be >= 1, got 0" in result.stderr and "Traceback" not in result.stderr
+    assert "qkv: error: n_trials must be an integer >= 1, got 0" in result.stderr and "Traceback" not in result.stderr
     result = _qkv("export", f"run_root={tmp_path}")
     assert result.returncode == 2 and "no study found" in result.stderr

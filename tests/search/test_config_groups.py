@@ -36,7 +36,7 @@ def test_every_space_composes_with_its_task_and_every_sampler_instantiates(space
         cfg_s = compose_conf("sweep", [f"space={space}", f"task={TASK_FOR_SPACE[space]}", f"sampler={sampler}"])
         build_task(cfg_s)
         try:
-            assert isinstance(build_sampler(cfg_s, built), optuna.samplers.BaseSampler)
+            assert isinstance(build_sampler(cfg_s, built, 0), optuna.samplers.BaseSampler)
         except ValueError as error:  # only a grid refuses, and only spaces with log ranges
             assert sampler == "grid" and "is a continuous or log range" in str(error)
             assert any(getattr(p.distribution, "log", False) for p in built.params)

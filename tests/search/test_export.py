@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import pathlib
 
 import optuna
 import pytest
@@ -11,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from models import MASKS, POSITIONS, SCALINGS, ArchConfig, build_model
+from search.artifacts import trial_weights
 from search.codegen import ExportError, generate_model_source
 from search.export import check_folder, export, select_trial
 from search.sweep import sweep
@@ -162,14 +162,14 @@ def test_qkv_export_writes_a_checked_folder_and_refuses_bad_requests(tmp_path):
         export(export_cfg("study_name=nope", "overwrite=true"))
     with pytest.raises(ValueError, match=r"trial 5 does not exist"):
         export(export_cfg("trial=5", "overwrite=true"))
-    weights = pathlib.Path(study.user_attrs["run_dir"]) / "trials" / f"{study.best_trial.number:05d}" / "model.safetensors"
+    weights = trial_weights(study, study.best_trial, tmp_path)
     weights.unlink()
     with pytest.raises(ValueError, match=r"has no saved weights at .*retrain=true"):
         export(export_cfg("overwrite=true"))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export")) == []
 
-    short = ["task.data.n_train=256", "task.data.n_val=64", "task.data.n_pairs=4", "trainer.max_steps=20",
-             "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "show_progress=false"]
+    # the task comes from the study (recall with 4 pairs), not from qkv train's defaults
+    short = ["trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "show_progress=false"]
     retrained = export(export_cfg("overwrite=true", "retrain=true", "retrain_overrides=[" + ",".join(f"'{o}'" for o in short) + "]"))
     assert "weights: " in (retrained / "README.md").read_text() and "/train/" in (retrained / "README.md").read_text()
 

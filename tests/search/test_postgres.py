@@ -30,7 +30,7 @@ def test_two_workers_on_postgres_finish_exactly_n_trials(tmp_path, postgres_url)
         "study_name=pg-two", "n_trials=5", f"run_root={tmp_path}",
     ]
     procs = [
-        subprocess.Popen([sys.executable, "-m", "search.cli", "sweep", *args, f"worker_index={i}", f"seed={i}"],
+        subprocess.Popen([sys.executable, "-m", "search.cli", "sweep", *args, f"worker_index={i}"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
         for i in range(2)
     ]

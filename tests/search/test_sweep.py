@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from models import ArchConfig, build_model
-from search.objective import trial_dir
+from search.artifacts import study_run_dir, trial_dir
 from search.storage import open_storage
 from search.sweep import sweep
 from tests.conftest import tiny_sweep_conf
@@ -29,16 +29,17 @@ def test_a_tiny_sweep_leaves_its_trials_in_storage_that_plain_optuna_reads(tmp_p
     study = _load(cfg)
     trials = study.get_trials()
     assert len(trials) == 3 and all(t.state == State.COMPLETE for t in trials)
+    run_dir = study_run_dir(study, tmp_path)
     for trial in trials:
         attrs = trial.user_attrs
         assert {"n_params", "flops_per_token", "arch_hash", "wall_time_s", "device", "best_step"} <= set(attrs)
-        arch = ArchConfig.from_dict(yaml.safe_load((trial_dir(tmp_path / cfg.study_name, trial.number) / "arch.yaml").read_text()))
+        arch = ArchConfig.from_dict(yaml.safe_load((trial_dir(run_dir, trial.number) / "arch.yaml").read_text()))
         assert arch.fingerprint() == attrs["arch_hash"]
-        weights = load_file(str(trial_dir(tmp_path / cfg.study_name, trial.number) / "model.safetensors"))
+        weights = load_file(str(trial_dir(run_dir, trial.number) / "model.safetensors"))
         model = build_model(arch)
         model.load_state_dict(weights)
         assert attrs["n_params"] == sum(p.numel() for p in model.parameters())
-        assert (trial_dir(tmp_path / cfg.study_name, trial.number) / "logs" / "metrics.csv").is_file()
+        assert (trial_dir(run_dir, trial.number) / "logs" / "metrics.csv").is_file()
         assert sorted(trial.intermediate_values) == [10, 20, 30]
         assert math.isclose(trial.value, min(trial.intermediate_values.values()), rel_tol=1e-6)
 
@@ -80,12 +81,14 @@ def test_a_trial_that_raises_or_goes_nan_is_recorded_while_the_others_complete(t
 def test_a_duplicate_architecture_is_not_trained_again(tmp_path):
     cfg = tiny_sweep_conf(tmp_path, "+space._target_=tests.search.helpers.fixed_space", "pruner=none")
     sweep(cfg)
-    trials = _load(cfg).get_trials()
+    study = _load(cfg)
+    trials = study.get_trials()
     assert [t.state for t in trials] == [State.COMPLETE] * 3
     assert "duplicate_of" not in trials[0].user_attrs
     assert [t.user_attrs["duplicate_of"] for t in trials[1:]] == [0, 0]
     assert trials[1].values == trials[0].values == trials[2].values
-    assert not trial_dir(tmp_path / cfg.study_name, 1).exists()
+    assert trial_dir(study_run_dir(study, tmp_path), 0).exists()
+    assert not trial_dir(study_run_dir(study, tmp_path), 1).exists()
     assert trials[1].user_attrs["wall_time_s"] < trials[0].user_attrs["wall_time_s"] / 5
 
 

@@ -1,0 +1,184 @@
+"""Workers that die, restart or start twice, on every storage: no trial lost, no slot stuck.
+
+Workers are real `qkv sweep` processes killed with SIGKILL (what the kernel's OOM killer
+sends too), SIGTERM (a scheduler) and a process-group SIGINT (a terminal's Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+import optuna
+import pytest
+
+from search.storage import HEARTBEAT_ATTR, HeartbeatJournalStorage
+from search.workers import RETRY_OF, counted, retried_numbers
+from tests.search.faults import FAST_HEARTBEAT, SHORT, State, pid_of, qkv, running_mid_trial, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _storage_args(kind: str, tmp_path, postgres_url: str | None) -> tuple[list[str], str]:
+    """The overrides for one storage kind, and what ``optuna.load_study`` opens."""
+    if kind == "sqlite":
+        return [], f"sqlite:///{tmp_path}/studies.db"
+    if kind == "journal":
+        return ["storage=journal"], str(tmp_path / "studies.journal")
+    return ["storage=postgres", f"storage.url={postgres_url}"], postgres_url
+
+
+def _open(kind: str, where: str, name: str) -> optuna.Study:
+    if kind == "journal":
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(JournalFileBackend(where)))
+    return optuna.load_study(study_name=name, storage=where)
+
+
+def _assert_complete_without_loss(study: optuna.Study, n_trials: int, killed: set[int]) -> None:
+    trials = study.get_trials()
+    assert not [t.number for t in trials if t.state in (State.RUNNING, State.WAITING)]
+    assert len(counted(trials)) == n_trials
+    retried = retried_numbers(trials)
+    assert killed <= retried, f"killed trials {sorted(killed - retried)} were never retried"
+    assert all(t.state == State.FAIL for t in trials if t.number in killed)
+    # every counted trial trained to its end (no genuine failure happens here)
+    assert all(t.state == State.COMPLETE for t in counted(trials))
+    by_number = {t.number: t for t in trials}
+    for t in trials:
+        if RETRY_OF in t.user_attrs:
+            original = by_number[t.user_attrs[RETRY_OF]]
+            assert t.params == original.params, "a retry must train the same architecture"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
+def test_three_workers_killed_at_random_still_finish_exactly_n_trials(kind, tmp_path, request):
+    postgres_url = request.getfixturevalue("postgres_url") if kind == "postgres" else None
+    if kind == "postgres":  # a fresh database per run of this test
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("DROP DATABASE IF EXISTS faults"))
+            connection.execute(sqlalchemy.text("CREATE DATABASE faults"))
+        engine.dispose()
+        postgres_url = postgres_url.rsplit("/", 1)[0] + "/faults"
+    storage_args, where = _storage_args(kind, tmp_path, postgres_url)
+    n_trials, name = 8, "faults"
+    args = [*SHORT, *FAST_HEARTBEAT, *storage_args, f"run_root={tmp_path}", f"n_trials={n_trials}",
+            f"study_name={name}", "max_retries=3", "sampler=random"]
+    log = tmp_path / "workers.log"
+    workers = [qkv(*args, log=log) for _ in range(3)]
+    rng = random.Random(0)
+    killed: set[int] = set()
+    for _ in range(3):  # three kills, each mid-trial, each followed by a replacement worker
+        alive = {p.pid: p for p in workers if p.poll() is None}
+        running = wait_for(
+            lambda alive=alive: [t for t in running_mid_trial(lambda: _open(kind, where, name)) if pid_of(t) in alive],
+            180, "a live worker mid-trial",
+        )
+        victim = rng.choice(running)
+        time.sleep(rng.uniform(0.0, 0.5))
+        os.kill(pid_of(victim), signal.SIGKILL)
+        alive[pid_of(victim)].wait(timeout=30)
+        killed.add(victim.number)
+        workers.append(qkv(*args, log=log))
+    for proc in workers:
+        proc.wait(timeout=300)
+    assert [p.returncode for p in workers].count(-signal.SIGKILL) == 3
+    assert all(p.returncode in (0, -signal.SIGKILL) for p in workers), log.read_text()[-3000:]
+    study = _open(kind, where, name)
+    _assert_complete_without_loss(study, n_trials, killed)
+    before = len(study.get_trials())
+    resumed = qkv(*args, log=log)
+    assert resumed.wait(timeout=120) == 0
+    assert len(_open(kind, where, name).get_trials()) == before, "the resumed command trained more"
+
+
+def test_a_killed_workers_trial_is_failed_after_the_grace_period_and_retried_once(tmp_path):
+    args = [*SHORT, *FAST_HEARTBEAT, f"run_root={tmp_path}", "n_trials=2", "study_name=grace", "trainer.max_steps=100000"]
+    first = qkv(*args, log=tmp_path / "first.log")
+    load = lambda: optuna.load_study(study_name="grace", storage=f"sqlite:///{tmp_path}/studies.db")  # noqa: E731
+    victim = wait_for(lambda: running_mid_trial(load), 120, "a trial mid-training")[0]
+    first.kill()
+    first.wait(timeout=30)
+    killed_at = time.time()
+    # a second worker fails the dead one's trial once it has been silent for grace_s, and retries it
+    second = qkv(*[a for a in args if "max_steps" not in a], log=tmp_path / "second.log")
+    assert second.wait(timeout=240) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    trials = {t.number: t for t in load().get_trials()}
+    lost = trials[victim.number]
+    assert lost.state == State.FAIL and "fail_reason" not in lost.user_attrs
+    assert (lost.datetime_complete.timestamp() - killed_at) >= 0  # failed after the kill, by the other worker
+    retries = [t for t in trials.values() if t.user_attrs.get(RETRY_OF) == victim.number]
+    assert len(retries) == 1 and retries[0].state == State.COMPLETE and retries[0].params == lost.params
+    assert len(counted(list(trials.values()))) == 2
+
+
+def test_ctrl_c_on_a_worker_group_stops_once_cleanly_and_the_trials_are_retried(tmp_path):
+    args = [*SHORT, f"run_root={tmp_path}", "n_trials=4", "study_name=ctrlc", "workers=3", "trainer.max_steps=100000"]
+    main = qkv(*args, new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    load = lambda: optuna.load_study(study_name="ctrlc", storage=f"sqlite:///{tmp_path}/studies.db")  # noqa: E731
+    wait_for(lambda: len(running_mid_trial(load)) == 3, 180, "three workers mid-trial")
+    running = running_mid_trial(load)
+    worker_pids = {pid_of(t) for t in running} - {main.pid}
+    assert len(worker_pids) == 2
+    # the extra workers are in sessions of their own: a terminal's Ctrl-C reaches only the first process
+    assert all(os.getsid(pid) != os.getsid(main.pid) for pid in worker_pids)
+    os.killpg(main.pid, signal.SIGINT)  # what a terminal does on Ctrl-C: the whole foreground group
+    out, err = main.communicate(timeout=120)
+    assert main.returncode == 130, err.decode()[-3000:]
+    assert "Traceback" not in err.decode()
+    for log in (tmp_path / "workers" / "ctrlc").glob("worker-*.log"):
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    trials = load().get_trials()
+    interrupted = [t for t in trials if t.state == State.FAIL]
+    assert sorted(t.number for t in interrupted) == sorted(t.number for t in running)
+    assert all(t.user_attrs["fail_reason"].startswith("interrupted (SIGINT)") for t in interrupted)
+    waiting = [t for t in trials if t.state == State.WAITING]
+    assert sorted(t.user_attrs[RETRY_OF] for t in waiting) == sorted(t.number for t in running)  # one retry each
+    resumed = qkv(*[a for a in args if "max_steps" not in a and "workers" not in a], log=tmp_path / "resume.log")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    trials = load().get_trials()
+    assert len(counted(trials)) == 4 and not [t for t in trials if not t.state.is_finished()]
+    assert {t.user_attrs.get(RETRY_OF) for t in trials if t.state == State.COMPLETE} >= {t.number for t in running}
+
+
+def test_workers_end_with_their_parent_when_it_is_killed(tmp_path):
+    args = [*SHORT, f"run_root={tmp_path}", "n_trials=4", "study_name=orphans", "workers=2", "trainer.max_steps=100000"]
+    main = qkv(*args, new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    load = lambda: optuna.load_study(study_name="orphans", storage=f"sqlite:///{tmp_path}/studies.db")  # noqa: E731
+    wait_for(lambda: len(running_mid_trial(load)) == 2, 180, "both workers mid-trial")
+    worker = next(pid_of(t) for t in running_mid_trial(load) if pid_of(t) != main.pid)
+    main.kill()  # what the OOM killer does to the first process
+    main.wait(timeout=30)
+    wait_for(lambda: not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z",
+             60, "the extra worker to end with its parent")
+    mine = next(t for t in load().get_trials() if t.user_attrs.get("worker", "").endswith(f":{worker}"))
+    assert mine.state == State.FAIL and mine.user_attrs["fail_reason"].startswith("interrupted (SIGTERM)")
+    assert any(t.user_attrs.get(RETRY_OF) == mine.number for t in load().get_trials())
+
+
+def test_the_journal_heartbeat_adapter_is_what_optuna_fails_stale_trials_through(tmp_path):
+    from optuna.storages.journal import JournalFileBackend
+
+    from search.workers import RetryLost
+
+    storage = HeartbeatJournalStorage(JournalFileBackend(str(tmp_path / "j.journal")), heartbeat_interval=1,
+                                      grace_period=1, stale_callback=RetryLost(2))
+    study = optuna.create_study(storage=storage, study_name="adapter")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    storage.record_heartbeat(trial._trial_id)
+    assert HEARTBEAT_ATTR in study.get_trials()[0].system_attrs
+    optuna.storages.fail_stale_trials(study)
+    assert study.get_trials()[0].state == State.RUNNING  # still beating
+    time.sleep(1.5)
+    optuna.storages.fail_stale_trials(study)  # Optuna's own function, through the adapter
+    first, retry = study.get_trials()
+    assert first.state == State.FAIL and retry.state == State.WAITING
+    assert retry.params == first.params and retry.user_attrs == {RETRY_OF: 0}
+    assert HEARTBEAT_ATTR not in retry.system_attrs
