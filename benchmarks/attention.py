@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import ArchConfig, build_model, set_attention_path
+from qkvsearch.models import ArchConfig, build_model, set_attention_path
 
 
 class MinimalAttention(nn.Module):

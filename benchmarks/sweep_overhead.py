@@ -28,10 +28,10 @@ import optuna
 import torch
 from hydra import compose, initialize_config_dir
 
-from search.lit import LitTransformer
-from search.objective import quiet_lightning
-from search.storage import create_or_load_study, open_storage
-from search.sweep import build_space, build_task, next_trial, prepare, run_trial
+from qkvsearch.search.lit import LitTransformer
+from qkvsearch.search.objective import quiet_lightning
+from qkvsearch.search.storage import create_or_load_study, open_storage
+from qkvsearch.search.sweep import build_space, build_task, next_trial, prepare, run_trial
 
 CONF = str(pathlib.Path(__file__).resolve().parent.parent / "conf")
 ARCH = {

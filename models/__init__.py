@@ -3,18 +3,18 @@
 This package depends on torch alone.
 """
 
-from models.attention import MultiHeadAttention
-from models.capture import capture_attention, set_attention_path
-from models.config import ArchConfig, AttentionConfig, LayerConfig, StackConfig
-from models.counting import count_parameters, flops_per_token
-from models.feedforward import FEEDFORWARDS
-from models.heads import HEADS
-from models.masks import MASKS
-from models.norms import NORMS, PLACEMENTS
-from models.positions import POSITIONS
-from models.registry import ConfigError, Registry
-from models.scaling import SCALINGS
-from models.transformer import EncoderDecoderModel, StackModel, build_model
+from qkvsearch.models.attention import MultiHeadAttention
+from qkvsearch.models.capture import capture_attention, set_attention_path
+from qkvsearch.models.config import ArchConfig, AttentionConfig, LayerConfig, StackConfig
+from qkvsearch.models.counting import count_parameters, flops_per_token
+from qkvsearch.models.feedforward import FEEDFORWARDS
+from qkvsearch.models.heads import HEADS
+from qkvsearch.models.masks import MASKS
+from qkvsearch.models.norms import NORMS, PLACEMENTS
+from qkvsearch.models.positions import POSITIONS
+from qkvsearch.models.registry import ConfigError, Registry
+from qkvsearch.models.scaling import SCALINGS
+from qkvsearch.models.transformer import EncoderDecoderModel, StackModel, build_model
 
 #: Every component registry, by the config field that chooses from it.
 REGISTRIES: dict[str, Registry] = {

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.masks import CombinedMask, MaskContext
-from models.positions import Positions
-from models.scaling import Scaling
+from qkvsearch.models.masks import CombinedMask, MaskContext
+from qkvsearch.models.positions import Positions
+from qkvsearch.models.scaling import Scaling
 
 WeightsSink = Callable[[torch.Tensor], None]
 

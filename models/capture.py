@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from models.attention import MultiHeadAttention
+from qkvsearch.models.attention import MultiHeadAttention
 
 
 @contextlib.contextmanager

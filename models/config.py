@@ -14,13 +14,13 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from models.feedforward import FeedForwardConfig, GELUConfig
-from models.heads import HeadConfig, LMHeadConfig
-from models.masks import MaskConfig, mask_problems
-from models.norms import LayerNormConfig, NormConfig, PlacementConfig, PreNormConfig
-from models.positions import NoPositionsConfig, PositionsConfig
-from models.registry import ConfigError, parse_dataclass, parse_fields
-from models.scaling import ScalingConfig, SqrtDkConfig
+from qkvsearch.models.feedforward import FeedForwardConfig, GELUConfig
+from qkvsearch.models.heads import HeadConfig, LMHeadConfig
+from qkvsearch.models.masks import MaskConfig, mask_problems
+from qkvsearch.models.norms import LayerNormConfig, NormConfig, PlacementConfig, PreNormConfig
+from qkvsearch.models.positions import NoPositionsConfig, PositionsConfig
+from qkvsearch.models.registry import ConfigError, parse_dataclass, parse_fields
+from qkvsearch.models.scaling import ScalingConfig, SqrtDkConfig
 
 Kind = Literal["encoder", "decoder", "encoder_decoder"]
 

@@ -12,7 +12,7 @@ source token plus per target token. Backward costs about twice the forward.
 
 from __future__ import annotations
 
-from models.config import ArchConfig, AttentionConfig, LayerConfig, StackConfig
+from qkvsearch.models.config import ArchConfig, AttentionConfig, LayerConfig, StackConfig
 
 
 def _attention_weights(config: AttentionConfig, d_model: int) -> int:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.registry import ComponentConfig, Registry
+from qkvsearch.models.registry import ComponentConfig, Registry
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from models.registry import ComponentConfig, Registry
+from qkvsearch.models.registry import ComponentConfig, Registry
 
 
 @dataclasses.dataclass(frozen=True)

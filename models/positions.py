@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.registry import ComponentConfig, Registry
+from qkvsearch.models.registry import ComponentConfig, Registry
 
 
 @dataclasses.dataclass(frozen=True)

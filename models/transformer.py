@@ -8,14 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.attention import MultiHeadAttention
-from models.config import ArchConfig, AttentionConfig, LayerConfig, StackConfig
-from models.feedforward import FEEDFORWARDS
-from models.heads import HEADS
-from models.masks import build_masks
-from models.norms import NORMS, PLACEMENTS, Residual
-from models.positions import POSITIONS, Positions
-from models.scaling import SCALINGS
+from qkvsearch.models.attention import MultiHeadAttention
+from qkvsearch.models.config import ArchConfig, AttentionConfig, LayerConfig, StackConfig
+from qkvsearch.models.feedforward import FEEDFORWARDS
+from qkvsearch.models.heads import HEADS
+from qkvsearch.models.masks import build_masks
+from qkvsearch.models.norms import NORMS, PLACEMENTS, Residual
+from qkvsearch.models.positions import POSITIONS, Positions
+from qkvsearch.models.scaling import SCALINGS
 
 
 class TransformerLayer(nn.Module):

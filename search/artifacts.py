@@ -16,8 +16,8 @@ import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-from models import ArchConfig, build_model, capture_attention
-from search.lit import model_inputs
+from qkvsearch.models import ArchConfig, build_model, capture_attention
+from qkvsearch.search.lit import model_inputs
 
 ATTENTION_FILE = "attention.png"
 

@@ -6,15 +6,15 @@ import importlib
 import signal
 import sys
 
-from search.errors import Interrupted
+from qkvsearch.search.errors import Interrupted
 
 COMMANDS = {
-    "sweep": ("search.sweep", "search architectures: an Optuna study of Lightning-trained trials"),
-    "train": ("search.train", "train one architecture (a config file or a study's trial)"),
-    "export": ("search.export", "write a trial as a standalone PyTorch module folder, checked without qkvsearch"),
-    "dashboard": ("search.dashboard", "serve optuna-dashboard on the sweep's storage (127.0.0.1 by default)"),
-    "report": ("search.report", "write a self-contained HTML report of a study"),
-    "space": ("search.space_show", "`qkv space show space=NAME`: a space's parameters and how many samples are feasible"),
+    "sweep": ("qkvsearch.search.sweep", "search architectures: an Optuna study of Lightning-trained trials"),
+    "train": ("qkvsearch.search.train", "train one architecture (a config file or a study's trial)"),
+    "export": ("qkvsearch.search.export", "write a trial as a standalone PyTorch module folder, checked without qkvsearch"),
+    "dashboard": ("qkvsearch.search.dashboard", "serve optuna-dashboard on the sweep's storage (127.0.0.1 by default)"),
+    "report": ("qkvsearch.search.report", "write a self-contained HTML report of a study"),
+    "space": ("qkvsearch.search.space_show", "`qkv space show space=NAME`: a space's parameters and how many samples are feasible"),
 }
 
 USAGE = """usage: qkv COMMAND [hydra overrides...]
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"qkv: unknown command {command!r}; available: {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    from search.group import die_with_parent
+    from qkvsearch.search.group import die_with_parent
 
     die_with_parent()  # an extra worker of `qkv sweep workers=N` ends with the process that started it
     rest = argv[1:]

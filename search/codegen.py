@@ -20,10 +20,17 @@ from typing import Any
 
 from torch import nn
 
-from models import ArchConfig, AttentionConfig, LayerConfig, build_model, count_parameters, flops_per_token
-from models.feedforward import GELUConfig, ReLUConfig, SquaredReLUConfig, SwiGLUConfig
-from models.heads import ClassifierConfig, LMHeadConfig, TokenClassifierConfig
-from models.masks import (
+from qkvsearch.models import (
+    ArchConfig,
+    AttentionConfig,
+    LayerConfig,
+    build_model,
+    count_parameters,
+    flops_per_token,
+)
+from qkvsearch.models.feedforward import GELUConfig, ReLUConfig, SquaredReLUConfig, SwiGLUConfig
+from qkvsearch.models.heads import ClassifierConfig, LMHeadConfig, TokenClassifierConfig
+from qkvsearch.models.masks import (
     CausalConfig,
     MaskContext,
     NoMaskConfig,
@@ -31,10 +38,22 @@ from models.masks import (
     PrefixLMConfig,
     SlidingWindowConfig,
 )
-from models.norms import LayerNormConfig, PostNormConfig, PreNormConfig, RMSNormConfig
-from models.positions import ALiBiConfig, LearnedConfig, NoPositionsConfig, RotaryConfig, SinusoidalConfig
-from models.registry import ComponentConfig
-from models.scaling import InvDkConfig, LearnedTemperatureConfig, NoScalingConfig, QKNormConfig, SqrtDkConfig
+from qkvsearch.models.norms import LayerNormConfig, PostNormConfig, PreNormConfig, RMSNormConfig
+from qkvsearch.models.positions import (
+    ALiBiConfig,
+    LearnedConfig,
+    NoPositionsConfig,
+    RotaryConfig,
+    SinusoidalConfig,
+)
+from qkvsearch.models.registry import ComponentConfig
+from qkvsearch.models.scaling import (
+    InvDkConfig,
+    LearnedTemperatureConfig,
+    NoScalingConfig,
+    QKNormConfig,
+    SqrtDkConfig,
+)
 
 #: component config class -> function(config, **sizes) -> constructor expression
 EXPORTERS: dict[type, Callable[..., str]] = {

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-import conf
+from qkvsearch import conf
 
 CONF_DIR = str(pathlib.Path(conf.__file__).resolve().parent)
 

@@ -14,10 +14,10 @@ import hydra
 import optuna
 from omegaconf import DictConfig
 
-from search.artifacts import open_store
-from search.configs import run_command
-from search.errors import Interrupted
-from search.storage import open_storage, storage_url
+from qkvsearch.search.artifacts import open_store
+from qkvsearch.search.configs import run_command
+from qkvsearch.search.errors import Interrupted
+from qkvsearch.search.storage import open_storage, storage_url
 
 
 def check_port(host: str, port: int) -> None:

@@ -30,11 +30,11 @@ import yaml
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
-from models import ArchConfig, count_parameters, flops_per_token
-from search.artifacts import load_trained, trial_weights
-from search.codegen import ExportError, generate_model_source
-from search.configs import run_command
-from search.storage import check_study_name, load_named_study
+from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
+from qkvsearch.search.artifacts import load_trained, trial_weights
+from qkvsearch.search.codegen import ExportError, generate_model_source
+from qkvsearch.search.configs import run_command
+from qkvsearch.search.storage import check_study_name, load_named_study
 
 State = optuna.trial.TrialState
 RULES = ("auto", "best", "smallest_within", "best_under")
@@ -249,8 +249,8 @@ net = model.load()            # builds the architecture, loads model.safetensors
 
 def retrain(cfg: DictConfig, chosen: Chosen) -> pathlib.Path:
     """Trains the chosen architecture longer with ``qkv train``; returns its weights."""
-    from search.configs import compose_config
-    from search.train import train
+    from qkvsearch.search.configs import compose_config
+    from qkvsearch.search.train import train
 
     # qkv train rebuilds the task from the config the study recorded
     overrides = [f"study_name={chosen.study.study_name}", f"trial={chosen.trial.number}",

@@ -49,7 +49,7 @@ def worker_command(argv: list[str], job_overrides: list[str], workers: int) -> l
         elif arg.startswith(tuple(f"{flag}=" for flag in HYDRA_FLAGS)):
             flags.append(arg)
     overrides = [o for o in job_overrides if not o.startswith(("worker_index=", "workers="))]
-    return [sys.executable, "-m", "search.cli", "sweep", *flags, *overrides, f"workers={workers}"]
+    return [sys.executable, "-m", "qkvsearch.search.cli", "sweep", *flags, *overrides, f"workers={workers}"]
 
 
 def tail(path: pathlib.Path, lines: int = 20) -> str:

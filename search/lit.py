@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import ArchConfig, build_model
-from tasks.base import IGNORE
+from qkvsearch.models import ArchConfig, build_model
+from qkvsearch.tasks.base import IGNORE
 
 #: The architecture kind each task kind trains.
 ARCH_FOR_TASK = {"language_model": "decoder", "classification": "encoder", "seq2seq": "encoder_decoder"}

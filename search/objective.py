@@ -17,12 +17,12 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import save_file
 
-from models import ArchConfig, count_parameters, flops_per_token
-from search.artifacts import attach_architecture, attach_attention, trial_dir, would_be_best
-from search.callbacks import BestWeights, OptunaPruning
-from search.lit import LitTransformer, check_compatible, model_inputs
-from search.workers import wait_for_twin
-from spaces import Infeasible
+from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
+from qkvsearch.search.artifacts import attach_architecture, attach_attention, trial_dir, would_be_best
+from qkvsearch.search.callbacks import BestWeights, OptunaPruning
+from qkvsearch.search.lit import LitTransformer, check_compatible, model_inputs
+from qkvsearch.search.workers import wait_for_twin
+from qkvsearch.spaces import Infeasible
 
 #: Objectives a study may optimise, with their directions.
 OBJECTIVES = {

@@ -21,11 +21,11 @@ import plotly.offline
 from omegaconf import DictConfig
 from plotly.subplots import make_subplots
 
-from models import ArchConfig
-from search.artifacts import attention_weights, load_trained, trial_weights
-from search.configs import run_command
-from search.report_text import top_trials
-from search.storage import load_named_study
+from qkvsearch.models import ArchConfig
+from qkvsearch.search.artifacts import attention_weights, load_trained, trial_weights
+from qkvsearch.search.configs import run_command
+from qkvsearch.search.report_text import top_trials
+from qkvsearch.search.storage import load_named_study
 
 State = optuna.trial.TrialState
 
@@ -173,7 +173,7 @@ def render(study: optuna.Study, task_loader: Callable[[], Any] | None = None, ru
 
 def report(cfg: DictConfig) -> pathlib.Path:
     """Writes the report of ``cfg.study_name`` (default: the latest study) and returns its path."""
-    from search.sweep import task_of_study
+    from qkvsearch.search.sweep import task_of_study
 
     study = load_named_study(cfg.storage, cfg.study_name)
     name = study.study_name

@@ -15,7 +15,7 @@ State = optuna.trial.TrialState
 def progress_line(study: optuna.Study, n_trials: int) -> Text:
     """``trials 5/12 | complete 3 | pruned 1 | failed 1 | retried 1 | running 1 | best 1.234``:
     what counts towards ``n_trials``; lost trials that were queued again show as retried."""
-    from search.workers import counted
+    from qkvsearch.search.workers import counted
 
     trials = study.get_trials(deepcopy=False)
     kept = counted(trials)

@@ -14,11 +14,11 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from models import count_parameters, flops_per_token
-from search.configs import run_command
-from search.objective import suggest_checked
-from search.sweep import build_space, build_task
-from spaces import FunctionSpace, Infeasible, Space
+from qkvsearch.models import count_parameters, flops_per_token
+from qkvsearch.search.configs import run_command
+from qkvsearch.search.objective import suggest_checked
+from qkvsearch.search.sweep import build_space, build_task
+from qkvsearch.spaces import FunctionSpace, Infeasible, Space
 
 
 @dataclasses.dataclass

@@ -25,16 +25,29 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.storages import BaseStorage
 
-from search.artifacts import open_store, study_run_dir
-from search.configs import run_command
-from search.errors import Interrupted
-from search.group import SPAWNED_BY, WorkerGroup
-from search.lit import NonFiniteLoss
-from search.objective import Objective, check_objectives, quiet_lightning, suggest_checked
-from search.report_text import print_summary, progress_line
-from search.storage import check_study_name, create_or_load_study, open_storage, slot_lock, storage_url
-from search.workers import RetryLost, heartbeat, join_study, next_trial, reap_stale, record_interrupted
-from spaces import FunctionSpace, Infeasible, Space, load_space
+from qkvsearch.search.artifacts import open_store, study_run_dir
+from qkvsearch.search.configs import run_command
+from qkvsearch.search.errors import Interrupted
+from qkvsearch.search.group import SPAWNED_BY, WorkerGroup
+from qkvsearch.search.lit import NonFiniteLoss
+from qkvsearch.search.objective import Objective, check_objectives, quiet_lightning, suggest_checked
+from qkvsearch.search.report_text import print_summary, progress_line
+from qkvsearch.search.storage import (
+    check_study_name,
+    create_or_load_study,
+    open_storage,
+    slot_lock,
+    storage_url,
+)
+from qkvsearch.search.workers import (
+    RetryLost,
+    heartbeat,
+    join_study,
+    next_trial,
+    reap_stale,
+    record_interrupted,
+)
+from qkvsearch.spaces import FunctionSpace, Infeasible, Space, load_space
 
 log = logging.getLogger("qkvsearch")
 
@@ -72,7 +85,7 @@ def task_of_study(study: optuna.Study) -> Any:
     Raises:
         ValueError: the study records no task at all.
     """
-    from search.configs import compose_config
+    from qkvsearch.search.configs import compose_config
 
     recorded = study.user_attrs.get("task_config")
     if recorded is not None:

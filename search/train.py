@@ -16,13 +16,13 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from models import ArchConfig, count_parameters, flops_per_token
-from search.callbacks import BestWeights
-from search.configs import run_command
-from search.lit import LitTransformer, check_compatible
-from search.objective import quiet_lightning
-from search.storage import load_named_study
-from search.sweep import build_task, task_of_study
+from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
+from qkvsearch.search.callbacks import BestWeights
+from qkvsearch.search.configs import run_command
+from qkvsearch.search.lit import LitTransformer, check_compatible
+from qkvsearch.search.objective import quiet_lightning
+from qkvsearch.search.storage import load_named_study
+from qkvsearch.search.sweep import build_task, task_of_study
 
 
 def load_arch(cfg: DictConfig) -> tuple[ArchConfig, dict[str, Any], optuna.Study | None]:

@@ -11,9 +11,9 @@ from typing import Any
 
 import optuna
 
-from models import ArchConfig
-from spaces.expressions import Expression, ExpressionError
-from spaces.space import Infeasible, Space, SpaceError, record_constraints, render
+from qkvsearch.models import ArchConfig
+from qkvsearch.spaces.expressions import Expression, ExpressionError
+from qkvsearch.spaces.space import Infeasible, Space, SpaceError, record_constraints, render
 
 __all__ = [
     "Expression",

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from spaces.expressions import Expression, ExpressionError
-from spaces.space import _BUDGET_KEYS, _PARAM_KEYS, _SPACE_KEYS, _TYPES, MEASURED, Param, SpaceError
+from qkvsearch.spaces.expressions import Expression, ExpressionError
+from qkvsearch.spaces.space import _BUDGET_KEYS, _PARAM_KEYS, _SPACE_KEYS, _TYPES, MEASURED, Param, SpaceError
 
 if TYPE_CHECKING:
-    from spaces.space import Space
+    from qkvsearch.spaces.space import Space
 
 _RESERVED = {"layer", *MEASURED}
 _SCALARS = (type(None), bool, int, float, str)

@@ -37,8 +37,8 @@ from typing import Any
 
 import optuna
 
-from models import ArchConfig, ConfigError, count_parameters, flops_per_token
-from spaces.expressions import Expression, ExpressionError
+from qkvsearch.models import ArchConfig, ConfigError, count_parameters, flops_per_token
+from qkvsearch.spaces.expressions import Expression, ExpressionError
 
 
 class SpaceError(ValueError):
@@ -87,7 +87,7 @@ class Space:
     @classmethod
     def from_dict(cls, data: Any, source: str = "space") -> Space:
         """Loads and checks a space; every problem raises :class:`SpaceError` naming ``source``."""
-        from spaces.loading import load_space_dict
+        from qkvsearch.spaces.loading import load_space_dict
 
         return load_space_dict(cls, data, source)
 

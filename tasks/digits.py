@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.base import TensorTask, frequency_loss
+from qkvsearch.tasks.base import TensorTask, frequency_loss
 
 
 class Digits(TensorTask):

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tasks.base import IGNORE, TensorTask
+from qkvsearch.tasks.base import IGNORE, TensorTask
 
 
 class GeneratedTask(TensorTask):

@@ -8,7 +8,7 @@ import sysconfig
 
 import torch
 
-from tasks.base import TensorTask, frequency_loss
+from qkvsearch.tasks.base import TensorTask, frequency_loss
 
 UNKNOWN = 127  # every non-ASCII character maps here
 

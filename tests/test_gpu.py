@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import build_model, set_attention_path
+from qkvsearch.models import build_model, set_attention_path
 from tests.models.helpers import all_combinations, attention_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -25,7 +25,7 @@ def test_fused_and_reference_paths_agree_on_cuda(scaling, masks, positions):
 def test_a_sweep_trains_its_trials_on_the_gpu(tmp_path):
     import optuna
 
-    from search.sweep import sweep
+    from qkvsearch.search.sweep import sweep
     from tests.conftest import tiny_sweep_conf
 
     cfg = tiny_sweep_conf(tmp_path, "trainer=gpu", "trainer.max_steps=30", "trainer.val_check_interval=10",

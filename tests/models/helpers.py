@@ -6,7 +6,7 @@ import itertools
 import random
 from typing import Any
 
-from models import MASKS, POSITIONS, SCALINGS, ArchConfig, ConfigError
+from qkvsearch.models import MASKS, POSITIONS, SCALINGS, ArchConfig, ConfigError
 
 #: Parameters for mask entries that need one, chosen to bite at test sizes.
 MASK_SETTINGS: dict[str, dict[str, Any]] = {"sliding_window": {"window": 3}, "prefix_lm": {"prefix_len": 3}}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from models import build_model, capture_attention, set_attention_path
-from models.masks import MaskContext
+from qkvsearch.models import build_model, capture_attention, set_attention_path
+from qkvsearch.models.masks import MaskContext
 from tests.models.helpers import all_combinations, attention_config
 
 COMBINATIONS = all_combinations()
@@ -42,7 +42,7 @@ def test_fused_equals_reference_and_gradients_reach_every_parameter(scaling, mas
 
 
 def test_the_combinations_cover_every_registered_component():
-    from models import MASKS, POSITIONS, SCALINGS
+    from qkvsearch.models import MASKS, POSITIONS, SCALINGS
 
     assert {c[0] for c in COMBINATIONS} == set(SCALINGS.names())
     assert {c[2] for c in COMBINATIONS} == set(POSITIONS.names())
@@ -169,7 +169,7 @@ def test_classic_block_matches_torch_transformer_encoder_layer():
 def test_an_all_padding_source_gives_the_same_finite_output_on_both_paths():
     """Cross-attention to a source that is all padding: no key to attend to. Both paths
     give zeros for it (the fused path always did; the reference path gave NaN)."""
-    from models import ArchConfig, build_model, capture_attention
+    from qkvsearch.models import ArchConfig, build_model, capture_attention
 
     arch = ArchConfig.from_dict({
         "kind": "encoder_decoder", "vocab_size": 12, "max_seq_len": 8, "d_model": 16,

@@ -8,7 +8,14 @@ import pytest
 import torch
 import yaml
 
-from models import REGISTRIES, ArchConfig, ConfigError, build_model, count_parameters, flops_per_token
+from qkvsearch.models import (
+    REGISTRIES,
+    ArchConfig,
+    ConfigError,
+    build_model,
+    count_parameters,
+    flops_per_token,
+)
 from tests.models.helpers import attention_config, random_config
 
 SEEDS = range(40)

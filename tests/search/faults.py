@@ -28,7 +28,7 @@ def qkv(*args: str, log: pathlib.Path | None = None, new_session: bool = False, 
     if log is not None:
         kwargs.setdefault("stdout", open(log, "ab"))  # noqa: SIM115 - the child owns it
         kwargs.setdefault("stderr", subprocess.STDOUT)
-    return subprocess.Popen([sys.executable, "-m", "search.cli", "sweep", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "qkvsearch.search.cli", "sweep", *args], env=env,
                             start_new_session=new_session, **kwargs)
 
 

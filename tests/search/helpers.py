@@ -8,8 +8,8 @@ import optuna
 import torch
 from torch import nn
 
-from models import FEEDFORWARDS, ArchConfig
-from models.feedforward import FeedForwardConfig
+from qkvsearch.models import FEEDFORWARDS, ArchConfig
+from qkvsearch.models.feedforward import FeedForwardConfig
 
 
 @dataclasses.dataclass(frozen=True)

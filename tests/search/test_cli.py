@@ -8,11 +8,11 @@ import sys
 import pytest
 import yaml
 
-from search.cli import COMMANDS
+from qkvsearch.search.cli import COMMANDS
 
 
 def _qkv(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "qkvsearch.search.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_help_lists_every_command():

@@ -11,11 +11,11 @@ import torch
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 
-from search.lit import check_compatible
-from search.objective import check_objectives
-from search.storage import StorageError, open_storage
-from search.sweep import build_sampler, build_space, build_task, sweep
-from search.train import train
+from qkvsearch.search.lit import check_compatible
+from qkvsearch.search.objective import check_objectives
+from qkvsearch.search.storage import StorageError, open_storage
+from qkvsearch.search.sweep import build_sampler, build_space, build_task, sweep
+from qkvsearch.search.train import train
 from tests.conftest import CONF, compose_conf, tiny_sweep_conf
 
 
@@ -44,8 +44,8 @@ def test_every_space_composes_with_its_task_and_every_sampler_instantiates(space
 
 
 def test_the_grid_sampler_enumerates_choices_steps_and_per_layer_parameters():
-    from search.sweep import grid_of
-    from spaces import Space
+    from qkvsearch.search.sweep import grid_of
+    from qkvsearch.spaces import Space
 
     space = Space.from_dict({
         "params": {"depth": {"type": "int", "low": 1, "high": 2}, "heads": {"type": "categorical", "choices": [1, 2]},
@@ -126,7 +126,7 @@ def test_a_space_that_cannot_fit_the_task_is_refused_before_any_trial(tmp_path):
 
 
 def test_check_compatible_names_each_mismatch():
-    from models import ArchConfig
+    from qkvsearch.models import ArchConfig
 
     cfg = compose_conf("sweep", ["task=digits"])
     task = build_task(cfg)

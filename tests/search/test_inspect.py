@@ -17,9 +17,9 @@ import optuna
 import pytest
 from optuna.artifacts import get_all_artifact_meta
 
-from search.dashboard import check_port
-from search.report import render, report
-from search.sweep import sweep
+from qkvsearch.search.dashboard import check_port
+from qkvsearch.search.report import render, report
+from qkvsearch.search.sweep import sweep
 from tests.conftest import compose_conf, tiny_sweep_conf
 from tests.search.browser import rendered_dom
 
@@ -54,7 +54,7 @@ def test_the_dashboard_serves_the_study_on_loopback_and_renders_it(swept):
     root, cfg, study = swept
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "dashboard", f"port={port}", f"run_root={root}"],
+        [sys.executable, "-m", "qkvsearch.search.cli", "dashboard", f"port={port}", f"run_root={root}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
@@ -88,7 +88,7 @@ def test_the_dashboard_serves_the_study_on_loopback_and_renders_it(swept):
 
 def _serve(root, port: int, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "dashboard", f"port={port}", f"run_root={root}", *extra],
+        [sys.executable, "-m", "qkvsearch.search.cli", "dashboard", f"port={port}", f"run_root={root}", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     for _ in range(150):
@@ -133,7 +133,7 @@ def test_a_read_only_dashboard_refuses_an_unauthenticated_delete(tmp_path):
 
 
 def test_serving_beyond_loopback_warns_and_is_read_only_by_default():
-    from search.dashboard import exposure_warning, is_loopback
+    from qkvsearch.search.dashboard import exposure_warning, is_loopback
 
     assert exposure_warning("127.0.0.1", writable=True) is None and is_loopback("::1") and is_loopback("localhost")
     warning = exposure_warning("0.0.0.0", writable=True)
@@ -169,7 +169,7 @@ def test_reports_of_empty_and_failed_only_studies_say_so():
 
 
 def test_no_study_is_a_clear_error(tmp_path):
-    from search.dashboard import serve
+    from qkvsearch.search.dashboard import serve
 
     with pytest.raises(ValueError, match=r"no study found in sqlite:///.*run `qkv sweep` first"):
         serve(compose_conf("dashboard", [f"run_root={tmp_path}"]))

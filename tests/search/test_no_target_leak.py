@@ -13,11 +13,11 @@ import optuna
 import pytest
 import torch
 
-from models import ArchConfig
-from search.lit import LitTransformer
-from search.sweep import build_space, build_task
-from spaces import Infeasible
-from tasks.base import IGNORE
+from qkvsearch.models import ArchConfig
+from qkvsearch.search.lit import LitTransformer
+from qkvsearch.search.sweep import build_space, build_task
+from qkvsearch.spaces import Infeasible
+from qkvsearch.tasks.base import IGNORE
 from tests.conftest import compose_conf
 
 SPACES = {"tiny": ("lm_stdlib", "language_model"), "decoder": ("recall", "language_model"),

@@ -9,8 +9,8 @@ import sys
 import optuna
 import pytest
 
-from search.storage import open_storage, slot_lock
-from search.sweep import sweep
+from qkvsearch.search.storage import open_storage, slot_lock
+from qkvsearch.search.sweep import sweep
 from tests.conftest import tiny_sweep_conf
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -30,7 +30,7 @@ def test_two_workers_on_postgres_finish_exactly_n_trials(tmp_path, postgres_url)
         "study_name=pg-two", "n_trials=5", f"run_root={tmp_path}",
     ]
     procs = [
-        subprocess.Popen([sys.executable, "-m", "search.cli", "sweep", *args, f"worker_index={i}"],
+        subprocess.Popen([sys.executable, "-m", "qkvsearch.search.cli", "sweep", *args, f"worker_index={i}"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
         for i in range(2)
     ]

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models import ArchConfig
-from search.artifacts import load_trained, study_run_dir, trial_weights
-from search.export import export
-from search.storage import check_study_name, open_storage
-from search.sweep import check_sweep, prepare, sweep, task_of_study
+from qkvsearch.models import ArchConfig
+from qkvsearch.search.artifacts import load_trained, study_run_dir, trial_weights
+from qkvsearch.search.export import export
+from qkvsearch.search.storage import check_study_name, open_storage
+from qkvsearch.search.sweep import check_sweep, prepare, sweep, task_of_study
 from tests.conftest import compose_conf, tiny_sweep_conf
 
 State = optuna.trial.TrialState
@@ -53,7 +53,7 @@ def test_a_sweep_with_a_hostile_name_writes_nothing(name, message, tmp_path):
 def test_the_cli_refuses_a_bad_study_name_with_status_2_and_writes_nothing(name, message, tmp_path):
     work = tmp_path / "a" / "b"
     work.mkdir(parents=True)
-    result = subprocess.run([sys.executable, "-m", "search.cli", "sweep", f"study_name={name}"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "qkvsearch.search.cli", "sweep", f"study_name={name}"], capture_output=True,
                             text=True, timeout=120, cwd=work)
     assert result.returncode == 2
     assert f"qkv: error: {message}" in result.stderr and "Traceback" not in result.stderr
@@ -76,7 +76,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     small = ArchConfig.from_dict({"kind": "decoder", "vocab_size": 16, "max_seq_len": 8, "d_model": 16,
                                   "decoder": {"n_layers": 1, "attention": {"n_heads": 2, "masks": ["causal"]}}})
     other = ArchConfig.from_dict({**small.to_dict(), "vocab_size": 17})
-    from models import build_model
+    from qkvsearch.models import build_model
 
     state = {k: v.contiguous() for k, v in build_model(other).state_dict().items()}
     save_file(state, str(tmp_path / "w.safetensors"), metadata={"arch_hash": other.fingerprint()})
@@ -121,7 +121,7 @@ def test_the_study_carries_its_task_and_a_different_task_is_refused(tmp_path):
     rebuilt = task_of_study(study)
     assert rebuilt.seq_len == cfg.task.seq_len
     default = compose_conf("sweep", ["task=recall"])
-    from search.sweep import build_task
+    from qkvsearch.search.sweep import build_task
 
     assert build_task(default).seq_len != rebuilt.seq_len  # the default task would be the wrong one
     assert study.user_attrs["code_version"].startswith("0.1.0")

@@ -9,10 +9,10 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from models import ArchConfig, build_model
-from search.artifacts import study_run_dir, trial_dir
-from search.storage import open_storage
-from search.sweep import sweep
+from qkvsearch.models import ArchConfig, build_model
+from qkvsearch.search.artifacts import study_run_dir, trial_dir
+from qkvsearch.search.storage import open_storage
+from qkvsearch.search.sweep import sweep
 from tests.conftest import tiny_sweep_conf
 
 State = optuna.trial.TrialState

@@ -11,7 +11,7 @@ import optuna
 import pytest
 import yaml
 
-from search.storage import create_or_load_study, open_storage, slot_lock
+from qkvsearch.search.storage import create_or_load_study, open_storage, slot_lock
 from tests.conftest import CONF, compose_conf
 from tests.search.faults import SHORT, State, qkv
 
@@ -25,20 +25,20 @@ def test_extra_workers_get_hydras_own_flags_too(tmp_path):
     tiny = yaml.safe_load(open(f"{CONF}/space/tiny.yaml"))
     (mine / "mine.yaml").write_text(yaml.safe_dump({**tiny, "name": "mine"}))
     out = subprocess.run(
-        [sys.executable, "-m", "search.cli", "sweep", "--config-dir", str(tmp_path / "myconf"), "space=mine", "workers=2",
+        [sys.executable, "-m", "qkvsearch.search.cli", "sweep", "--config-dir", str(tmp_path / "myconf"), "space=mine", "workers=2",
          *SHORT, "trainer.max_steps=40",
          f"run_root={tmp_path}", "n_trials=4", "study_name=flags"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    trials = optuna.load_study(study_name="flags", storage=f"sqlite:///{tmp_path}/studies.db").get_trials()
-    assert len({t.user_attrs["worker"] for t in trials}) == 2, "the extra worker trained nothing"
+    study = optuna.load_study(study_name="flags", storage=f"sqlite:///{tmp_path}/studies.db")
+    assert study.user_attrs["workers_joined"] == 2, "the extra worker never joined the study"
     assert "Could not find" not in (tmp_path / "workers" / "flags" / "worker-1.log").read_text()
 
 
 def test_a_worker_that_dies_at_start_up_fails_the_sweep_loudly(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "search.cli", "sweep", *SHORT, "+space._target_=tests.search.helpers.dies_in_extra_workers",
+        [sys.executable, "-m", "qkvsearch.search.cli", "sweep", *SHORT, "+space._target_=tests.search.helpers.dies_in_extra_workers",
          "workers=2", f"run_root={tmp_path}", "n_trials=2", "study_name=dies", "trainer.max_steps=30"],
         capture_output=True, text=True, timeout=300,
     )
@@ -104,3 +104,22 @@ def test_the_slot_lock_makes_one_process_create_the_study(tmp_path):
     for thread in threads:
         thread.join()
     assert errors == [] and [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["one"]
+
+
+def test_a_project_with_its_own_models_and_conf_packages_runs_every_worker(tmp_path):
+    """The installed package is qkvsearch.*: a user's own models/ or conf/ never shadows it."""
+    project = tmp_path / "project"
+    for name in ("models", "conf", "search", "tasks", "spaces"):
+        (project / name).mkdir(parents=True)
+        (project / name / "__init__.py").write_text(f"raise ImportError('the project\\'s own {name} was imported')\n")
+    (project / "conf" / "sweep.yaml").write_text("n_trials: 1000\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "qkvsearch.search.cli", "sweep", *SHORT, "trainer.max_steps=30", "workers=2",
+         f"run_root={tmp_path}/runs", "n_trials=4", "study_name=own"],
+        capture_output=True, text=True, timeout=300, cwd=project, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = optuna.load_study(study_name="own", storage=f"sqlite:///{tmp_path}/runs/studies.db")
+    assert len(study.get_trials()) == 4
+    assert study.user_attrs["workers_joined"] == 2, "the extra worker never joined the study"
+    assert "ImportError" not in (tmp_path / "runs" / "workers" / "own" / "worker-1.log").read_text()

@@ -11,7 +11,7 @@ import time
 import optuna
 import pytest
 
-from search.workers import RETRY_OF, counted
+from qkvsearch.search.workers import RETRY_OF, counted
 from tests.conftest import tiny_sweep_conf
 
 State = optuna.trial.TrialState
@@ -25,7 +25,7 @@ COMMON = [
 
 def _qkv(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "search.cli", "sweep", *args], env=env, **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "qkvsearch.search.cli", "sweep", *args], env=env, **kwargs)
 
 
 def test_two_processes_on_one_storage_finish_exactly_n_trials(tmp_path):

@@ -8,9 +8,9 @@ import optuna
 import pytest
 import torch
 
-from models import build_model, count_parameters, flops_per_token
-from search.sweep import build_space, build_task
-from spaces import Infeasible, Space
+from qkvsearch.models import build_model, count_parameters, flops_per_token
+from qkvsearch.search.sweep import build_space, build_task
+from qkvsearch.spaces import Infeasible, Space
 from tests.conftest import CONF, compose_conf
 
 SPACES = sorted(p.stem for p in (pathlib.Path(CONF) / "space").glob("*.yaml"))
@@ -86,7 +86,7 @@ def test_equal_architectures_hash_equal_whatever_the_parameter_order():
 
 
 def test_heterogeneous_and_homogeneous_forms_of_one_architecture_hash_equal():
-    from models import ArchConfig
+    from qkvsearch.models import ArchConfig
 
     base = {"kind": "decoder", "vocab_size": 9, "max_seq_len": 8, "d_model": 16}
     uniform = ArchConfig.from_dict({**base, "decoder": {"n_layers": 2, "attention": {"n_heads": 2, "masks": ["causal"]}}})
@@ -100,7 +100,7 @@ def test_space_show_reports_feasibility_and_size_ranges():
 
     from rich.console import Console
 
-    from search.space_show import show
+    from qkvsearch.search.space_show import show
 
     cfg = compose_conf("space_show", ["space=tiny", "n_samples=40"])
     buffer = StringIO()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spaces import Expression, ExpressionError, Infeasible, Space, SpaceError
+from qkvsearch.spaces import Expression, ExpressionError, Infeasible, Space, SpaceError
 
 GOOD = {
     "name": "t",
