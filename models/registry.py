@@ -14,10 +14,12 @@ import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
+from qkvsearch.models.errors import QkvError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(QkvError):
     """A config that cannot work. Holds every problem found, one per line."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -17,6 +17,7 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from qkvsearch.models import ArchConfig, build_model, capture_attention
+from qkvsearch.models.errors import QkvError
 from qkvsearch.search.lit import model_inputs
 
 ATTENTION_FILE = "attention.png"
@@ -126,11 +127,11 @@ def load_trained(arch: ArchConfig, weights: pathlib.Path) -> torch.nn.Module:
     from safetensors.torch import load_file
 
     if not pathlib.Path(weights).is_file():
-        raise ValueError(f"no weights at {weights}")
+        raise QkvError(f"no weights at {weights}")
     with safe_open(str(weights), framework="pt") as handle:
         recorded = (handle.metadata() or {}).get("arch_hash")
     if recorded != arch.fingerprint():
-        raise ValueError(
+        raise QkvError(
             f"{weights} holds weights of architecture {recorded or 'unknown'}, not of this trial's "
             f"({arch.fingerprint()}); the trial folder belongs to another study or was overwritten"
         )

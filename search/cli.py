@@ -22,8 +22,8 @@ USAGE = """usage: qkv COMMAND [hydra overrides...]
 commands:
 {commands}
 
-Every command is a Hydra app: `qkv COMMAND --help` shows its config groups,
-`qkv COMMAND --cfg job` prints the composed config, KEY=VALUE overrides it.
+Every command is a Hydra app: `qkv COMMAND --help` shows its config groups and
+settings, `qkv COMMAND --cfg job` prints the composed config, KEY=VALUE overrides it.
 """
 
 
@@ -47,8 +47,11 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         return
     command = argv[0]
+    from qkvsearch.search.cli_conf import CommandConf, suggest_command
+
     if command not in COMMANDS:
-        print(f"qkv: unknown command {command!r}; available: {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
+        hint = suggest_command(command, list(COMMANDS))
+        print(f"qkv: unknown command {command!r}{hint}; available: {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     from qkvsearch.search.group import die_with_parent
 
@@ -56,6 +59,15 @@ def main(argv: list[str] | None = None) -> None:
     rest = argv[1:]
     if command == "space" and rest[:1] == ["show"]:
         rest = rest[1:]
+    conf = CommandConf.of(command)
+    if any(a in ("-h", "--help") for a in rest):  # answered from the YAML: no torch, no Lightning
+        print(conf.help(command, COMMANDS[command][1]))
+        return
+    try:
+        conf.check(rest)
+    except ValueError as error:
+        print(f"qkv {command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     sys.argv = [f"qkv {command}", *rest]
     try:
         importlib.import_module(COMMANDS[command][0]).main()

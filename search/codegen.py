@@ -28,6 +28,7 @@ from qkvsearch.models import (
     count_parameters,
     flops_per_token,
 )
+from qkvsearch.models.errors import QkvError
 from qkvsearch.models.feedforward import GELUConfig, ReLUConfig, SquaredReLUConfig, SwiGLUConfig
 from qkvsearch.models.heads import ClassifierConfig, LMHeadConfig, TokenClassifierConfig
 from qkvsearch.models.masks import (
@@ -86,7 +87,7 @@ EXPORTERS: dict[type, Callable[..., str]] = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(QkvError):
     """The architecture cannot be exported, or the export does not match."""
 
 

@@ -13,6 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from qkvsearch import conf
+from qkvsearch.models.errors import QkvError
 
 CONF_DIR = str(pathlib.Path(conf.__file__).resolve().parent)
 
@@ -27,12 +28,12 @@ def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
 
 
 def run_command(command: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Runs a ``qkv`` command; bad input (a ValueError or OSError, which is how every
-    check here reports it) ends with its message and exit status 2 instead of a
-    traceback. ``QKV_DEBUG=1`` keeps the traceback."""
+    """Runs a ``qkv`` command; the project's own errors (:class:`QkvError`: bad input, an
+    unusable setting) end with their message and exit status 2 instead of a traceback.
+    Anything else is a bug and keeps its traceback. ``QKV_DEBUG=1`` keeps it always."""
     try:
         return command(cfg)
-    except (ValueError, OSError) as error:
+    except QkvError as error:
         if os.environ.get("QKV_DEBUG"):
             raise
         print(f"qkv: error: {error}\n(set QKV_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -14,6 +14,7 @@ import hydra
 import optuna
 from omegaconf import DictConfig
 
+from qkvsearch.models.errors import QkvError
 from qkvsearch.search.artifacts import open_store
 from qkvsearch.search.configs import run_command
 from qkvsearch.search.errors import Interrupted
@@ -21,15 +22,15 @@ from qkvsearch.search.storage import open_storage, storage_url
 
 
 def check_port(host: str, port: int) -> None:
-    """Raises OSError with a clear message when ``host:port`` cannot be bound."""
+    """Raises QkvError with a clear message when ``host:port`` cannot be bound."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
-                raise OSError(f"port {port} on {host} is in use; choose another with port=N") from None
-            raise OSError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+                raise QkvError(f"port {port} on {host} is in use; choose another with port=N") from None
+            raise QkvError(f"cannot listen on {host}:{port}: {error.strerror}") from None
 
 
 #: HTTP methods a read-only dashboard answers; every other one is refused.
@@ -73,10 +74,10 @@ def serve(cfg: DictConfig) -> None:
     import optuna_dashboard
 
     writable = not (cfg.read_only if cfg.read_only is not None else not is_loopback(cfg.host))
-    storage = open_storage(cfg.storage)
+    storage = open_storage(cfg.storage, must_exist=True)
     studies = optuna.get_all_study_summaries(storage)
     if not studies:
-        raise ValueError(f"no study found in {storage_url(cfg.storage)}; run `qkv sweep` first, or give storage=...")
+        raise QkvError(f"no study found in {storage_url(cfg.storage)}; run `qkv sweep` first, or give storage=...")
     check_port(cfg.host, cfg.port)
     store = open_store(cfg.artifacts) if cfg.artifacts and pathlib.Path(cfg.artifacts).exists() else None
     names = ", ".join(s.study_name for s in studies)

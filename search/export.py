@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
+from qkvsearch.models.errors import QkvError
 from qkvsearch.search.artifacts import load_trained, trial_weights
 from qkvsearch.search.codegen import ExportError, generate_model_source
 from qkvsearch.search.configs import run_command
@@ -86,19 +87,19 @@ def select_trial(study: optuna.Study, cfg: Any) -> optuna.trial.FrozenTrial:
     if cfg.trial is not None:
         match = [t for t in trials if t.number == cfg.trial]
         if not match:
-            raise ValueError(f"trial {cfg.trial} does not exist in study {study.study_name!r} (it has {len(trials)} trials)")
+            raise QkvError(f"trial {cfg.trial} does not exist in study {study.study_name!r} (it has {len(trials)} trials)")
         if match[0].state != State.COMPLETE:
             reason = match[0].user_attrs.get("pruned_reason") or match[0].user_attrs.get("fail_reason") or ""
-            raise ValueError(f"trial {cfg.trial} of study {study.study_name!r} is {match[0].state.name}, not COMPLETE {reason}".rstrip())
+            raise QkvError(f"trial {cfg.trial} of study {study.study_name!r} is {match[0].state.name}, not COMPLETE {reason}".rstrip())
         return match[0]
     if cfg.rule not in RULES:
-        raise ValueError(f"rule: unknown {cfg.rule!r}; valid: {', '.join(RULES)}")
+        raise QkvError(f"rule: unknown {cfg.rule!r}; valid: {', '.join(RULES)}")
     if not complete:
-        raise ValueError(f"study {study.study_name!r} has no complete trial to export")
+        raise QkvError(f"study {study.study_name!r} has no complete trial to export")
     rule = cfg.rule
     if rule == "auto":
         if len(study.directions) > 1:
-            raise ValueError("the study has several objectives: choose rule=best, rule=smallest_within within=0.05, "
+            raise QkvError("the study has several objectives: choose rule=best, rule=smallest_within within=0.05, "
                              "rule=best_under max_params=N, or trial=N")
         rule = "best"
     sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
@@ -107,16 +108,16 @@ def select_trial(study: optuna.Study, cfg: Any) -> optuna.trial.FrozenTrial:
         return ranked[0]
     if rule == "smallest_within":
         if cfg.within is None or cfg.within < 0:
-            raise ValueError(f"within: must be a fraction >= 0, got {cfg.within}")
+            raise QkvError(f"within: must be a fraction >= 0, got {cfg.within}")
         best = ranked[0].values[0]
         close = [t for t in ranked if sign * (t.values[0] - best) <= cfg.within * abs(best)]
         return min(close, key=lambda t: (t.user_attrs.get("n_params", 0), sign * t.values[0]))
     if cfg.max_params is None:
-        raise ValueError("rule=best_under needs max_params=N")
+        raise QkvError("rule=best_under needs max_params=N")
     under = [t for t in ranked if t.user_attrs.get("n_params", float("inf")) <= cfg.max_params]
     if not under:
         smallest = min(t.user_attrs.get("n_params", 0) for t in complete)
-        raise ValueError(f"no complete trial has at most {cfg.max_params:,} parameters (the smallest has {smallest:,})")
+        raise QkvError(f"no complete trial has at most {cfg.max_params:,} parameters (the smallest has {smallest:,})")
     return under[0]
 
 
@@ -127,7 +128,7 @@ def choose(cfg: Any) -> Chosen:
     arch = ArchConfig.from_dict(trial.user_attrs["arch"])
     weights = trial_weights(study, trial, cfg.run_root)
     if not cfg.retrain and not weights.is_file():
-        raise ValueError(f"trial {trial.number} has no saved weights at {weights}; use retrain=true to train it again")
+        raise QkvError(f"trial {trial.number} has no saved weights at {weights}; use retrain=true to train it again")
     return Chosen(study, trial, arch, weights)
 
 
@@ -267,7 +268,7 @@ def export(cfg: DictConfig) -> pathlib.Path:
         check_study_name(chosen.study.study_name)  # the default folder is named after it: keep it inside exports/
     out = pathlib.Path(cfg.out or pathlib.Path("exports") / f"{chosen.study.study_name}-trial{chosen.trial.number}")
     if out.exists() and not cfg.overwrite:
-        raise ValueError(f"output folder {out} exists; choose out=... or overwrite=true")
+        raise QkvError(f"output folder {out} exists; choose out=... or overwrite=true")
     weights = retrain(cfg, chosen) if cfg.retrain else chosen.weights
     model = load_trained(chosen.arch, weights)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,8 +75,10 @@ class WorkerGroup:
         before this process builds anything, so all start together."""
         from hydra.core.hydra_config import HydraConfig
 
+        from qkvsearch.models.errors import QkvError
+
         if not HydraConfig.initialized():
-            raise ValueError("workers > 1 starts processes of the qkv command line; run `qkv sweep workers=N`")
+            raise QkvError("workers > 1 starts processes of the qkv command line; run `qkv sweep workers=N`")
         command = worker_command(sys.argv[1:], list(HydraConfig.get().overrides.task), cfg.workers)
         log_dir = pathlib.Path(cfg.run_root) / "workers" / cfg.study_name
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkvsearch.models import ArchConfig, build_model
+from qkvsearch.models.errors import QkvError
 from qkvsearch.tasks.base import IGNORE
 
 #: The architecture kind each task kind trains.
@@ -67,7 +68,7 @@ def check_compatible(arch: ArchConfig, task: Any) -> None:
     if task.kind == "classification" and (arch.head.per_token or outputs != task.n_classes):
         problems.append(f"head: the task has {task.n_classes} classes; the head gives {outputs} outputs per {'token' if arch.head.per_token else 'sequence'}")
     if problems:
-        raise ValueError("architecture does not fit the task: " + "; ".join(problems))
+        raise QkvError("architecture does not fit the task: " + "; ".join(problems))
 
 
 class LitTransformer(L.LightningModule):
@@ -84,7 +85,7 @@ class LitTransformer(L.LightningModule):
                  warmup_steps: int = 20, min_lr_ratio: float = 0.1, max_steps: int = 1000) -> None:
         super().__init__()
         if task_kind not in STEPS:
-            raise ValueError(f"task_kind {task_kind!r} is unknown; valid: {', '.join(STEPS)}")
+            raise QkvError(f"task_kind {task_kind!r} is unknown; valid: {', '.join(STEPS)}")
         self.arch = arch
         self.model = build_model(arch)
         self.step_fn = STEPS[task_kind]

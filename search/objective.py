@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import save_file
 
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
+from qkvsearch.models.errors import QkvError
 from qkvsearch.search.artifacts import attach_architecture, attach_attention, trial_dir, would_be_best
 from qkvsearch.search.callbacks import BestWeights, OptunaPruning
 from qkvsearch.search.lit import LitTransformer, check_compatible, model_inputs
@@ -39,14 +40,14 @@ TRAINED = ("val_loss", "val_acc")
 def check_objectives(objectives: list[str]) -> list[str]:
     """Returns the directions of ``objectives``; raises ValueError naming a bad entry."""
     if not objectives:
-        raise ValueError(f"objectives: give at least one of {', '.join(OBJECTIVES)}")
+        raise QkvError(f"objectives: give at least one of {', '.join(OBJECTIVES)}")
     for name in objectives:
         if name not in OBJECTIVES:
-            raise ValueError(f"objectives: unknown {name!r}; valid: {', '.join(OBJECTIVES)}")
+            raise QkvError(f"objectives: unknown {name!r}; valid: {', '.join(OBJECTIVES)}")
     if objectives[0] not in TRAINED:
-        raise ValueError(f"objectives: the first objective must be trained ({', '.join(TRAINED)}), got {objectives[0]!r}")
+        raise QkvError(f"objectives: the first objective must be trained ({', '.join(TRAINED)}), got {objectives[0]!r}")
     if len(set(objectives)) != len(objectives):
-        raise ValueError(f"objectives: {objectives} lists an objective twice")
+        raise QkvError(f"objectives: {objectives} lists an objective twice")
     return [OBJECTIVES[name] for name in objectives]
 
 

@@ -30,6 +30,8 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
+from qkvsearch.models.errors import QkvError
+
 STORAGE_KINDS = ("rdb", "journal")
 #: Trial system attribute that carries a journal trial's last heartbeat (seconds since the epoch).
 HEARTBEAT_ATTR = "qkv:heartbeat"
@@ -39,7 +41,7 @@ STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=,+-]{0,119}")
 StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 
-class StorageError(RuntimeError):
+class StorageError(QkvError):
     """The storage cannot be opened or reached."""
 
 
@@ -50,12 +52,12 @@ def check_study_name(name: Any) -> str:
         ValueError: a number, a path, ``..`` or characters outside ``[A-Za-z0-9_.=,+-]``.
     """
     if not isinstance(name, str):
-        raise ValueError(
+        raise QkvError(
             f"study_name: {name!r} is a {type(name).__name__}, not a name (Hydra reads a bare number as a number); "
             f"start it with a letter, e.g. study_name=run{name}"
         )
     if not STUDY_NAME.fullmatch(name) or ".." in name:
-        raise ValueError(
+        raise QkvError(
             f"study_name: {name!r} is not a plain name; use up to 120 letters, digits and '. _ - = , +', "
             "starting with a letter, digit or '_' (no '/', no '..', not an absolute path)"
         )
@@ -108,7 +110,15 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self._stale_callback
 
 
-def open_storage(cfg: Any, stale_callback: StaleCallback | None = None) -> BaseStorage:
+def storage_file(cfg: Any) -> pathlib.Path | None:
+    """The file behind a SQLite or journal storage (None for a server)."""
+    if cfg.get("kind") == "journal":
+        return pathlib.Path(cfg.path)
+    url = str(cfg.get("url") or "")
+    return pathlib.Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
+def open_storage(cfg: Any, stale_callback: StaleCallback | None = None, must_exist: bool = False) -> BaseStorage:
     """Opens the storage ``cfg`` describes: ``{kind: rdb, url}`` or ``{kind: journal, path}``,
     each with ``heartbeat_s`` and ``grace_s``.
 
@@ -116,12 +126,18 @@ def open_storage(cfg: Any, stale_callback: StaleCallback | None = None) -> BaseS
     has been silent for ``grace_s`` seconds is failed by the next worker that asks for a
     trial, and ``stale_callback`` (the sweep's retry) runs on it.
 
+    Commands that only read a study pass ``must_exist``, so a wrong path creates nothing.
+
     Raises:
-        StorageError: unknown kind, bad timings, or the storage cannot be reached.
+        StorageError: unknown kind, bad timings, a missing file where it must exist, or
+            the storage cannot be reached.
     """
     kind = cfg.get("kind")
     if kind not in STORAGE_KINDS:
         raise StorageError(f"storage.kind: unknown {kind!r}; valid: {', '.join(STORAGE_KINDS)}")
+    path = storage_file(cfg)
+    if must_exist and path is not None and not path.is_file():
+        raise StorageError(f"no storage at {path}: run `qkv sweep` first, or point storage=/run_root= at a sweep's")
     heartbeat_s, grace_s = int(cfg.get("heartbeat_s", 30)), int(cfg.get("grace_s", 120))
     if heartbeat_s < 1 or grace_s <= heartbeat_s:
         raise StorageError(
@@ -218,7 +234,7 @@ def create_or_load_study(
     )
     existing = [d.name.lower() for d in study.directions]
     if existing != [d.lower() for d in directions]:
-        raise ValueError(
+        raise QkvError(
             f"study {name!r} already exists with directions {existing}, but the config asks for "
             f"{list(directions)}; choose another study_name or the same objectives"
         )
@@ -271,7 +287,7 @@ def latest_study(storage: BaseStorage) -> str:
     """The study whose first trial started last (the most recent sweep)."""
     summaries = optuna.get_all_study_summaries(storage)
     if not summaries:
-        raise ValueError("no study found in this storage; run `qkv sweep` first or give storage=...")
+        raise QkvError("no study found in this storage; run `qkv sweep` first or give storage=...")
     epoch = datetime.datetime.min
     return max(summaries, key=lambda s: s.datetime_start or epoch).study_name
 
@@ -285,9 +301,9 @@ def load_named_study(cfg: Any, name: str | None) -> optuna.Study:
     """
     if name is not None:
         check_study_name(name)
-    storage = open_storage(cfg)
+    storage = open_storage(cfg, must_exist=True)
     name = name or latest_study(storage)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if name not in names:
-        raise ValueError(f"study {name!r} not found in {storage_url(cfg)}; studies: {', '.join(names) or 'none'}")
+        raise QkvError(f"study {name!r} not found in {storage_url(cfg)}; studies: {', '.join(names) or 'none'}")
     return optuna.load_study(study_name=name, storage=storage)

@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.storages import BaseStorage
 
+from qkvsearch.models.errors import QkvError
 from qkvsearch.search.artifacts import open_store, study_run_dir
 from qkvsearch.search.configs import run_command
 from qkvsearch.search.errors import Interrupted
@@ -69,11 +70,14 @@ class Setup:
 
 def build_task(cfg: DictConfig) -> Any:
     """Instantiates the task and copies its contract (kind, sizes) into ``cfg.task``."""
-    task = instantiate(cfg.task.data)
+    try:
+        task = instantiate(cfg.task.data)
+    except hydra.errors.InstantiationException as error:
+        raise QkvError(f"task {cfg.task.get('name')!r}: task.data cannot be built ({error})") from None
     task.setup("fit")  # make the data once, before any trial (errors surface here too)
     for key in ("kind", "vocab_size", "seq_len", "n_classes"):
         if not hasattr(task, key):
-            raise ValueError(f"task {cfg.task.name!r}: {type(task).__name__} lacks {key!r}, part of the task contract (tasks/base.py)")
+            raise QkvError(f"task {cfg.task.name!r}: {type(task).__name__} lacks {key!r}, part of the task contract (tasks/base.py)")
         cfg.task[key] = getattr(task, key)
     return task
 
@@ -92,7 +96,7 @@ def task_of_study(study: optuna.Study) -> Any:
         return build_task(OmegaConf.create({"task": recorded}))
     name = study.user_attrs.get("task")
     if name is None:
-        raise ValueError(f"study {study.study_name!r} records no task; train it with `qkv train task=...`")
+        raise QkvError(f"study {study.study_name!r} records no task; train it with `qkv train task=...`")
     return build_task(compose_config("sweep", [f"task={name}"]))
 
 
@@ -116,7 +120,7 @@ def dry_sample(space: Space | FunctionSpace, task: Any, attempts: int = 50) -> N
             reasons.append(str(error))
         finally:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    raise ValueError(
+    raise QkvError(
         f"space {space.name!r}: none of {attempts} random samples is feasible for this task; "
         f"reasons: {'; '.join(sorted(set(reasons))[:3])}"
     )
@@ -131,7 +135,7 @@ def build_sampler(cfg: DictConfig, space: Space | FunctionSpace, index: int) -> 
     extra: dict[str, Any] = {}
     if "search_space" in accepted:
         if not isinstance(space, Space):
-            raise ValueError("sampler=grid needs a declarative space (a YAML space), not a Python function")
+            raise QkvError("sampler=grid needs a declarative space (a YAML space), not a Python function")
         extra["search_space"] = grid_of(space)
     if cfg.sampler.get("seed") is not None:  # workers of one study must not propose the same points
         extra["seed"] = cfg.sampler.seed + 1000 * index
@@ -148,10 +152,10 @@ def grid_of(space: Space) -> dict[str, list[Any]]:
         elif d.step is not None and not getattr(d, "log", False):
             n = int(round((d.high - d.low) / d.step)) + 1
             if n > 64:
-                raise ValueError(f"sampler=grid: parameter {param.name!r} has {n} values; a grid needs short ranges")
+                raise QkvError(f"sampler=grid: parameter {param.name!r} has {n} values; a grid needs short ranges")
             values = [d.low + i * d.step for i in range(n)]
         else:
-            raise ValueError(f"sampler=grid: parameter {param.name!r} is a continuous or log range; grid needs choices or steps")
+            raise QkvError(f"sampler=grid: parameter {param.name!r} is a continuous or log range; grid needs choices or steps")
         if param.per_layer:
             depth = next(p for p in space.params if p.name == param.per_layer).distribution
             for i in range(depth.high):
@@ -167,9 +171,9 @@ def check_sweep(cfg: DictConfig) -> list[str]:
     check_study_name(cfg.study_name)
     for key, least in (("n_trials", 1), ("workers", 1), ("max_retries", 0)):
         if not isinstance(cfg[key], int) or cfg[key] < least:
-            raise ValueError(f"{key} must be an integer >= {least}, got {cfg[key]!r}")
+            raise QkvError(f"{key} must be an integer >= {least}, got {cfg[key]!r}")
     if cfg.worker_index is not None and (not isinstance(cfg.worker_index, int) or cfg.worker_index < 0):
-        raise ValueError(f"worker_index must be null or an integer >= 0, got {cfg.worker_index!r}")
+        raise QkvError(f"worker_index must be null or an integer >= 0, got {cfg.worker_index!r}")
     return directions
 
 
@@ -203,7 +207,7 @@ def describe_study(study: optuna.Study, cfg: DictConfig, space_name: str) -> Non
     if "uid" in attrs:
         recorded = attrs.get("task_config")
         if recorded is not None and recorded != task_config:
-            raise ValueError(
+            raise QkvError(
                 f"study {study.study_name!r} was made with task config {recorded}, but this run composes "
                 f"{task_config}; resume it with the same task settings or choose another study_name"
             )

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
+from qkvsearch.models.errors import QkvError
 from qkvsearch.search.callbacks import BestWeights
 from qkvsearch.search.configs import run_command
 from qkvsearch.search.lit import LitTransformer, check_compatible
@@ -33,11 +34,11 @@ def load_arch(cfg: DictConfig) -> tuple[ArchConfig, dict[str, Any], optuna.Study
             or a study or trial that does not exist or never completed.
     """
     if (cfg.arch is None) == (cfg.study_name is None):
-        raise ValueError("give exactly one of arch=PATH.yaml or study_name=NAME (with trial=N or the best trial)")
+        raise QkvError("give exactly one of arch=PATH.yaml or study_name=NAME (with trial=N or the best trial)")
     if cfg.arch is not None:
         path = pathlib.Path(cfg.arch)
         if not path.is_file():
-            raise ValueError(f"arch: no file at {path}")
+            raise QkvError(f"arch: no file at {path}")
         return ArchConfig.from_dict(yaml.safe_load(path.read_text())), {"arch_file": str(path.resolve())}, None
     study = load_named_study(cfg.storage, cfg.study_name)
     trial = find_trial(study, cfg.trial)
@@ -57,14 +58,14 @@ def find_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
     complete = {t.number: t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
     if number is None:
         if len(study.directions) > 1:
-            raise ValueError(f"study {study_name!r} has several objectives: choose a trial=N from its Pareto front")
+            raise QkvError(f"study {study_name!r} has several objectives: choose a trial=N from its Pareto front")
         if not complete:
-            raise ValueError(f"study {study_name!r} has no complete trial")
+            raise QkvError(f"study {study_name!r} has no complete trial")
         return study.best_trial
     if number not in complete:
         states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
         found = f"it is {states[number]}" if number in states else f"it has trials 0-{len(states) - 1}"
-        raise ValueError(f"trial {number} of study {study_name!r} is not complete ({found}); complete: {sorted(complete)[:20]}")
+        raise QkvError(f"trial {number} of study {study_name!r} is not complete ({found}); complete: {sorted(complete)[:20]}")
     return complete[number]
 
 

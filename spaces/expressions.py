@@ -14,12 +14,14 @@ import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from qkvsearch.models.errors import QkvError
+
 MAX_LENGTH = 400
 MAX_EXPONENT = 64
 MAX_MAGNITUDE = 10**30
 
 
-class ExpressionError(ValueError):
+class ExpressionError(QkvError):
     """An expression that is not allowed, or that cannot be evaluated."""
 
 

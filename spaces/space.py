@@ -38,10 +38,11 @@ from typing import Any
 import optuna
 
 from qkvsearch.models import ArchConfig, ConfigError, count_parameters, flops_per_token
+from qkvsearch.models.errors import QkvError
 from qkvsearch.spaces.expressions import Expression, ExpressionError
 
 
-class SpaceError(ValueError):
+class SpaceError(QkvError):
     """A malformed space: names the source, the key and what is valid."""
 
 

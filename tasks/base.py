@@ -30,6 +30,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from qkvsearch.models.errors import QkvError
+
 IGNORE = -100
 KINDS = ("language_model", "classification", "seq2seq")
 
@@ -44,7 +46,7 @@ class Batches(IterableDataset):
     def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, shuffle: bool, seed: int, drop_last: bool) -> None:
         sizes = {t.shape[0] for t in tensors.values()}
         if len(sizes) != 1:
-            raise ValueError(f"tensors must share their first dimension, got sizes {sorted(sizes)}")
+            raise QkvError(f"tensors must share their first dimension, got sizes {sorted(sizes)}")
         self.tensors, self.batch_size, self.shuffle, self.drop_last = tensors, batch_size, shuffle, drop_last
         self.n = sizes.pop()
         self.generator = torch.Generator().manual_seed(seed)
@@ -71,7 +73,7 @@ class TensorTask(L.LightningDataModule):
     def __init__(self, batch_size: int = 32, seed: int = 0) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise QkvError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.seed = batch_size, seed
         self._splits: dict[str, dict[str, torch.Tensor]] | None = None
 

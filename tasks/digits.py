@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from qkvsearch.models.errors import QkvError
 from qkvsearch.tasks.base import TensorTask, frequency_loss
 
 
@@ -24,7 +25,7 @@ class Digits(TensorTask):
     def __init__(self, val_fraction: float = 0.2, batch_size: int = 64, seed: int = 0) -> None:
         super().__init__(batch_size, seed)
         if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+            raise QkvError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.val_fraction = val_fraction
 
     def build(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from qkvsearch.models.errors import QkvError
 from qkvsearch.tasks.base import IGNORE, TensorTask
 
 
@@ -16,7 +17,7 @@ class GeneratedTask(TensorTask):
     def __init__(self, n_train: int, n_val: int, batch_size: int, seed: int) -> None:
         super().__init__(batch_size, seed)
         if n_train < 1 or n_val < 1:
-            raise ValueError(f"n_train ({n_train}) and n_val ({n_val}) must be >= 1")
+            raise QkvError(f"n_train ({n_train}) and n_val ({n_val}) must be >= 1")
         self.n_train, self.n_val = n_train, n_val
 
     def _generate(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -47,7 +48,7 @@ class AssociativeRecall(GeneratedTask):
                  n_val: int = 1000, batch_size: int = 64, seed: int = 0) -> None:
         super().__init__(n_train, n_val, batch_size, seed)
         if not 1 <= n_pairs <= n_keys or n_values < 2:
-            raise ValueError(f"need 1 <= n_pairs ({n_pairs}) <= n_keys ({n_keys}) and n_values >= 2 ({n_values})")
+            raise QkvError(f"need 1 <= n_pairs ({n_pairs}) <= n_keys ({n_keys}) and n_values >= 2 ({n_values})")
         self.n_pairs, self.n_keys, self.n_values = n_pairs, n_keys, n_values
         self.separator = n_keys + n_values
         self.vocab_size = n_keys + n_values + 1
@@ -92,7 +93,7 @@ class Reverse(GeneratedTask):
                  n_val: int = 1000, batch_size: int = 64, seed: int = 0) -> None:
         super().__init__(n_train, n_val, batch_size, seed)
         if n_symbols < 2 or not 1 <= min_len <= max_len:
-            raise ValueError(f"need n_symbols >= 2 ({n_symbols}) and 1 <= min_len ({min_len}) <= max_len ({max_len})")
+            raise QkvError(f"need n_symbols >= 2 ({n_symbols}) and 1 <= min_len ({min_len}) <= max_len ({max_len})")
         self.n_symbols, self.min_len, self.max_len = n_symbols, min_len, max_len
         self.vocab_size = n_symbols + 3
         self.seq_len = max_len + 1

@@ -8,6 +8,7 @@ import sysconfig
 
 import torch
 
+from qkvsearch.models.errors import QkvError
 from qkvsearch.tasks.base import TensorTask, frequency_loss
 
 UNKNOWN = 127  # every non-ASCII character maps here
@@ -52,7 +53,7 @@ class StdlibCharLM(TensorTask):
                  val_fraction: float = 0.1, batch_size: int = 32, seed: int = 0, root: str | None = None) -> None:
         super().__init__(batch_size, seed)
         if seq_len < 2 or train_chars < seq_len + 1 or val_chars < seq_len + 1 or not 0 < val_fraction < 1:
-            raise ValueError(
+            raise QkvError(
                 f"need seq_len >= 2 ({seq_len}), train_chars and val_chars > seq_len "
                 f"({train_chars}, {val_chars}) and 0 < val_fraction < 1 ({val_fraction})"
             )
@@ -81,7 +82,7 @@ class StdlibCharLM(TensorTask):
         for split, stream in streams.items():
             n = (stream.numel() - 1) // self.seq_len
             if n < 1:
-                raise ValueError(f"the {split} split has too little text for seq_len {self.seq_len}")
+                raise QkvError(f"the {split} split has too little text for seq_len {self.seq_len}")
             windows = stream[: n * self.seq_len + 1]
             tokens = windows[:-1].view(n, self.seq_len)
             targets = windows[1:].view(n, self.seq_len)

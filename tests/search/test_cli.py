@@ -25,7 +25,7 @@ def test_help_lists_every_command():
 def test_an_unknown_command_is_refused_with_the_list():
     result = _qkv("swep")
     assert result.returncode == 2
-    assert "unknown command 'swep'; available: sweep, train" in result.stderr
+    assert "unknown command 'swep' (did you mean 'sweep'?); available: sweep, train" in result.stderr
 
 
 def test_cfg_job_prints_the_composed_config_with_overrides():
@@ -53,4 +53,48 @@ def test_bad_input_ends_with_its_message_and_status_2_not_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "qkv: error: n_trials must be an integer >= 1, got 0" in result.stderr and "Traceback" not in result.stderr
     result = _qkv("export", f"run_root={tmp_path}")
-    assert result.returncode == 2 and "no study found" in result.stderr
+    assert result.returncode == 2 and "no storage at" in result.stderr and "run `qkv sweep` first" in result.stderr
+
+
+def test_command_help_is_read_from_the_yaml_without_importing_torch():
+    code = ("import sys; sys.argv = ['qkv', 'sweep', '--help']\n"
+            "from qkvsearch.search.cli import main; main()\n"
+            "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'help imported the heavy stack'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "task       " in result.stdout and "lm_stdlib | digits | recall | reverse" in result.stdout
+    assert "n_trials" in result.stdout and "finished trials" in result.stdout
+    assert "per_layer" not in result.stdout and "distribution" not in result.stdout  # no space body
+    export = _qkv("export", "--help").stdout
+    assert "storage" in export and "space " not in export and "sampler" not in export  # only its own groups
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["sweeep"], "unknown command 'sweeep' (did you mean 'sweep'?)"),
+    (["sweep", "n_trails=5"], "unknown setting 'n_trails' (did you mean 'n_trials'?)"),
+    (["sweep", "task=recal"], "task=recal: no option 'recal' (did you mean 'recall'?)"),
+    (["export", "rul=best"], "unknown setting 'rul' (did you mean 'rule'?)"),
+])
+def test_a_mistyped_name_is_refused_with_the_close_one(args, message):
+    result = _qkv(*args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["sweep", "study_name=../x"], ["train"], ["export", "study_name=nope"], ["report", "study_name=nope"],
+    ["dashboard"], ["space", "show", "space=nope"],
+])
+def test_no_command_leaves_files_behind_on_bad_input(args, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "qkvsearch.search.cli", *args], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "qkv" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreachable_postgres_is_a_clean_error_not_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "qkvsearch.search.cli", "report", "storage=postgres",
+                             "storage.url=postgresql+psycopg2://nobody@127.0.0.1:9/none"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and "qkv: error: cannot open storage" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -19,6 +19,7 @@ from optuna.artifacts import get_all_artifact_meta
 
 from qkvsearch.search.dashboard import check_port
 from qkvsearch.search.report import render, report
+from qkvsearch.search.storage import open_storage
 from qkvsearch.search.sweep import sweep
 from tests.conftest import compose_conf, tiny_sweep_conf
 from tests.search.browser import rendered_dom
@@ -74,7 +75,7 @@ def test_the_dashboard_serves_the_study_on_loopback_and_renders_it(swept):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=10) as response:
             detail = json.load(response)
         assert len(detail["trials"]) == 3
-        with pytest.raises(OSError, match=f"port {port} on 127.0.0.1 is in use"):
+        with pytest.raises(ValueError, match=f"port {port} on 127.0.0.1 is in use"):
             check_port("127.0.0.1", port)
         dom = rendered_dom(f"http://127.0.0.1:{port}/dashboard/studies/{summary['study_id']}")
         assert study.study_name in dom
@@ -171,7 +172,12 @@ def test_reports_of_empty_and_failed_only_studies_say_so():
 def test_no_study_is_a_clear_error(tmp_path):
     from qkvsearch.search.dashboard import serve
 
+    with pytest.raises(ValueError, match=r"no storage at .*studies.db: run `qkv sweep` first"):
+        serve(compose_conf("dashboard", [f"run_root={tmp_path}"]))
+    with pytest.raises(ValueError, match=r"no storage at"):
+        report(compose_conf("report", [f"run_root={tmp_path}"]))
+    assert list(tmp_path.iterdir()) == []  # looking for a study creates no storage
+    empty = compose_conf("sweep", [f"run_root={tmp_path}"]).storage
+    open_storage(empty)  # a storage without studies
     with pytest.raises(ValueError, match=r"no study found in sqlite:///.*run `qkv sweep` first"):
         serve(compose_conf("dashboard", [f"run_root={tmp_path}"]))
-    with pytest.raises(ValueError, match=r"no study found"):
-        report(compose_conf("report", [f"run_root={tmp_path}"]))

@@ -1,0 +1,105 @@
+"""What the ``qkv`` command line knows of a command's config without composing it: its
+groups and their options, its settings and their comments. Light on purpose (YAML only,
+no torch, Lightning or Hydra), so ``--help`` and a mistyped name answer at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import re
+
+import yaml
+
+CONF_DIR = pathlib.Path(__file__).resolve().parent.parent / "conf"
+#: The primary config of each command.
+PRIMARY = {"sweep": "sweep", "train": "train", "export": "export", "dashboard": "dashboard", "report": "report",
+           "space": "space_show"}
+#: Hydra's own flags that take a value (they are not overrides).
+HYDRA_VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--cfg", "-c",
+                     "--package", "-p", "--info", "-i", "--experimental-rerun")
+
+
+class UnknownName(ValueError):
+    """An override names a setting, group or option the command does not have (raised
+    here, not as QkvError, whose module would import torch)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandConf:
+    """A command's config groups (with their default and options) and its settings."""
+
+    groups: dict[str, tuple[str, list[str]]]
+    settings: dict[str, str]  # key -> its comment in the YAML
+
+    @classmethod
+    def of(cls, command: str) -> CommandConf:
+        path = CONF_DIR / f"{PRIMARY[command]}.yaml"
+        data = yaml.safe_load(path.read_text()) or {}
+        groups = {}
+        for entry in data.get("defaults", []):
+            if isinstance(entry, dict):
+                ((group, default),) = entry.items()
+                if not group.startswith("override "):
+                    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+                    groups[group] = (str(default), options)
+        settings = {}
+        for line in path.read_text().splitlines():
+            match = re.match(r"^([A-Za-z_]\w*):(.*?)(?:\s#\s*(.*))?$", line)
+            if match and match.group(1) not in ("defaults", "hydra"):
+                settings[match.group(1)] = (match.group(3) or "").strip()
+        return cls(groups, settings)
+
+    def help(self, command: str, summary: str) -> str:
+        """The command's help: its groups with their options, its settings with their comments."""
+        width = max(map(len, [*self.groups, *self.settings]), default=8)
+        lines = [f"qkv {command}: {summary}", "", f"usage: qkv {command} [GROUP=OPTION] [KEY=VALUE] [GROUP.KEY=VALUE] ...", "",
+                 "config groups (default first):"]
+        for group, (default, options) in self.groups.items():
+            rest = [o for o in options if o != default]
+            lines.append(f"  {group:<{width}}  {default}" + (f" | {' | '.join(rest)}" if rest else ""))
+        lines += ["", "settings:"]
+        lines += [f"  {key:<{width}}  {comment}".rstrip() for key, comment in self.settings.items()]
+        lines += ["", f"`qkv {command} --cfg job` prints the composed config; `-m` runs a multirun over comma lists;",
+                  "`--hydra-help` shows Hydra's own flags."]
+        return "\n".join(lines)
+
+    def check(self, args: list[str]) -> None:
+        """Refuses an override whose setting, group or option does not exist, suggesting
+        the close name (before Hydra's own hint, ``+key=value``, silently adds a new key).
+
+        Raises:
+            UnknownName: naming the key or option and what is valid.
+        """
+        extra_conf = any(a.split("=")[0] in ("--config-dir", "-cd", "--config-path", "-cp") for a in args)
+        skip = False
+        for arg in args:
+            if skip:
+                skip = False
+                continue
+            if arg in HYDRA_VALUE_FLAGS:
+                skip = True
+                continue
+            if arg.startswith(("-", "+", "~")) or "=" not in arg:
+                continue
+            key, value = arg.split("=", 1)
+            top = key.split(".")[0]
+            if top.startswith("hydra") or "/" in top:
+                continue
+            known = [*self.groups, *self.settings]
+            if top not in known:
+                raise UnknownName(f"unknown setting {key!r}{_suggest(top, known)}; settings: {', '.join(known)}")
+            if key in self.groups and not extra_conf and value not in ("null", "") and not re.search(r"[,()\[\]]", value):
+                options = self.groups[key][1]
+                if value not in options:
+                    raise UnknownName(f"{key}={value}: no option {value!r}{_suggest(value, options)}; options: {', '.join(options)}")
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def suggest_command(name: str, commands: list[str]) -> str:
+    """`` (did you mean 'sweep'?)`` for a mistyped command, else nothing."""
+    return _suggest(name, commands)
