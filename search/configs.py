@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from qkvsearch import conf
 from qkvsearch.models.errors import QkvError
 
 CONF_DIR = str(pathlib.Path(conf.__file__).resolve().parent)
+#: Overrides that never name a study: they exist to share one (worker_index, workers) or
+#: say where things are kept.
+NOT_IN_STUDY_NAMES = ("worker_index", "workers", "run_root", "artifacts", "storage.url", "storage.path",
+                      "storage.heartbeat_s", "storage.grace_s", "max_retries", "show_trial_progress", "study_name")
+
+
+def multirun_suffix() -> str:
+    """In a multirun, ``_`` and this job's overrides (``_seed=1``), so every job gets a study
+    of its own unless only worker_index/workers (or paths) differ; nothing in a single run."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return ""
+    parts = sorted(o for o in HydraConfig.get().overrides.task
+                   if not o.lstrip("+~").split("=")[0].startswith(NOT_IN_STUDY_NAMES))
+    text = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(parts))
+    if len(text) > 80:  # keep names readable and within the limit: a digest of the rest
+        text = text[:64] + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"_{text}" if text else ""
+
+
+if not OmegaConf.has_resolver("qkv_multirun_suffix"):
+    OmegaConf.register_new_resolver("qkv_multirun_suffix", multirun_suffix)
 
 
 def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:

@@ -10,6 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import qkvsearch.search.configs  # noqa: F401 - registers the resolvers the configs use
+
 CONF = str(pathlib.Path(__file__).resolve().parent.parent / "conf")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -48,6 +48,19 @@ def test_multirun_runs_one_sweep_per_value(tmp_path):
     assert names == {"multi0", "multi1"}
 
 
+@pytest.mark.slow
+def test_a_multirun_makes_one_study_per_job_by_default(tmp_path):
+    result = _qkv("sweep", "-m", "task=recall", "task.data.n_train=256", "task.data.n_val=64", "trainer.max_steps=10",
+                  "trainer.val_check_interval=5", "trainer.limit_val_batches=1", "n_trials=1", f"run_root={tmp_path}",
+                  "seed=0,1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    import optuna
+
+    summaries = optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/studies.db")
+    assert len(summaries) == 2 and all(s.n_trials == 1 for s in summaries)
+    assert sorted(s.study_name.split(",seed=")[1].split(",")[0] for s in summaries) == ["0", "1"]
+
+
 def test_bad_input_ends_with_its_message_and_status_2_not_a_traceback(tmp_path):
     result = _qkv("sweep", "n_trials=0", f"run_root={tmp_path}")
     assert result.returncode == 2
