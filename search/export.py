@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from importlib import metadata
 from typing import Any
 
@@ -191,8 +192,18 @@ def _versions() -> dict[str, str]:
     return {"qkvsearch": ours, "torch": torch.__version__, "python": sys.version.split()[0]}
 
 
-def model_card(chosen: Chosen, weights: pathlib.Path, check: dict[str, Any], extras: list[str]) -> str:
-    """The folder's README.md."""
+def portable(path: pathlib.Path, run_root: str | pathlib.Path) -> str:
+    """``path`` as the card shows it: under ``<run_root>/`` or the working folder, never an
+    absolute path of the exporting machine."""
+    path = pathlib.Path(path).resolve()
+    for base, label in ((pathlib.Path(run_root).resolve(), "<run_root>/"), (pathlib.Path.cwd().resolve(), "")):
+        if path.is_relative_to(base):
+            return label + str(path.relative_to(base))
+    return path.name
+
+
+def model_card(chosen: Chosen, weights: str, check: dict[str, Any], extras: list[str]) -> str:
+    """The folder's README.md (``weights``: where they came from, as :func:`portable` says)."""
     arch, trial, study = chosen.arch, chosen.trial, chosen.study
     objectives = study.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(trial.values))]
     metrics = "\n".join(f"| {name} | {value:.6g} |" for name, value in zip(objectives, trial.values, strict=False))
@@ -240,7 +251,7 @@ net = model.load()            # builds the architecture, loads model.safetensors
 ## Provenance
 
 - study: `{study.study_name}`, trial {trial.number}{f" (same architecture as trial {trial.user_attrs['duplicate_of']})" if 'duplicate_of' in trial.user_attrs else ''}
-- task: {study.user_attrs.get('task', 'unknown')}, space: {study.user_attrs.get('space', 'unknown')}
+- task: {study.user_attrs.get('task', 'unknown')}, space: {study.user_attrs.get('space', 'unknown')}; trained with qkvsearch {study.user_attrs.get('code_version', 'unknown')}
 - weights: {weights}
 - architecture hash: {arch.fingerprint()}
 - exported {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')} with qkvsearch {versions['qkvsearch']}, torch {versions['torch']}, Python {versions['python']}
@@ -272,7 +283,8 @@ def export(cfg: DictConfig) -> pathlib.Path:
     weights = retrain(cfg, chosen) if cfg.retrain else chosen.weights
     model = load_trained(chosen.arch, weights)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()  # the user's umask, not mkdtemp's 0700: the folder is meant to be shared
     try:
         state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(partial / "model.safetensors"), metadata={"arch_hash": chosen.arch.fingerprint()})
@@ -284,7 +296,11 @@ def export(cfg: DictConfig) -> pathlib.Path:
             extras.append(export_onnx(model, chosen.arch, partial))
         if cfg.torch_export:
             extras.append(export_program(model, chosen.arch, partial))
-        (partial / "README.md").write_text(model_card(chosen, weights, check, extras))
+        (partial / "README.md").write_text(model_card(chosen, portable(weights, cfg.run_root), check, extras))
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in partial.iterdir():  # safetensors writes 0600; an export is meant to be shared
+            path.chmod(0o666 & ~umask)
         if out.exists():
             shutil.rmtree(out)
         partial.rename(out)

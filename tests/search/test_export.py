@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 
 import optuna
 import pytest
@@ -153,6 +154,11 @@ def test_qkv_export_writes_a_checked_folder_and_refuses_bad_requests(tmp_path):
     assert folder == out
     assert {p.name for p in out.iterdir()} == {"model.py", "model.safetensors", "config.yaml", "README.md", "model.pt2"}
     card = (out / "README.md").read_text()
+    assert str(tmp_path) not in card and "weights: <run_root>/" in card  # no path of this machine
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # a normal folder, not mkdtemp's 0700
+    assert all((f.stat().st_mode & 0o777) == 0o666 & ~umask for f in out.iterdir())
     assert f"trial {study.best_trial.number}" in card and f"{study.best_trial.user_attrs['n_params']:,}" in card
     assert ArchConfig.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text())).fingerprint() == study.best_trial.user_attrs["arch_hash"]
 
