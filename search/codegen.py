@@ -28,6 +28,7 @@ from qkvsearch.models import (
     count_parameters,
     flops_per_token,
 )
+from qkvsearch.models.describe import layer_rows
 from qkvsearch.models.errors import QkvError
 from qkvsearch.models.feedforward import GELUConfig, ReLUConfig, SquaredReLUConfig, SwiGLUConfig
 from qkvsearch.models.heads import ClassifierConfig, LMHeadConfig, TokenClassifierConfig
@@ -263,14 +264,10 @@ def _docstring(arch: ArchConfig) -> str:
         f"{count_parameters(arch):,} parameters, {flops_per_token(arch):,} forward FLOPs per token.",
         "",
     ]
-    for name, stack in arch.stacks.items():
-        lines.append(f"{name}: {stack.n_layers} layers")
-        for i, layer in enumerate(stack.layers):
-            a = layer.attention
-            masks = "+".join(m.name for m in a.masks) or "bidirectional"
-            cross = f"; cross-attention {layer.cross_attention.n_heads} heads" if layer.cross_attention else ""
-            lines.append(f"  {i}: {a.n_heads} heads / {a.n_kv_heads} kv, d_k {a.d_k}, d_v {a.d_v}, "
-                         f"{a.scaling.name}, {masks}; {layer.ffn.name} d_ff {layer.ffn.d_ff}{cross}")
+    for row in layer_rows(arch):
+        cross = f"; cross-attention {row['cross heads']} heads" if row["cross heads"] != "-" else ""
+        lines.append(f"  {row['layer']}: {row['heads']} heads / {row['kv heads']} kv, d_k {row['d_k']}, d_v {row['d_v']}, "
+                     f"{row['scaling']}, {row['masks']}; {row['ffn']} d_ff {row['d_ff']}{cross}")
     lines += ["", "Usage::", "", "    import model", "    net = model.load()          # trained weights, eval mode",
               "    logits = net(tokens)        # see the forward of the class build() returns"]
     return '"""' + "\n".join(lines) + '\n"""'

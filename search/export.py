@@ -32,10 +32,12 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
+from qkvsearch.models.describe import COLUMNS, layer_rows
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.artifacts import load_trained, trial_weights
 from qkvsearch.search.codegen import ExportError, generate_model_source
 from qkvsearch.search.configs import run_command
+from qkvsearch.search.selection import complete_trial, ranked
 from qkvsearch.search.storage import check_study_name, load_named_study
 
 State = optuna.trial.TrialState
@@ -83,19 +85,12 @@ def select_trial(study: optuna.Study, cfg: Any) -> optuna.trial.FrozenTrial:
     first objective with at most ``max_params`` parameters); ``auto`` is ``best`` for a
     single objective and asks for a rule otherwise.
     """
-    trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == State.COMPLETE]
     if cfg.trial is not None:
-        match = [t for t in trials if t.number == cfg.trial]
-        if not match:
-            raise QkvError(f"trial {cfg.trial} does not exist in study {study.study_name!r} (it has {len(trials)} trials)")
-        if match[0].state != State.COMPLETE:
-            reason = match[0].user_attrs.get("pruned_reason") or match[0].user_attrs.get("fail_reason") or ""
-            raise QkvError(f"trial {cfg.trial} of study {study.study_name!r} is {match[0].state.name}, not COMPLETE {reason}".rstrip())
-        return match[0]
+        return complete_trial(study, cfg.trial)
     if cfg.rule not in RULES:
         raise QkvError(f"rule: unknown {cfg.rule!r}; valid: {', '.join(RULES)}")
-    if not complete:
+    ranks = ranked(study)
+    if not ranks:
         raise QkvError(f"study {study.study_name!r} has no complete trial to export")
     rule = cfg.rule
     if rule == "auto":
@@ -104,20 +99,19 @@ def select_trial(study: optuna.Study, cfg: Any) -> optuna.trial.FrozenTrial:
                              "rule=best_under max_params=N, or trial=N")
         rule = "best"
     sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
-    ranked = sorted(complete, key=lambda t: (sign * t.values[0], t.user_attrs.get("n_params", 0)))
     if rule == "best":
-        return ranked[0]
+        return ranks[0]
     if rule == "smallest_within":
         if cfg.within is None or cfg.within < 0:
             raise QkvError(f"within: must be a fraction >= 0, got {cfg.within}")
-        best = ranked[0].values[0]
-        close = [t for t in ranked if sign * (t.values[0] - best) <= cfg.within * abs(best)]
+        best = ranks[0].values[0]
+        close = [t for t in ranks if sign * (t.values[0] - best) <= cfg.within * abs(best)]
         return min(close, key=lambda t: (t.user_attrs.get("n_params", 0), sign * t.values[0]))
     if cfg.max_params is None:
         raise QkvError("rule=best_under needs max_params=N")
-    under = [t for t in ranked if t.user_attrs.get("n_params", float("inf")) <= cfg.max_params]
+    under = [t for t in ranks if t.user_attrs.get("n_params", float("inf")) <= cfg.max_params]
     if not under:
-        smallest = min(t.user_attrs.get("n_params", 0) for t in complete)
+        smallest = min(t.user_attrs.get("n_params", 0) for t in ranks)
         raise QkvError(f"no complete trial has at most {cfg.max_params:,} parameters (the smallest has {smallest:,})")
     return under[0]
 
@@ -207,14 +201,8 @@ def model_card(chosen: Chosen, weights: str, check: dict[str, Any], extras: list
     arch, trial, study = chosen.arch, chosen.trial, chosen.study
     objectives = study.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(trial.values))]
     metrics = "\n".join(f"| {name} | {value:.6g} |" for name, value in zip(objectives, trial.values, strict=False))
-    rows = []
-    for stack_name, stack in arch.stacks.items():
-        for i, layer in enumerate(stack.layers):
-            a = layer.attention
-            masks = ", ".join(m.name + (f" ({m.window})" if hasattr(m, "window") else "") for m in a.masks) or "none"
-            cross = f"{layer.cross_attention.n_heads}" if layer.cross_attention else "-"
-            rows.append(f"| {stack_name} {i} | {a.n_heads} | {a.n_kv_heads} | {a.d_k} | {a.d_v} | {a.scaling.name} | "
-                        f"{masks} | {cross} | {layer.ffn.name} | {layer.ffn.d_ff} |")
+    rows = layer_rows(arch)
+    table = "\n".join("| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows)
     versions = _versions()
     return f"""# {study.study_name}, trial {trial.number}
 
@@ -238,9 +226,9 @@ net = model.load()            # builds the architecture, loads model.safetensors
 
 ## Layers
 
-| layer | heads | kv heads | d_k | d_v | scaling | masks | cross heads | FFN | d_ff |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
-{chr(10).join(rows)}
+| {" | ".join(COLUMNS)} |
+|{" --- |" * len(COLUMNS)}
+{table}
 
 ## Metrics (from the study)
 

@@ -21,10 +21,11 @@ import plotly.offline
 from omegaconf import DictConfig
 from plotly.subplots import make_subplots
 
-from qkvsearch.models import ArchConfig
+from qkvsearch.models import ArchConfig, count_parameters
+from qkvsearch.models.describe import COLUMNS, layer_rows
 from qkvsearch.search.artifacts import attention_weights, load_trained, trial_weights
 from qkvsearch.search.configs import run_command
-from qkvsearch.search.report_text import top_trials
+from qkvsearch.search.selection import top_trials
 from qkvsearch.search.storage import load_named_study
 
 State = optuna.trial.TrialState
@@ -90,24 +91,24 @@ def trials_table(study: optuna.Study) -> str:
     return _section("Best trials" if len(names) == 1 else "Pareto-optimal trials", table)
 
 
-def layer_figure(arch: ArchConfig) -> go.Figure:
-    """Per layer: query heads, key/value heads, d_k, d_v and FFN width of the architecture."""
-    labels, series = [], {"query heads": [], "key/value heads": [], "d_k": [], "d_v": [], "FFN d_ff / d_model": []}
-    hover = []
-    for stack_name, stack in arch.stacks.items():
-        for i, layer in enumerate(stack.layers):
-            a = layer.attention
-            labels.append(f"{stack_name} {i}")
-            for key, value in zip(series, (a.n_heads, a.n_kv_heads, a.d_k, a.d_v, layer.ffn.d_ff / arch.d_model), strict=True):
-                series[key].append(value)
-            masks = "+".join(m.name for m in a.masks) or "bidirectional"
-            hover.append(f"{a.scaling.name}, {masks}, {layer.ffn.name}")
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("heads", "dimensions per head", "FFN width (x d_model)"))
-    for key, col in (("query heads", 1), ("key/value heads", 1), ("d_k", 2), ("d_v", 2), ("FFN d_ff / d_model", 3)):
-        fig.add_trace(go.Bar(name=key, x=labels, y=series[key], hovertext=hover), row=1, col=col)
-    fig.update_layout(barmode="group", height=360, title=f"d_model {arch.d_model}, positions {arch.positions.name}, "
-                      f"{arch.norm_placement.name}-{arch.norm.name}")
-    return fig
+def layer_table(arch: ArchConfig, runner_up: ArchConfig | None = None) -> str:
+    """The architecture per layer as a table; cells that differ from the runner-up's are
+    marked (a layer the runner-up lacks is marked whole)."""
+    theirs = layer_rows(runner_up) if runner_up is not None else []
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = []
+    for i, row in enumerate(layer_rows(arch)):
+        other = theirs[i] if i < len(theirs) else None
+        cells = []
+        for key, value in row.items():
+            differs = runner_up is not None and (other is None or other[key] != value) and key != "layer"
+            title = f' title="runner-up: {html.escape(str(other[key]))}"' if differs and other is not None else ""
+            cells.append(f'<td class="{"differs" if differs else ""}"{title}>{html.escape(str(value))}</td>')
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    caption = (f"d_model {arch.d_model}, positions {arch.positions.name}, {arch.norm_placement.name}-{arch.norm.name}, "
+               f"{count_parameters(arch):,} parameters")
+    note = _note("highlighted: differs from the runner-up (hover for its value)") if runner_up is not None else ""
+    return f"<p>{html.escape(caption)}</p><table><tr>{head}</tr>{''.join(body)}</table>{note}"
 
 
 def attention_figure(weights: dict[str, Any]) -> go.Figure:
@@ -128,12 +129,13 @@ def attention_figure(weights: dict[str, Any]) -> go.Figure:
 
 def best_model_sections(study: optuna.Study, task_loader: Callable[[], Any] | None, run_root: str) -> list[str]:
     """The best architecture per layer, and its attention on a sample input."""
-    best = top_trials(study, k=1)
+    best = top_trials(study, k=2)
     if not best:
         return [_section("Best architecture", _note("no complete trial yet"))]
     trial = best[0]
     arch = ArchConfig.from_dict(trial.user_attrs["arch"])
-    out = [_section(f"Best architecture (trial {trial.number})", _figure(layer_figure(arch)))]
+    runner_up = ArchConfig.from_dict(best[1].user_attrs["arch"]) if len(best) > 1 and len(study.directions) == 1 else None
+    out = [_section(f"Best architecture (trial {trial.number})", layer_table(arch, runner_up))]
     weights = trial_weights(study, trial, run_root)
     task_name = study.user_attrs.get("task")
     if not weights.is_file() or task_loader is None or task_name is None:
@@ -147,7 +149,8 @@ def best_model_sections(study: optuna.Study, task_loader: Callable[[], Any] | No
 
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2rem;max-width:1200px}table{border-collapse:collapse}
-td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}.note{color:#777}"""
+td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}.note{color:#777}
+td.differs{background:#fff3b0;font-weight:600}"""
 
 
 def render(study: optuna.Study, task_loader: Callable[[], Any] | None = None, run_root: str = "runs") -> str:

@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from qkvsearch.search.selection import top_trials
+
 State = optuna.trial.TrialState
 
 
@@ -37,16 +39,8 @@ def best_text(study: optuna.Study) -> str:
         return "-"
     if len(study.directions) > 1:
         return f"{len(study.best_trials)} on the Pareto front"
-    return f"{study.best_value:.4f} (trial {study.best_trial.number})"
-
-
-def top_trials(study: optuna.Study, k: int = 5) -> list[optuna.trial.FrozenTrial]:
-    """The Pareto front for several objectives, else the ``k`` best complete trials."""
-    complete = study.get_trials(deepcopy=False, states=(State.COMPLETE,))
-    if len(study.directions) > 1:
-        return sorted(study.best_trials, key=lambda t: t.values)
-    sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
-    return sorted(complete, key=lambda t: sign * t.value)[:k]
+    best = top_trials(study, k=1)[0]
+    return f"{best.value:.4f} (trial {best.number})"
 
 
 def _architecture(trial: optuna.trial.FrozenTrial) -> str:

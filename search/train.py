@@ -22,6 +22,7 @@ from qkvsearch.search.callbacks import BestWeights
 from qkvsearch.search.configs import run_command
 from qkvsearch.search.lit import LitTransformer, check_compatible
 from qkvsearch.search.objective import quiet_lightning
+from qkvsearch.search.selection import best_trial, complete_trial
 from qkvsearch.search.storage import load_named_study
 from qkvsearch.search.sweep import build_task, task_of_study
 
@@ -54,19 +55,7 @@ def task_overridden() -> bool:
 
 def find_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
     """A complete trial of a study: trial ``number``, or the best of a single-objective study."""
-    study_name = study.study_name
-    complete = {t.number: t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
-    if number is None:
-        if len(study.directions) > 1:
-            raise QkvError(f"study {study_name!r} has several objectives: choose a trial=N from its Pareto front")
-        if not complete:
-            raise QkvError(f"study {study_name!r} has no complete trial")
-        return study.best_trial
-    if number not in complete:
-        states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
-        found = f"it is {states[number]}" if number in states else f"it has trials 0-{len(states) - 1}"
-        raise QkvError(f"trial {number} of study {study_name!r} is not complete ({found}); complete: {sorted(complete)[:20]}")
-    return complete[number]
+    return best_trial(study) if number is None else complete_trial(study, number)
 
 
 def train(cfg: DictConfig) -> pathlib.Path:

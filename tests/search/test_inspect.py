@@ -154,8 +154,13 @@ def test_the_report_is_self_contained_and_renders_its_plots(swept, tmp_path):
     assert f"qkvsearch study {study.study_name}" in dom
     for heading in ("Optimisation history", "Parallel coordinates", "Intermediate values", "Best architecture", "Attention weights"):
         assert heading in dom
-    assert len(re.findall(r'class="main-svg"', dom)) >= 6
-    assert len(re.findall(r'class="[^"]*js-plotly-plot', dom)) >= 6
+    assert len(re.findall(r'class="main-svg"', dom)) >= 5
+    assert len(re.findall(r'class="[^"]*js-plotly-plot', dom)) >= 5
+    # the best architecture per layer, as a table, with what differs from the runner-up marked
+    assert "<th>kv heads</th>" in dom and "decoder 0" in dom
+    best, runner_up = sorted((t for t in study.get_trials() if t.state.name == "COMPLETE"), key=lambda t: t.value)[:2]
+    if best.user_attrs["arch_hash"] != runner_up.user_attrs["arch_hash"]:
+        assert 'class="differs"' in dom and "runner-up:" in dom
 
 
 def test_reports_of_empty_and_failed_only_studies_say_so():
