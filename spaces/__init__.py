@@ -13,7 +13,9 @@ import optuna
 
 from qkvsearch.models import ArchConfig
 from qkvsearch.spaces.expressions import Expression, ExpressionError
-from qkvsearch.spaces.space import Infeasible, Space, SpaceError, record_constraints, render
+from qkvsearch.spaces.loading import load_space_dict
+from qkvsearch.spaces.schema import Infeasible, SpaceError
+from qkvsearch.spaces.space import Space, record_constraints, render
 
 __all__ = [
     "Expression",
@@ -67,4 +69,4 @@ def load_space(data: Mapping[str, Any], cfg: Any = None, source: str = "space") 
         except (ImportError, AttributeError, ValueError) as error:
             raise SpaceError(f"{source}: _target_: cannot import {target!r}: {error}") from None
         return FunctionSpace(str(data.get("name", target)), fn, cfg)
-    return Space.from_dict(data, source)
+    return load_space_dict(data, source)

@@ -4,28 +4,26 @@ from __future__ import annotations
 
 import graphlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 
 from qkvsearch.spaces.expressions import Expression, ExpressionError
-from qkvsearch.spaces.space import _BUDGET_KEYS, _PARAM_KEYS, _SPACE_KEYS, _TYPES, MEASURED, Param, SpaceError
-
-if TYPE_CHECKING:
-    from qkvsearch.spaces.space import Space
+from qkvsearch.spaces.schema import BUDGET_KEYS, MEASURED, PARAM_KEYS, SPACE_KEYS, TYPES, Param, SpaceError
+from qkvsearch.spaces.space import Space
 
 _RESERVED = {"layer", *MEASURED}
 _SCALARS = (type(None), bool, int, float, str)
 
 
-def load_space_dict(cls: type[Space], data: Any, source: str) -> Space:
+def load_space_dict(data: Any, source: str = "space") -> Space:
     """Checks ``data`` and builds the space; raises :class:`SpaceError` naming ``source``."""
     where = _Where(source)
     if not isinstance(data, Mapping):
         raise where.error("", f"a space must be a mapping, got {type(data).__name__}")
-    unknown = sorted(map(str, set(data) - _SPACE_KEYS))
+    unknown = sorted(map(str, set(data) - SPACE_KEYS))
     if unknown:
-        raise where.error(unknown[0], f"unknown key; valid keys: {', '.join(sorted(_SPACE_KEYS))}")
+        raise where.error(unknown[0], f"unknown key; valid keys: {', '.join(sorted(SPACE_KEYS))}")
     name = data.get("name", source)
     if not isinstance(name, str) or not name:
         raise where.error("name", f"must be a non-empty string, got {name!r}")
@@ -42,7 +40,7 @@ def load_space_dict(cls: type[Space], data: Any, source: str) -> Space:
         raise where.error("architecture", "required: the architecture template as a mapping")
     _check_template(data["architecture"], by_name, scalars, False, where, "architecture")
     description = data.get("description") or ""
-    return cls(name, params, derived, constraints, budget, data["architecture"], str(description))
+    return Space(name, params, derived, constraints, budget, data["architecture"], str(description))
 
 
 class _Where:
@@ -83,10 +81,10 @@ def _load_params(data: Any, where: _Where) -> list[Param]:
         if not isinstance(name, str) or not name.isidentifier() or name in _RESERVED:
             raise where.error(key, f"a parameter name must be an identifier other than {sorted(_RESERVED)}")
         if not isinstance(spec, Mapping):
-            raise where.error(key, f"must be a mapping with 'type' ({', '.join(_TYPES)}), got {spec!r}")
-        unknown = sorted(map(str, set(spec) - _PARAM_KEYS))
+            raise where.error(key, f"must be a mapping with 'type' ({', '.join(TYPES)}), got {spec!r}")
+        unknown = sorted(map(str, set(spec) - PARAM_KEYS))
         if unknown:
-            raise where.error(f"{key}.{unknown[0]}", f"unknown key; valid keys: {', '.join(sorted(_PARAM_KEYS))}")
+            raise where.error(f"{key}.{unknown[0]}", f"unknown key; valid keys: {', '.join(sorted(PARAM_KEYS))}")
         earlier = {p.name: p for p in params}
         scalars = {n for n, p in earlier.items() if p.per_layer is None}
         when = _expression(spec["when"], scalars, where, f"{key}.when") if spec.get("when") is not None else None
@@ -102,8 +100,8 @@ def _load_params(data: Any, where: _Where) -> list[Param]:
 
 def _distribution(spec: Mapping[str, Any], where: _Where, key: str) -> optuna.distributions.BaseDistribution:
     kind = spec.get("type")
-    if kind not in _TYPES:
-        raise where.error(f"{key}.type", f"unknown distribution {kind!r}; valid: {', '.join(_TYPES)}")
+    if kind not in TYPES:
+        raise where.error(f"{key}.type", f"unknown distribution {kind!r}; valid: {', '.join(TYPES)}")
     own = {"categorical": {"choices"}}.get(kind, {"low", "high", "step", "log"})
     foreign = sorted(map(str, set(spec) - own - {"type", "when", "per_layer"}))
     if foreign:
@@ -162,8 +160,8 @@ def _load_budget(data: Any, where: _Where) -> dict[str, float]:
         raise where.error("budget", f"must be a mapping, got {data!r}")
     budget = {}
     for key, value in data.items():
-        if key not in _BUDGET_KEYS:
-            raise where.error(f"budget.{key}", f"unknown key; valid keys: {', '.join(_BUDGET_KEYS)}")
+        if key not in BUDGET_KEYS:
+            raise where.error(f"budget.{key}", f"unknown key; valid keys: {', '.join(BUDGET_KEYS)}")
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

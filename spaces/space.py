@@ -29,7 +29,6 @@ only for ``I < depth``.
 
 from __future__ import annotations
 
-import dataclasses
 import graphlib
 import math
 from collections.abc import Mapping
@@ -38,41 +37,12 @@ from typing import Any
 import optuna
 
 from qkvsearch.models import ArchConfig, ConfigError, count_parameters, flops_per_token
-from qkvsearch.models.errors import QkvError
 from qkvsearch.spaces.expressions import Expression, ExpressionError
-
-
-class SpaceError(QkvError):
-    """A malformed space: names the source, the key and what is valid."""
-
-
-class Infeasible(optuna.TrialPruned):
-    """A sampled architecture that breaks a constraint or budget; nothing was built."""
-
-
-_PARAM_KEYS = {"type", "choices", "low", "high", "step", "log", "when", "per_layer"}
-_TYPES = ("categorical", "int", "float")
-_SPACE_KEYS = {"name", "description", "params", "derived", "constraints", "budget", "architecture"}
-_BUDGET_KEYS = ("max_params", "max_flops_per_token")
-#: Names every constraint may read besides parameters and derived values.
-MEASURED = ("n_params", "flops_per_token")
-
-
-@dataclasses.dataclass(frozen=True)
-class Param:
-    """One sampled parameter: its distribution, condition and depth."""
-
-    name: str
-    distribution: optuna.distributions.BaseDistribution
-    when: Expression | None = None
-    per_layer: str | None = None  # the int parameter giving the number of layers
-
-    def optuna_name(self, layer: int | None = None) -> str:
-        return self.name if layer is None else f"{self.name}.layer{layer}"
+from qkvsearch.spaces.schema import BUDGET_KEYS, MEASURED, Infeasible, Param, SpaceError
 
 
 class Space:
-    """A loaded, checked declarative space. Build with :meth:`from_dict`."""
+    """A loaded, checked declarative space. Build with :func:`qkvsearch.spaces.loading.load_space_dict`."""
 
     def __init__(
         self, name: str, params: list[Param], derived: dict[str, Expression],
@@ -85,17 +55,10 @@ class Space:
             {k: [n for n in e.names if n in derived] for k, e in derived.items()}
         ).static_order())
 
-    @classmethod
-    def from_dict(cls, data: Any, source: str = "space") -> Space:
-        """Loads and checks a space; every problem raises :class:`SpaceError` naming ``source``."""
-        from qkvsearch.spaces.loading import load_space_dict
-
-        return load_space_dict(cls, data, source)
-
     @property
     def constraint_names(self) -> list[str]:
         """The constraints recorded on every trial, in order."""
-        return [f"constraint{i}" for i in range(len(self.constraints))] + list(_BUDGET_KEYS) + ["valid"]
+        return [f"constraint{i}" for i in range(len(self.constraints))] + list(BUDGET_KEYS) + ["valid"]
 
     def sample_values(self, trial: optuna.Trial) -> dict[str, Any]:
         """Samples every parameter whose condition holds and evaluates derived values."""
@@ -143,7 +106,7 @@ class Space:
             if not _check(constraint, values, self.name):
                 vector[i] = 1.0
                 failed.append(f"constraint {constraint.source!r} is false")
-        for j, (key, measure) in enumerate(zip(_BUDGET_KEYS, MEASURED, strict=True)):
+        for j, (key, measure) in enumerate(zip(BUDGET_KEYS, MEASURED, strict=True)):
             limit = self.budget.get(key)
             if limit is not None:
                 vector[len(self.constraints) + j] = measured[measure] / limit - 1.0

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qkvsearch.spaces import Expression, ExpressionError, Infeasible, Space, SpaceError
+from qkvsearch.spaces import Expression, ExpressionError, Infeasible, SpaceError
+from qkvsearch.spaces.loading import load_space_dict
 
 GOOD = {
     "name": "t",
@@ -54,7 +55,7 @@ def _with(path: str, value, delete: bool = False) -> dict:
 
 
 def test_the_good_space_samples_per_layer_values_and_derived_sizes():
-    space = Space.from_dict(GOOD, "good.yaml")
+    space = load_space_dict(GOOD, "good.yaml")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     for _ in range(20):
         trial = study.ask()
@@ -70,7 +71,7 @@ def test_the_good_space_samples_per_layer_values_and_derived_sizes():
 
 
 def test_a_failed_constraint_prunes_with_its_reason():
-    space = Space.from_dict(_with("constraints", ["d_model <= 8"]), "c.yaml")
+    space = load_space_dict(_with("constraints", ["d_model <= 8"]), "c.yaml")
     study = optuna.create_study()
     study.enqueue_trial({"heads": 2})
     trial = study.ask()
@@ -80,7 +81,7 @@ def test_a_failed_constraint_prunes_with_its_reason():
 
 
 def test_a_budget_prunes_and_records_how_far_over_it_is():
-    space = Space.from_dict(_with("budget", {"max_params": 100}), "b.yaml")
+    space = load_space_dict(_with("budget", {"max_params": 100}), "b.yaml")
     study = optuna.create_study()
     trial = study.ask()
     with pytest.raises(Infeasible, match=r"n_params [\d,]+ exceeds max_params 100"):
@@ -117,7 +118,7 @@ BAD = [
 @pytest.mark.parametrize(("data", "message"), BAD, ids=lambda v: v[:30] if isinstance(v, str) else "")
 def test_malformed_spaces_fail_at_load_naming_file_key_and_valid_options(data, message):
     with pytest.raises(SpaceError, match=message):
-        Space.from_dict(data, "bad.yaml")
+        load_space_dict(data, "bad.yaml")
 
 
 @pytest.mark.parametrize(
@@ -207,7 +208,7 @@ param_specs = st.fixed_dictionaries(
 )
 def test_the_loader_loads_or_raises_space_error_on_random_spaces(data):
     try:
-        space = Space.from_dict(data, "fuzz.yaml")
+        space = load_space_dict(data, "fuzz.yaml")
     except SpaceError as error:
         assert str(error).startswith("fuzz.yaml: ")
         return
