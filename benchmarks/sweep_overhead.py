@@ -86,7 +86,7 @@ def one_trial(cfg, timers: list[BatchTimer]) -> tuple[float, BatchTimer]:
 def plain_loop(cfg, steps: int) -> tuple[float, float, int]:
     """Same model, batches, optimiser, schedule and clipping, in a bare loop."""
     task = build_task(cfg)
-    space = build_space(cfg)
+    space = build_space(cfg, task)
     study = optuna.create_study()
     study.enqueue_trial(ARCH)
     arch = space.suggest(study.ask())

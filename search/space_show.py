@@ -66,7 +66,7 @@ def _range(values: list[int]) -> str:
 def show(cfg: DictConfig, console: Console | None = None) -> SampleStats:
     console = console or Console()
     task = build_task(cfg)
-    space = build_space(cfg)
+    space = build_space(cfg, task)
     console.print(f"[bold]space {space.name}[/bold] for task {cfg.task.name}: {space.description}")
     table = Table("parameter", "distribution", "condition")
     for row in space.describe():

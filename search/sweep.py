@@ -49,6 +49,7 @@ from qkvsearch.search.workers import (
     record_interrupted,
 )
 from qkvsearch.spaces import FunctionSpace, Infeasible, Space, load_space
+from qkvsearch.tasks.base import check_task
 
 log = logging.getLogger("qkvsearch")
 
@@ -69,17 +70,23 @@ class Setup:
 
 
 def build_task(cfg: DictConfig) -> Any:
-    """Instantiates the task and copies its contract (kind, sizes) into ``cfg.task``."""
+    """Instantiates the task, makes its data once (before any trial, so errors surface
+    here) and checks it against the task contract."""
     try:
         task = instantiate(cfg.task.data)
     except hydra.errors.InstantiationException as error:
         raise QkvError(f"task {cfg.task.get('name')!r}: task.data cannot be built ({error})") from None
-    task.setup("fit")  # make the data once, before any trial (errors surface here too)
-    for key in ("kind", "vocab_size", "seq_len", "n_classes"):
-        if not hasattr(task, key):
-            raise QkvError(f"task {cfg.task.name!r}: {type(task).__name__} lacks {key!r}, part of the task contract (tasks/base.py)")
-        cfg.task[key] = getattr(task, key)
+    task.setup("fit")
+    check_task(task, str(cfg.task.get("name")))
     return task
+
+
+def task_view(cfg: DictConfig, task: Any) -> DictConfig:
+    """``cfg`` with the task's sizes under ``task`` (what spaces interpolate, as in
+    ``${task.vocab_size}``), leaving ``cfg`` itself as composed."""
+    root = OmegaConf.to_container(cfg, resolve=False)
+    root["task"] = {**root["task"], **dataclasses.asdict(check_task(task, str(cfg.task.get("name"))))}
+    return OmegaConf.create(root)
 
 
 def task_of_study(study: optuna.Study) -> Any:
@@ -100,11 +107,12 @@ def task_of_study(study: optuna.Study) -> Any:
     return build_task(compose_config("sweep", [f"task={name}"]))
 
 
-def build_space(cfg: DictConfig) -> Space | FunctionSpace:
-    """Loads the space with the task's values filled in; raises SpaceError when malformed."""
-    data = OmegaConf.to_container(cfg.space, resolve=True)
+def build_space(cfg: DictConfig, task: Any) -> Space | FunctionSpace:
+    """Loads the space with the task's sizes filled in; raises SpaceError when malformed."""
+    view = task_view(cfg, task)
+    data = OmegaConf.to_container(view.space, resolve=True)
     name = cfg.space.get("name", "space")
-    return load_space(data, cfg, source=f"space {name!r}")
+    return load_space(data, view, source=f"space {name!r}")
 
 
 def dry_sample(space: Space | FunctionSpace, task: Any, attempts: int = 50) -> None:
@@ -224,7 +232,7 @@ def prepare(cfg: DictConfig) -> Setup:
     """Checks the whole config and opens the study; no trial has run when it returns."""
     directions = check_sweep(cfg)
     task = build_task(cfg)
-    space = build_space(cfg)
+    space = build_space(cfg, task)
     dry_sample(space, task)
     pruner = instantiate(cfg.pruner)
     retry = RetryLost(cfg.max_retries)

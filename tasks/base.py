@@ -23,8 +23,10 @@ checks); ``trivial_loss()`` the validation loss of a predictor that ignores the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -34,6 +36,55 @@ from qkvsearch.models.errors import QkvError
 
 IGNORE = -100
 KINDS = ("language_model", "classification", "seq2seq")
+
+
+@runtime_checkable
+class Task(Protocol):
+    """The task contract (the module docstring says what each member means)."""
+
+    kind: str
+    vocab_size: int
+    seq_len: int
+    n_classes: int | None
+
+    def setup(self, stage: str) -> None: ...
+
+    def sample_batch(self, n: int) -> dict[str, torch.Tensor]: ...
+
+    def trivial_loss(self) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSizes:
+    """What spaces and architectures read of a task."""
+
+    kind: str
+    vocab_size: int
+    seq_len: int
+    n_classes: int | None
+
+
+def check_task(task: object, name: str) -> TaskSizes:
+    """Checks ``task`` against the contract, every problem at once, and returns its sizes.
+
+    Raises:
+        QkvError: naming the task, its class and each missing or bad member.
+    """
+    members = ("kind", "vocab_size", "seq_len", "n_classes", "setup", "sample_batch", "trivial_loss")
+    problems = [f"lacks {m!r}" for m in members if not hasattr(task, m)]
+    if not problems:
+        if task.kind not in KINDS:
+            problems.append(f"kind is {task.kind!r}; valid: {', '.join(KINDS)}")
+        for size in ("vocab_size", "seq_len"):
+            value = getattr(task, size)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{size} must be a positive int, got {value!r}")
+        if task.kind == "classification" and (not isinstance(task.n_classes, int) or task.n_classes < 2):
+            problems.append(f"n_classes must be an int >= 2 for classification, got {task.n_classes!r}")
+    if problems:
+        raise QkvError(f"task {name!r}: {type(task).__name__} does not meet the task contract (tasks/base.py): "
+                       + "; ".join(problems))
+    return TaskSizes(task.kind, task.vocab_size, task.seq_len, task.n_classes)
 
 
 class Batches(IterableDataset):

@@ -30,7 +30,7 @@ TASK_FOR_SPACE = {"tiny": "lm_stdlib", "decoder": "recall", "encoder": "digits",
 def test_every_space_composes_with_its_task_and_every_sampler_instantiates(space):
     cfg = compose_conf("sweep", [f"space={space}", f"task={TASK_FOR_SPACE[space]}"])
     task = build_task(cfg)
-    built = build_space(cfg)
+    built = build_space(cfg, task)
     assert built.name == space
     for sampler in _options("sampler"):
         cfg_s = compose_conf("sweep", [f"space={space}", f"task={TASK_FOR_SPACE[space]}", f"sampler={sampler}"])
@@ -45,9 +45,9 @@ def test_every_space_composes_with_its_task_and_every_sampler_instantiates(space
 
 def test_the_grid_sampler_enumerates_choices_steps_and_per_layer_parameters():
     from qkvsearch.search.sweep import grid_of
-    from qkvsearch.spaces import Space
+    from qkvsearch.spaces import load_space
 
-    space = Space.from_dict({
+    space = load_space({
         "params": {"depth": {"type": "int", "low": 1, "high": 2}, "heads": {"type": "categorical", "choices": [1, 2]},
                    "width": {"type": "int", "low": 16, "high": 48, "step": 16},
                    "mult": {"type": "categorical", "choices": [2, 4], "per_layer": "depth"}},
@@ -64,8 +64,9 @@ def test_every_task_builds_batches_of_its_declared_sizes(task):
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     first = batch.get("tokens", batch.get("src"))
-    assert first.shape[1] <= cfg.task.seq_len
-    assert 0 <= int(first.min()) and int(first.max()) < cfg.task.vocab_size
+    assert first.shape[1] <= data.seq_len
+    assert 0 <= int(first.min()) and int(first.max()) < data.vocab_size
+    assert "seq_len" not in cfg.task  # the composed config is left as composed
     assert 0 < data.trivial_loss() < 10
 
 
@@ -152,5 +153,26 @@ def test_qkv_train_trains_a_study_trial_longer_and_keeps_its_best_weights(tmp_pa
     assert summary["trial"] == study.best_trial.number and summary["steps"] == 20
     with pytest.raises(ValueError, match=r"study .nope. not found in .*; studies: recall-tiny"):
         train(compose_conf("train", ["study_name=nope", f"run_root={tmp_path}", f"out_dir={tmp_path / 'x'}"]))
-    with pytest.raises(ValueError, match=r"trial 7 of study 'recall-tiny' is not complete"):
+    with pytest.raises(ValueError, match=r"trial 7 does not exist in study 'recall-tiny' \(it has 1 trials\)"):
         train(compose_conf("train", [f"study_name={sweep_cfg.study_name}", "trial=7", f"run_root={tmp_path}", f"out_dir={tmp_path / 'y'}"]))
+
+
+class _NotATask:
+    kind, vocab_size, seq_len, n_classes = "classification", 0, 8, 1
+
+    def setup(self, stage):
+        pass
+
+
+def test_a_task_that_breaks_the_contract_is_refused_naming_every_problem():
+    from qkvsearch.tasks.base import Task, check_task
+
+    with pytest.raises(ValueError, match=r"task 'mine': _NotATask does not meet the task contract .*"
+                                         r"lacks 'sample_batch'; lacks 'trivial_loss'"):
+        check_task(_NotATask(), "mine")
+    _NotATask.sample_batch = lambda self, n: {}
+    _NotATask.trivial_loss = lambda self: 1.0
+    with pytest.raises(ValueError, match=r"vocab_size must be a positive int, got 0; n_classes must be an int >= 2"):
+        check_task(_NotATask(), "mine")
+    digits = build_task(compose_conf("sweep", ["task=digits"]))
+    assert isinstance(digits, Task) and check_task(digits, "digits").n_classes == 10

@@ -66,8 +66,7 @@ def test_a_prefix_lm_decoder_is_never_scored_on_a_target_it_can_see(prefix_len):
 def test_no_architecture_of_a_builtin_space_sees_its_own_targets(name):
     task_name, kind = SPACES[name]
     cfg = compose_conf("space_show", [f"space={name}", f"task={task_name}"])
-    build_task(cfg)
-    space = build_space(cfg)
+    space = build_space(cfg, build_task(cfg))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     checked = 0
     while checked < 6:

@@ -16,7 +16,7 @@ from qkvsearch.models import ArchConfig
 from qkvsearch.search.artifacts import load_trained, study_run_dir, trial_weights
 from qkvsearch.search.export import export
 from qkvsearch.search.storage import check_study_name, open_storage
-from qkvsearch.search.sweep import check_sweep, prepare, sweep, task_of_study
+from qkvsearch.search.sweep import build_task, check_sweep, prepare, sweep, task_of_study
 from tests.conftest import compose_conf, tiny_sweep_conf
 
 State = optuna.trial.TrialState
@@ -119,10 +119,8 @@ def test_the_study_carries_its_task_and_a_different_task_is_refused(tmp_path):
     cfg = tiny_sweep_conf(tmp_path, "study_name=override", "n_trials=1", "task.data.n_pairs=3", "pruner=none")
     study = sweep(cfg)
     rebuilt = task_of_study(study)
-    assert rebuilt.seq_len == cfg.task.seq_len
+    assert rebuilt.seq_len == build_task(cfg).seq_len
     default = compose_conf("sweep", ["task=recall"])
-    from qkvsearch.search.sweep import build_task
-
     assert build_task(default).seq_len != rebuilt.seq_len  # the default task would be the wrong one
     assert study.user_attrs["code_version"].startswith("0.1.0")
     with pytest.raises(ValueError, match=r"was made with task config .* choose another study_name"):

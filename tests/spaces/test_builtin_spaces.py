@@ -19,8 +19,7 @@ TASK_FOR = {"tiny": "lm_stdlib", "decoder": "recall", "encoder": "digits", "enco
 
 def _space(name: str):
     cfg = compose_conf("space_show", [f"space={name}", f"task={TASK_FOR[name]}"])
-    build_task(cfg)
-    return build_space(cfg)
+    return build_space(cfg, build_task(cfg))
 
 
 def test_every_builtin_space_has_a_task_here():
