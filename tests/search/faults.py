@@ -16,7 +16,7 @@ State = optuna.trial.TrialState
 #: ends only by finishing, failing or being killed.
 SHORT = [
     "task=recall", "task.data.n_train=512", "task.data.n_val=128", "task.data.n_pairs=4",
-    "trainer.max_steps=120", "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "pruner=none",
+    "trainer.max_steps=80", "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "pruner=none",
 ]
 #: Heartbeats every second, a dead worker's trial failed after 3 s of silence.
 FAST_HEARTBEAT = ["storage.heartbeat_s=1", "storage.grace_s=3"]

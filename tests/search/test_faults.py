@@ -45,7 +45,9 @@ def _assert_complete_without_loss(study: optuna.Study, n_trials: int, killed: se
     assert len(counted(trials)) == n_trials
     retried = retried_numbers(trials)
     assert killed <= retried, f"killed trials {sorted(killed - retried)} were never retried"
-    assert all(t.state == State.FAIL for t in trials if t.number in killed)
+    # a killed trial was failed by another worker (nobody recorded a reason) and retried once
+    assert all(t.state == State.FAIL and "fail_reason" not in t.user_attrs for t in trials if t.number in killed)
+    assert all(sum(t.user_attrs.get(RETRY_OF) == k for t in trials) == 1 for k in killed)
     # every counted trial trained to its end (no genuine failure happens here)
     assert all(t.state == State.COMPLETE for t in counted(trials))
     by_number = {t.number: t for t in trials}
@@ -99,28 +101,8 @@ def test_three_workers_killed_at_random_still_finish_exactly_n_trials(kind, tmp_
     assert len(_open(kind, where, name).get_trials()) == before, "the resumed command trained more"
 
 
-def test_a_killed_workers_trial_is_failed_after_the_grace_period_and_retried_once(tmp_path):
-    args = [*SHORT, *FAST_HEARTBEAT, f"run_root={tmp_path}", "n_trials=2", "study_name=grace", "trainer.max_steps=100000"]
-    first = qkv(*args, log=tmp_path / "first.log")
-    load = lambda: optuna.load_study(study_name="grace", storage=f"sqlite:///{tmp_path}/studies.db")  # noqa: E731
-    victim = wait_for(lambda: running_mid_trial(load), 120, "a trial mid-training")[0]
-    first.kill()
-    first.wait(timeout=30)
-    killed_at = time.time()
-    # a second worker fails the dead one's trial once it has been silent for grace_s, and retries it
-    second = qkv(*[a for a in args if "max_steps" not in a], log=tmp_path / "second.log")
-    assert second.wait(timeout=240) == 0, (tmp_path / "second.log").read_text()[-3000:]
-    trials = {t.number: t for t in load().get_trials()}
-    lost = trials[victim.number]
-    assert lost.state == State.FAIL and "fail_reason" not in lost.user_attrs
-    assert (lost.datetime_complete.timestamp() - killed_at) >= 0  # failed after the kill, by the other worker
-    retries = [t for t in trials.values() if t.user_attrs.get(RETRY_OF) == victim.number]
-    assert len(retries) == 1 and retries[0].state == State.COMPLETE and retries[0].params == lost.params
-    assert len(counted(list(trials.values()))) == 2
-
-
 def test_ctrl_c_on_a_worker_group_stops_once_cleanly_and_the_trials_are_retried(tmp_path):
-    args = [*SHORT, f"run_root={tmp_path}", "n_trials=4", "study_name=ctrlc", "workers=3", "trainer.max_steps=100000"]
+    args = [*SHORT, f"run_root={tmp_path}", "n_trials=3", "study_name=ctrlc", "workers=3", "trainer.max_steps=100000"]
     main = qkv(*args, new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     load = lambda: optuna.load_study(study_name="ctrlc", storage=f"sqlite:///{tmp_path}/studies.db")  # noqa: E731
     wait_for(lambda: len(running_mid_trial(load)) == 3, 180, "three workers mid-trial")
@@ -141,10 +123,11 @@ def test_ctrl_c_on_a_worker_group_stops_once_cleanly_and_the_trials_are_retried(
     assert all(t.user_attrs["fail_reason"].startswith("interrupted (SIGINT)") for t in interrupted)
     waiting = [t for t in trials if t.state == State.WAITING]
     assert sorted(t.user_attrs[RETRY_OF] for t in waiting) == sorted(t.number for t in running)  # one retry each
-    resumed = qkv(*[a for a in args if "max_steps" not in a and "workers" not in a], log=tmp_path / "resume.log")
+    resumed = qkv(*[a for a in args if "max_steps" not in a and "workers" not in a], "trainer.max_steps=30",
+                  log=tmp_path / "resume.log")
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     trials = load().get_trials()
-    assert len(counted(trials)) == 4 and not [t for t in trials if not t.state.is_finished()]
+    assert len(counted(trials)) == 3 and not [t for t in trials if not t.state.is_finished()]
     assert {t.user_attrs.get(RETRY_OF) for t in trials if t.state == State.COMPLETE} >= {t.number for t in running}
 
 

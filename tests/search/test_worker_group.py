@@ -26,8 +26,8 @@ def test_extra_workers_get_hydras_own_flags_too(tmp_path):
     (mine / "mine.yaml").write_text(yaml.safe_dump({**tiny, "name": "mine"}))
     out = subprocess.run(
         [sys.executable, "-m", "qkvsearch.search.cli", "sweep", "--config-dir", str(tmp_path / "myconf"), "space=mine", "workers=2",
-         *SHORT, "trainer.max_steps=40",
-         f"run_root={tmp_path}", "n_trials=4", "study_name=flags"],
+         *SHORT, "trainer.max_steps=20",
+         f"run_root={tmp_path}", "n_trials=2", "study_name=flags"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -49,7 +49,7 @@ def test_a_worker_that_dies_at_start_up_fails_the_sweep_loudly(tmp_path):
 
 def test_an_architecture_running_on_one_worker_is_not_trained_again_by_another(tmp_path):
     args = [*SHORT, "+space._target_=tests.search.helpers.fixed_space", f"run_root={tmp_path}", "n_trials=2",
-            "study_name=once", "trainer.max_steps=1500", "trainer.val_check_interval=500"]
+            "study_name=once", "trainer.max_steps=800", "trainer.val_check_interval=400"]
     procs = [qkv(*args, log=tmp_path / f"p{i}.log") for i in range(2)]
     for proc in procs:
         assert proc.wait(timeout=300) == 0, (tmp_path / "p0.log").read_text()[-2000:]
@@ -114,12 +114,12 @@ def test_a_project_with_its_own_models_and_conf_packages_runs_every_worker(tmp_p
         (project / name / "__init__.py").write_text(f"raise ImportError('the project\\'s own {name} was imported')\n")
     (project / "conf" / "sweep.yaml").write_text("n_trials: 1000\n")
     out = subprocess.run(
-        [sys.executable, "-m", "qkvsearch.search.cli", "sweep", *SHORT, "trainer.max_steps=30", "workers=2",
-         f"run_root={tmp_path}/runs", "n_trials=4", "study_name=own"],
+        [sys.executable, "-m", "qkvsearch.search.cli", "sweep", *SHORT, "trainer.max_steps=20", "workers=2",
+         f"run_root={tmp_path}/runs", "n_trials=2", "study_name=own"],
         capture_output=True, text=True, timeout=300, cwd=project, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     study = optuna.load_study(study_name="own", storage=f"sqlite:///{tmp_path}/runs/studies.db")
-    assert len(study.get_trials()) == 4
+    assert len(study.get_trials()) == 2
     assert study.user_attrs["workers_joined"] == 2, "the extra worker never joined the study"
     assert "ImportError" not in (tmp_path / "runs" / "workers" / "own" / "worker-1.log").read_text()

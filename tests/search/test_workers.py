@@ -1,4 +1,5 @@
-"""Several processes on one study, and Ctrl-C: real processes, real storage."""
+"""Ctrl-C on one worker, and a submitit multirun (test_faults.py and test_worker_group.py cover
+several processes on one study)."""
 
 from __future__ import annotations
 
@@ -28,30 +29,6 @@ def _qkv(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "qkvsearch.search.cli", "sweep", *args], env=env, **kwargs)
 
 
-def test_two_processes_on_one_storage_finish_exactly_n_trials(tmp_path):
-    args = [*COMMON, f"run_root={tmp_path}", "n_trials=6"]
-    procs = [_qkv(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err.decode()[-2000:]
-    cfg = tiny_sweep_conf(tmp_path)
-    study = optuna.load_study(study_name=cfg.study_name, storage=str(cfg.storage.url))
-    trials = study.get_trials()
-    assert sorted(t.number for t in trials) == list(range(6))
-    assert all(t.state in (State.COMPLETE, State.PRUNED) for t in trials)
-
-
-def test_the_workers_option_starts_cooperating_processes(tmp_path):
-    longer = ["trainer.max_steps=200", "trainer.val_check_interval=50"]  # so the second worker gets to start
-    proc = _qkv(*COMMON, *longer, f"run_root={tmp_path}", "n_trials=6", "workers=2", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out.decode()[-3000:]
-    cfg = tiny_sweep_conf(tmp_path)
-    trials = optuna.load_study(study_name=cfg.study_name, storage=str(cfg.storage.url)).get_trials()
-    assert sorted(t.number for t in trials) == list(range(6))
-    assert len({t.user_attrs.get("worker") for t in trials}) == 2
-
-
 def test_ctrl_c_records_the_running_trial_as_failed_and_the_study_resumes(tmp_path):
     args = [*COMMON, f"run_root={tmp_path}", "n_trials=3", "trainer.max_steps=100000", "trainer.val_check_interval=5"]
     proc = _qkv(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -73,7 +50,8 @@ def test_ctrl_c_records_the_running_trial_as_failed_and_the_study_resumes(tmp_pa
     assert [t.state for t in trials] == [State.FAIL, State.WAITING]  # the interrupted trial, and its retry queued
     assert trials[0].user_attrs["fail_reason"].startswith("interrupted (SIGINT)")
     assert trials[1].user_attrs[RETRY_OF] == 0 and trials[1].params == trials[0].params
-    resumed = _qkv(*[a for a in args if "max_steps" not in a and "val_check" not in a], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    resumed = _qkv(*[a for a in args if "max_steps" not in a and "val_check" not in a], "trainer.max_steps=30",
+                   "trainer.val_check_interval=10", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err.decode()[-2000:]
     trials = optuna.load_study(study_name=cfg.study_name, storage=str(cfg.storage.url)).get_trials()
