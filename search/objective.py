@@ -102,7 +102,7 @@ class Objective:
         optim: ``LitTransformer`` optimiser settings.
         prune: report to the pruner (single-objective studies only).
         show_progress: Lightning's own per-trial progress bar.
-        callbacks: more Lightning callbacks for every trial (made fresh per trial).
+        callbacks: more Lightning callbacks for a trial, made fresh for each from the trial.
         store: an Optuna artifact store: each trial's arch.yaml, and the attention maps
             of trials that become the best, are attached to them.
         seed: trial N initialises its model from seed ``seed + N`` (reproducible trials).
@@ -113,12 +113,12 @@ class Objective:
 
     def __init__(self, *, space: Any, task: Any, run_dir: pathlib.Path, objectives: list[str],
                  trainer_kwargs: dict[str, Any], optim: dict[str, Any], prune: bool, show_progress: bool = False,
-                 callbacks: Callable[[], list[L.Callback]] | None = None, store: Any = None, seed: int = 0,
+                 callbacks: Callable[[optuna.Trial], list[L.Callback]] | None = None, store: Any = None, seed: int = 0,
                  poll_s: float = 5.0, reap: Callable[[], None] = lambda: None) -> None:
         self.space, self.task, self.run_dir = space, task, run_dir
         self.objectives, self.trainer_kwargs, self.optim = objectives, trainer_kwargs, optim
         self.prune, self.show_progress = prune, show_progress
-        self.callbacks = callbacks or list
+        self.callbacks = callbacks or (lambda trial: [])
         self.store, self.seed, self.poll_s, self.reap = store, seed, poll_s, reap
         self.monitor = objectives[0]
 
@@ -177,7 +177,7 @@ class Objective:
         L.seed_everything(self.seed + trial.number, verbose=False)
         lit = LitTransformer(arch, self.task.kind, **optim)
         best = BestWeights(self.monitor, sign=-1.0 if self.monitor == "val_acc" else 1.0)
-        callbacks: list[L.Callback] = [best, *self.callbacks()]
+        callbacks: list[L.Callback] = [best, *self.callbacks(trial)]
         if self.prune:
             callbacks.append(OptunaPruning(trial, self.monitor))
         trainer = L.Trainer(

@@ -32,7 +32,8 @@ from qkvsearch.search.errors import Interrupted
 from qkvsearch.search.group import SPAWNED_BY, WorkerGroup
 from qkvsearch.search.lit import NonFiniteLoss
 from qkvsearch.search.objective import Objective, check_objectives, quiet_lightning, suggest_checked
-from qkvsearch.search.report_text import print_summary, progress_line
+from qkvsearch.search.progress import SweepView, print_trial
+from qkvsearch.search.report_text import print_summary
 from qkvsearch.search.storage import (
     check_study_name,
     create_or_load_study,
@@ -42,6 +43,7 @@ from qkvsearch.search.storage import (
 )
 from qkvsearch.search.workers import (
     RetryLost,
+    frozen,
     heartbeat,
     join_study,
     next_trial,
@@ -67,6 +69,7 @@ class Setup:
     objective: Objective
     run_dir: pathlib.Path
     index: int  # this process's worker index in the study (seeds its sampler)
+    view: SweepView  # what the terminal shows while trials run
 
 
 def build_task(cfg: DictConfig) -> Any:
@@ -244,14 +247,16 @@ def prepare(cfg: DictConfig) -> Setup:
     study.sampler = build_sampler(cfg, space, index)
     study.set_metric_names(list(cfg.objectives))  # named axes in optuna-dashboard
     run_dir = study_run_dir(study, cfg.run_root)
+    view = SweepView(study, cfg.n_trials)
     objective = Objective(
         space=space, task=task, run_dir=run_dir, objectives=list(cfg.objectives),
         trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True),
         optim=OmegaConf.to_container(cfg.optim, resolve=True), prune=len(directions) == 1,
         show_progress=cfg.show_trial_progress, store=open_store(cfg.artifacts) if cfg.artifacts else None,
         seed=cfg.seed, poll_s=float(cfg.storage.heartbeat_s), reap=functools.partial(reap_stale, study, cfg.storage),
+        callbacks=lambda trial: [view.callback(trial.number)],
     )
-    return Setup(cfg, task, space, study, storage, retry, objective, run_dir, index)
+    return Setup(cfg, task, space, study, storage, retry, objective, run_dir, index, view)
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None = None,
@@ -304,17 +309,21 @@ def run_trial(setup: Setup, trial: optuna.Trial) -> None:
         tell(setup.study, trial, values)
 
 
-def run_worker(setup: Setup, show_progress: bool) -> None:
-    """Runs trials until the study holds ``n_trials`` counted trials and none runs."""
+def run_worker(setup: Setup, live: bool) -> None:
+    """Runs trials until the study holds ``n_trials`` counted trials and none runs; prints
+    a line per finished trial, and with ``live`` the counts and the current trial."""
+    from rich.console import Console
     from rich.live import Live
 
     cfg = setup.cfg
-    live = Live(progress_line(setup.study, cfg.n_trials), refresh_per_second=2) if show_progress else None
-    with live or contextlib.nullcontext():
+    console = Console()
+    view = setup.view
+    objectives = list(cfg.objectives)
+    with Live(view, console=console, refresh_per_second=2, transient=True) if live else contextlib.nullcontext():
         while (trial := next_trial(setup.study, setup.storage, cfg.storage, cfg.n_trials, cfg.storage.heartbeat_s)) is not None:
             run_trial(setup, trial)
-            if live is not None:
-                live.update(progress_line(setup.study, cfg.n_trials))
+            print_trial(console, frozen(setup.study, trial.number), objectives)
+            view.current = {}
 
 
 def next_commands(cfg: DictConfig) -> list[str]:
@@ -344,7 +353,7 @@ def sweep(cfg: DictConfig) -> optuna.Study:
             print(f"study {cfg.study_name!r} in {storage_url(cfg.storage)}; trials under {setup.run_dir}", flush=True)
             if group:
                 print(f"{len(group.procs)} more workers, logs in {group.log_dir}", flush=True)
-        run_worker(setup, show_progress=main and sys.stdout.isatty())
+        run_worker(setup, live=main and sys.stdout.isatty())
     except (Interrupted, KeyboardInterrupt):
         if group:
             group.interrupt()

@@ -135,3 +135,33 @@ def test_a_trial_is_reproducible_from_the_seed_and_its_number(tmp_path):
     sweep(second)
     (a,), (b,) = _load(first).get_trials(), _load(second).get_trials()
     assert a.intermediate_values == b.intermediate_values and a.values == b.values
+
+
+def test_without_a_terminal_a_sweep_prints_one_line_per_trial_and_no_live_display(tmp_path, capsys):
+    cfg = tiny_sweep_conf(tmp_path, "+space._target_=tests.search.helpers.flaky_space", "pruner=none")
+    sweep(cfg)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("trial ")]
+    assert len(lines) == 3
+    assert lines[0].startswith("trial 0: complete, val_loss ")
+    assert lines[1].startswith("trial 1: pruned: non-finite loss")
+    assert lines[2].startswith("trial 2: failed: RuntimeError: poisoned layer raised on purpose")
+    assert "steps/s" not in out and "ETA" not in out
+
+
+def test_the_live_view_shows_the_running_trials_and_this_workers_step():
+    from rich.console import Console
+
+    from qkvsearch.search.progress import SweepView
+
+    study = optuna.create_study()
+    study.tell(study.ask(), 1.5)
+    study.ask()  # another worker's running trial
+    view = SweepView(study, n_trials=4)
+    view.callback(7)
+    view.current.update({"step": 5, "max_steps": 30, "loss": 2.25, "steps_per_s": 12.0})
+    console = Console(record=True, width=160)
+    console.print(view)
+    text = console.export_text()
+    assert "trials 1/4" in text and "running 1" in text and "best 1.5000 (trial 0)" in text
+    assert "trial 7: step 5/30 | loss 2.2500 | 12.0 steps/s" in text and "ETA" in text
