@@ -8,6 +8,7 @@ tells the study the trial's result.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import tempfile
 from typing import Any
@@ -52,31 +53,68 @@ def attention_weights(model: torch.nn.Module, kind: str, sample: dict[str, torch
     return {name: w[0].float().cpu() for name, w in weights.items()}
 
 
-def render_attention_png(weights: dict[str, torch.Tensor], path: pathlib.Path, title: str) -> pathlib.Path:
-    """A grid of heatmaps: one row per attention layer, one column per head."""
+@dataclasses.dataclass(frozen=True)
+class AttentionMap:
+    """One layer's attention weights ``[heads, q, k]`` with the tokens on each axis."""
+
+    name: str
+    weights: torch.Tensor
+    queries: list[str]
+    keys: list[str]
+
+
+def _layer_title(name: str) -> str:
+    """``decoder.layers.0.cross_attention`` -> ``decoder layer 0 cross-attention``."""
+    parts = name.replace("stack.", "decoder." if "cross" not in name else "").split(".")
+    return " ".join(p.replace("layers", "layer").replace("_attention", "-attention") for p in parts)
+
+
+def attention_maps(model: torch.nn.Module, task: Any) -> list[AttentionMap]:
+    """Every layer's attention on the task's first validation example, with its tokens
+    (the task's ``token_text`` where it has one, else the token ids)."""
+    sample = {k: v[:1] for k, v in task.sample_batch(1).items()}
+    weights = attention_weights(model, task.kind, sample)
+    label = getattr(task, "token_text", str)
+    source = [label(int(i)) for i in sample["src" if task.kind == "seq2seq" else "tokens"][0]]
+    target = [label(int(i)) for i in sample["tgt_in"][0]] if task.kind == "seq2seq" else source
+    maps = []
+    for name, w in weights.items():
+        decoding = task.kind == "seq2seq" and name.startswith("decoder")
+        queries = target if decoding else source
+        keys = source if "cross" in name or not decoding else target
+        maps.append(AttentionMap(_layer_title(name), w, queries[: w.shape[1]], keys[: w.shape[2]]))
+    return maps
+
+
+def render_attention_png(maps: list[AttentionMap], path: pathlib.Path, title: str) -> pathlib.Path:
+    """A grid of square heatmaps, one row per layer and one column per head, with the
+    tokens on the axes where they fit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(weights.items())
-    columns = max(w.shape[0] for _, w in rows)
-    figure, axes = plt.subplots(len(rows), columns, figsize=(1.6 * columns + 1, 1.6 * len(rows) + 0.6), squeeze=False)
-    for r, (name, w) in enumerate(rows):
+    columns = max(m.weights.shape[0] for m in maps)
+    panel = 2.6
+    figure, axes = plt.subplots(len(maps), columns, figsize=(panel * columns + 0.6, panel * len(maps) + 0.8), squeeze=False)
+    for r, m in enumerate(maps):
         for h in range(columns):
             axis = axes[r][h]
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if h < w.shape[0]:
-                axis.imshow(w[h].numpy(), cmap="viridis", vmin=0.0, vmax=float(w[h].max()) or 1.0, interpolation="nearest")
-            else:
+            if h >= m.weights.shape[0]:
                 axis.axis("off")
-            if r == 0:
-                axis.set_title(f"head {h}", fontsize=8)
-        axes[r][0].set_ylabel(name.replace("stack.", "").replace("layers.", "L").replace("_attention", ""), fontsize=7)
-    figure.suptitle(title, fontsize=9)
+                continue
+            axis.imshow(m.weights[h].numpy(), cmap="viridis", vmin=0.0, vmax=float(m.weights[h].max()) or 1.0,
+                        interpolation="nearest", aspect="equal")
+            for ticks, labels, setter in ((axis.set_xticks, m.keys, axis.set_xticklabels), (axis.set_yticks, m.queries, axis.set_yticklabels)):
+                if len(labels) <= 40:
+                    ticks(range(len(labels)))
+                    setter(labels, fontsize=5, fontfamily="monospace")
+                else:
+                    ticks([])
+            axis.set_title(f"{m.name}, head {h}", fontsize=7)
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
 
@@ -88,9 +126,10 @@ def attach_architecture(store: FileSystemArtifactStore, trial: optuna.Trial, arc
 
 def attach_attention(store: FileSystemArtifactStore, trial: optuna.Trial, model: torch.nn.Module, task: Any) -> None:
     """Renders the model's attention on the task's first validation example; attaches it."""
-    weights = attention_weights(model, task.kind, task.sample_batch(1))
+    maps = attention_maps(model, task)
     with tempfile.TemporaryDirectory() as scratch:
-        path = render_attention_png(weights, pathlib.Path(scratch) / ATTENTION_FILE, f"trial {trial.number}: attention per layer and head")
+        path = render_attention_png(maps, pathlib.Path(scratch) / ATTENTION_FILE,
+                                    f"trial {trial.number}: attention on a validation example (rows: queries, columns: keys)")
         upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype="image/png")
 
 

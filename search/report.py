@@ -19,11 +19,10 @@ import optuna
 import plotly.graph_objects as go
 import plotly.offline
 from omegaconf import DictConfig
-from plotly.subplots import make_subplots
 
 from qkvsearch.models import ArchConfig, count_parameters
 from qkvsearch.models.describe import COLUMNS, layer_rows
-from qkvsearch.search.artifacts import attention_weights, load_trained, trial_weights
+from qkvsearch.search.artifacts import AttentionMap, attention_maps, load_trained, trial_weights
 from qkvsearch.search.configs import run_command
 from qkvsearch.search.selection import top_trials
 from qkvsearch.search.storage import load_named_study
@@ -64,10 +63,12 @@ def history_sections(study: optuna.Study) -> list[str]:
     out = [_section("Optimisation history", _plot(lambda: vis.plot_optimization_history(study, **first)))]
     if multi:
         out.append(_section("Pareto front", _plot(lambda: vis.plot_pareto_front(study, target_names=names))))
-    out.append(_section(f"Parameter importances for {names[0]}", _plot(lambda: vis.plot_param_importances(study, **first))))
+    n_complete = len(study.get_trials(deepcopy=False, states=(State.COMPLETE,)))
+    caveat = _note(f"computed from only {n_complete} complete trials: a rough hint, not a ranking") if n_complete < 10 else ""
+    out.append(_section(f"Parameter importances for {names[0]}", caveat + _plot(lambda: vis.plot_param_importances(study, **first))))
     out.append(_section("Parallel coordinates", _plot(lambda: vis.plot_parallel_coordinate(study, **first))))
     if not multi:
-        out.append(_section("Intermediate values (complete and pruned trials)", _plot(lambda: vis.plot_intermediate_values(study))))
+        out.append(_section("Intermediate values (complete and pruned trials)", _plot(lambda: intermediate_figure(study, names[0]))))
     return out
 
 
@@ -111,19 +112,45 @@ def layer_table(arch: ArchConfig, runner_up: ArchConfig | None = None) -> str:
     return f"<p>{html.escape(caption)}</p><table><tr>{head}</tr>{''.join(body)}</table>{note}"
 
 
-def attention_figure(weights: dict[str, Any]) -> go.Figure:
-    """Heatmaps of attention weights: one row per layer, one column per head."""
-    rows = list(weights.items())
-    columns = max(w.shape[0] for _, w in rows)
-    titles = [f"{name.replace('stack.', '')} h{h}" if h < w.shape[0] else "" for name, w in rows for h in range(columns)]
-    fig = make_subplots(rows=len(rows), cols=columns, subplot_titles=titles, horizontal_spacing=0.02, vertical_spacing=0.06)
-    for r, (_, w) in enumerate(rows, start=1):
-        for h in range(w.shape[0]):
-            fig.add_trace(go.Heatmap(z=w[h].numpy(), coloraxis="coloraxis"), row=r, col=h + 1)
-            fig.update_yaxes(autorange="reversed", showticklabels=False, row=r, col=h + 1)
-            fig.update_xaxes(showticklabels=False, row=r, col=h + 1)
-    fig.update_layout(height=220 * len(rows) + 80, coloraxis={"colorscale": "Viridis"}, font={"size": 9})
-    fig.update_annotations(font_size=9)
+def attention_figure(maps: list[AttentionMap]) -> go.Figure:
+    """One square heatmap of attention weights, tokens on both axes, hover values, and a
+    selector over layers and heads."""
+    fig = go.Figure()
+    buttons = []
+    panels = [(m, h) for m in maps for h in range(m.weights.shape[0])]
+    for i, (m, h) in enumerate(panels):
+        text = [[f"{q!r} -> {k!r}" for k in m.keys] for q in m.queries]
+        fig.add_trace(go.Heatmap(z=m.weights[h].numpy(), text=text, visible=i == 0, coloraxis="coloraxis",
+                                 hovertemplate="query %{y}, key %{x}: %{text}<br>weight %{z:.3f}<extra></extra>"))
+        axes = {"xaxis.tickvals": list(range(len(m.keys))), "xaxis.ticktext": m.keys,
+                "yaxis.tickvals": list(range(len(m.queries))), "yaxis.ticktext": m.queries}
+        buttons.append({"label": f"{m.name}, head {h}", "method": "update",
+                        "args": [{"visible": [j == i for j in range(len(panels))]}, axes]})
+    first = buttons[0]["args"][1]
+    size = max(320, min(720, 18 * max(len(maps[0].keys), len(maps[0].queries)) + 160))
+    fig.update_layout(
+        updatemenus=[{"buttons": buttons, "x": 0, "xanchor": "left", "y": 1.15, "yanchor": "top"}],
+        coloraxis={"colorscale": "Viridis", "cmin": 0}, width=size + 120, height=size + 60,
+        xaxis={"title": "key", "tickvals": first["xaxis.tickvals"], "ticktext": first["xaxis.ticktext"], "tickfont": {"family": "monospace"}},
+        yaxis={"title": "query", "tickvals": first["yaxis.tickvals"], "ticktext": first["yaxis.ticktext"], "autorange": "reversed",
+               "scaleanchor": "x", "tickfont": {"family": "monospace"}},
+        margin={"t": 80},
+    )
+    return fig
+
+
+def intermediate_figure(study: optuna.Study, objective: str) -> go.Figure:
+    """Every trial's validated objective by step; pruned trials dotted and named so."""
+    fig = go.Figure()
+    for t in study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED)):
+        if not t.intermediate_values:
+            continue
+        steps = sorted(t.intermediate_values)
+        pruned = t.state == State.PRUNED
+        fig.add_trace(go.Scatter(x=steps, y=[t.intermediate_values[k] for k in steps], mode="lines+markers",
+                                 name=f"trial {t.number}" + (" (pruned)" if pruned else ""), opacity=0.55 if pruned else 1.0,
+                                 line={"dash": "dot" if pruned else "solid"}))
+    fig.update_layout(xaxis_title="step", yaxis_title=objective, legend_title_text="trials (dotted: pruned)", height=420)
     return fig
 
 
@@ -142,7 +169,7 @@ def best_model_sections(study: optuna.Study, task_loader: Callable[[], Any] | No
         out.append(_section("Attention weights", _note(f"not drawn: no weights at {weights} or no task recorded")))
         return out
     task = task_loader()
-    maps = attention_weights(load_trained(arch, weights), task.kind, task.sample_batch(1))
+    maps = attention_maps(load_trained(arch, weights), task)
     out.append(_section(f"Attention weights of trial {trial.number} on the first validation example of {task_name}",
                         _figure(attention_figure(maps))))
     return out

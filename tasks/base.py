@@ -19,6 +19,7 @@ Its loaders yield dict batches:
 
 ``sample_batch(n)`` returns ``n`` validation examples (for attention maps and export
 checks); ``trivial_loss()`` the validation loss of a predictor that ignores the input.
+Optionally, ``token_text(id)`` names a token (attention maps label their axes with it).
 """
 
 from __future__ import annotations

@@ -91,3 +91,7 @@ class StdlibCharLM(TensorTask):
 
     def trivial_loss(self) -> float:
         return frequency_loss(self.splits["train"]["targets"], self.splits["val"]["targets"], self.vocab_size)
+
+    def token_text(self, token: int) -> str:
+        """The character of a token, with whitespace made visible (for attention maps)."""
+        return {9: "⇥", 10: "⏎", 32: "␣"}.get(token) or (chr(token) if 32 < token < 127 else f"<{token}>")

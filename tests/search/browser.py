@@ -35,3 +35,24 @@ def rendered_dom(url: str, budget_ms: int = 15000) -> str:
     if result.returncode:
         raise RuntimeError(f"chromium failed on {url}: {result.stderr[-2000:]}")
     return result.stdout
+
+
+def screenshot(url: str, path, budget_ms: int = 15000, size: str = "1300,2400") -> object:
+    """A PNG of the rendered page at ``path``; returns it as a PIL image."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [chromium(), *FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
+             f"--window-size={size}", f"--screenshot={path}", "--hide-scrollbars", url],
+            capture_output=True, text=True, timeout=120,
+        )
+    if result.returncode or not os.path.exists(path):
+        raise RuntimeError(f"chromium could not screenshot {url}: {result.stderr[-2000:]}")
+    return Image.open(path)
+
+
+def is_blank(image) -> bool:
+    """True when a screenshot is (nearly) one colour: nothing was drawn."""
+    colours = image.convert("L").getextrema()
+    return colours[1] - colours[0] < 30

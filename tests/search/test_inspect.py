@@ -22,7 +22,7 @@ from qkvsearch.search.report import render, report
 from qkvsearch.search.storage import open_storage
 from qkvsearch.search.sweep import sweep
 from tests.conftest import compose_conf, tiny_sweep_conf
-from tests.search.browser import rendered_dom
+from tests.search.browser import is_blank, rendered_dom, screenshot
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,15 @@ def test_trials_carry_their_architecture_and_the_best_its_attention_map(swept):
         names = {m.filename for m in get_all_artifact_meta(trial, storage=storage)}
         assert "arch.yaml" in names
     best = get_all_artifact_meta(study.best_trial, storage=storage)
-    assert any(m.filename == "attention.png" and m.mimetype == "image/png" for m in best)
+    (meta,) = [m for m in best if m.filename == "attention.png" and m.mimetype == "image/png"]
+    from PIL import Image
+
+    image = Image.open(root / "artifacts" / meta.artifact_id)
+    from qkvsearch.models import ArchConfig
+
+    arch = ArchConfig.from_dict(study.best_trial.user_attrs["arch"])
+    heads = max(layer.attention.n_heads for stack in arch.stacks.values() for layer in stack.layers)
+    assert image.size[0] >= 250 * heads and image.size[1] >= 250  # panels big enough to read
 
 
 def test_the_dashboard_serves_the_study_on_loopback_and_renders_it(swept):
@@ -154,6 +162,11 @@ def test_the_report_is_self_contained_and_renders_its_plots(swept, tmp_path):
     assert f"qkvsearch study {study.study_name}" in dom
     for heading in ("Optimisation history", "Parallel coordinates", "Intermediate values", "Best architecture", "Attention weights"):
         assert heading in dom
+    shot = screenshot(out.as_uri(), tmp_path / "report.png")
+    assert shot.size[0] >= 1200 and not is_blank(shot)
+    assert '"updatemenus"' in text and "self-attention, head 0" in text  # the layer/head selector
+    assert "computed from only 3 complete trials" in text  # importances from a handful of trials say so
+    assert "(pruned)" in text or not [t for t in study.get_trials() if t.state.name == "PRUNED"]
     assert len(re.findall(r'class="main-svg"', dom)) >= 5
     assert len(re.findall(r'class="[^"]*js-plotly-plot', dom)) >= 5
     # the best architecture per layer, as a table, with what differs from the runner-up marked
