@@ -42,6 +42,10 @@ class FeedForwardConfig(ComponentConfig):
         """Returns the weights used in matrix multiplies (two FLOPs each per token)."""
         return 2 * d_model * self.d_ff
 
+    def source(self, d_model: int) -> str:
+        """The Python expression that builds this component in an exported ``model.py``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no source(), so it cannot be exported")
+
 
 FEEDFORWARDS: Registry[FeedForwardConfig] = Registry("feed-forward")
 
@@ -70,15 +74,24 @@ class SquaredReLU(nn.Module):
 class GELUConfig(FeedForwardConfig):
     """Two-layer MLP with GELU."""
 
+    def source(self, d_model: int) -> str:
+        return f"MLP({d_model}, {self.d_ff}, {self.bias}, nn.GELU())"
+
 
 @dataclasses.dataclass(frozen=True)
 class ReLUConfig(FeedForwardConfig):
     """Two-layer MLP with ReLU."""
 
+    def source(self, d_model: int) -> str:
+        return f"MLP({d_model}, {self.d_ff}, {self.bias}, nn.ReLU())"
+
 
 @dataclasses.dataclass(frozen=True)
 class SquaredReLUConfig(FeedForwardConfig):
     """Two-layer MLP with squared ReLU."""
+
+    def source(self, d_model: int) -> str:
+        return f"MLP({d_model}, {self.d_ff}, {self.bias}, SquaredReLU())"
 
 
 @FEEDFORWARDS.register("gelu", GELUConfig)
@@ -112,6 +125,9 @@ class SwiGLUConfig(FeedForwardConfig):
 
     def matmul_params(self, d_model: int) -> int:
         return 3 * d_model * self.d_ff
+
+    def source(self, d_model: int) -> str:
+        return f"SwiGLU({d_model}, {self.d_ff}, {self.bias})"
 
 
 class SwiGLU(nn.Module):

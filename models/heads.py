@@ -32,6 +32,10 @@ class HeadConfig(ComponentConfig):
         """Returns the head's parameter count."""
         raise NotImplementedError
 
+    def source(self, d_model: int, vocab_size: int) -> str:
+        """The Python expression that builds this component in an exported ``model.py``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no source(), so it cannot be exported")
+
 
 HEADS: Registry[HeadConfig] = Registry("head")
 
@@ -47,6 +51,9 @@ class LMHeadConfig(HeadConfig):
 
     def n_params(self, d_model: int, vocab_size: int, tied: bool) -> int:
         return 0 if tied else d_model * vocab_size
+
+    def source(self, d_model: int, vocab_size: int) -> str:
+        return f"TokenHead(nn.Linear({d_model}, {vocab_size}, bias=False))"
 
 
 @HEADS.register("lm", LMHeadConfig)
@@ -74,6 +81,9 @@ class ClassesHeadConfig(HeadConfig):
 class TokenClassifierConfig(ClassesHeadConfig):
     """Logits over ``n_classes`` at every position (tagging)."""
 
+    def source(self, d_model: int, vocab_size: int) -> str:
+        return f"TokenHead(nn.Linear({d_model}, {self.n_classes}))"
+
 
 @HEADS.register("token_classifier", TokenClassifierConfig)
 def _token_classifier(config: TokenClassifierConfig, *, d_model: int, vocab_size: int) -> nn.Module:
@@ -86,6 +96,9 @@ class ClassifierConfig(ClassesHeadConfig):
 
     pooling: Literal["mean", "first", "last"] = "mean"
     per_token: ClassVar[bool] = False
+
+    def source(self, d_model: int, vocab_size: int) -> str:
+        return f"PooledHead(nn.Linear({d_model}, {self.n_classes}), {self.pooling!r})"
 
 
 class TokenHead(nn.Module):

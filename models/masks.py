@@ -38,6 +38,10 @@ class MaskConfig(ComponentConfig):
         """Leading positions whose queries may see later keys of the prefix (0: none)."""
         return 0
 
+    def source(self, self_attention: bool) -> str:
+        """The Python expression that builds this component in an exported ``model.py``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no source(), so it cannot be exported")
+
 
 MASKS: Registry[MaskConfig] = Registry("mask")
 
@@ -77,6 +81,9 @@ class NoMaskConfig(MaskConfig):
 
     cross_attention_ok: ClassVar[bool] = True
 
+    def source(self, self_attention: bool) -> str:
+        return "NoMask()"
+
 
 class NoMask(Mask):
     def allowed(self, ctx: MaskContext) -> torch.Tensor | None:
@@ -97,6 +104,9 @@ class CausalConfig(MaskConfig):
         "prefix_lm": "prefix_lm is already causal after its prefix; with causal the prefix "
         "would lose its bidirectional attention"
     }
+
+    def source(self, self_attention: bool) -> str:
+        return "CausalMask()"
 
 
 class CausalMask(Mask):
@@ -119,6 +129,9 @@ class PaddingConfig(MaskConfig):
     """
 
     cross_attention_ok: ClassVar[bool] = True
+
+    def source(self, self_attention: bool) -> str:
+        return f"PaddingMask(keep_diagonal={self_attention})"
 
 
 class PaddingMask(Mask):
@@ -160,6 +173,9 @@ class SlidingWindowConfig(MaskConfig):
             return [f"{path}.window: must be >= 1, got {self.window}"]
         return []
 
+    def source(self, self_attention: bool) -> str:
+        return f"SlidingWindowMask({self.window})"
+
 
 class SlidingWindowMask(Mask):
     def __init__(self, window: int) -> None:
@@ -197,6 +213,9 @@ class PrefixLMConfig(MaskConfig):
 
     def bidirectional_prefix(self) -> int:
         return self.prefix_len
+
+    def source(self, self_attention: bool) -> str:
+        return f"PrefixLMMask({self.prefix_len})"
 
 
 class PrefixLMMask(Mask):

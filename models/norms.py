@@ -29,6 +29,10 @@ class NormConfig(ComponentConfig):
         """Returns the parameter count of one norm over ``d_model`` features."""
         raise NotImplementedError
 
+    def source(self, d_model: int) -> str:
+        """The Python expression that builds this component in an exported ``model.py``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no source(), so it cannot be exported")
+
 
 NORMS: Registry[NormConfig] = Registry("norm")
 
@@ -40,6 +44,9 @@ class LayerNormConfig(NormConfig):
     def n_params(self, d_model: int) -> int:
         return 2 * d_model
 
+    def source(self, d_model: int) -> str:
+        return f"nn.LayerNorm({d_model}, eps={self.eps!r})"
+
 
 @dataclasses.dataclass(frozen=True)
 class RMSNormConfig(NormConfig):
@@ -47,6 +54,9 @@ class RMSNormConfig(NormConfig):
 
     def n_params(self, d_model: int) -> int:
         return d_model
+
+    def source(self, d_model: int) -> str:
+        return f"nn.RMSNorm({d_model}, eps={self.eps!r})"
 
 
 @NORMS.register("layernorm", LayerNormConfig)
@@ -69,6 +79,10 @@ class PlacementConfig(ComponentConfig):
     @classmethod
     def __parse__(cls, value: Any, path: str, problems: list[str]) -> PlacementConfig | None:
         return PLACEMENTS.parse(value, path, problems)
+
+    def source(self, norm: str, dropout: float) -> str:
+        """The Python expression that builds this component in an exported ``model.py``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no source(), so it cannot be exported")
 
 
 PLACEMENTS: Registry[PlacementConfig] = Registry("norm placement")
@@ -105,10 +119,16 @@ class PreNormConfig(PlacementConfig):
 
     final_norm: ClassVar[bool] = True
 
+    def source(self, norm: str, dropout: float) -> str:
+        return f"PreNormResidual({norm}, {dropout!r})"
+
 
 @dataclasses.dataclass(frozen=True)
 class PostNormConfig(PlacementConfig):
     """Norm after each residual addition."""
+
+    def source(self, norm: str, dropout: float) -> str:
+        return f"PostNormResidual({norm}, {dropout!r})"
 
 
 @PLACEMENTS.register("pre", PreNormConfig)

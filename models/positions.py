@@ -34,6 +34,10 @@ class PositionsConfig(ComponentConfig):
         """Returns the problems of using this component in an attention layer with ``d_k``."""
         return []
 
+    def source(self, d_model: int, max_seq_len: int) -> str:
+        """The Python expression that builds this component in an exported ``model.py``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no source(), so it cannot be exported")
+
 
 POSITIONS: Registry[PositionsConfig] = Registry("positions")
 
@@ -60,6 +64,9 @@ class Positions(nn.Module):
 class NoPositionsConfig(PositionsConfig):
     """No position information (order comes only from the mask, if any)."""
 
+    def source(self, d_model: int, max_seq_len: int) -> str:
+        return "Positions()"
+
 
 @POSITIONS.register("none", NoPositionsConfig)
 def _none(config: NoPositionsConfig, *, d_model: int, max_seq_len: int) -> Positions:
@@ -74,6 +81,9 @@ class SinusoidalConfig(PositionsConfig):
 
     def problems(self, path: str) -> list[str]:
         return [] if self.base > 1 else [f"{path}.base: must be > 1, got {self.base}"]
+
+    def source(self, d_model: int, max_seq_len: int) -> str:
+        return f"Sinusoidal({d_model}, {self.base!r})"
 
 
 class Sinusoidal(Positions):
@@ -104,6 +114,9 @@ class LearnedConfig(PositionsConfig):
 
     def n_params(self, d_model: int, max_seq_len: int) -> int:
         return d_model * max_seq_len
+
+    def source(self, d_model: int, max_seq_len: int) -> str:
+        return f"Learned({d_model}, {max_seq_len})"
 
 
 class Learned(Positions):
@@ -141,6 +154,9 @@ class RotaryConfig(PositionsConfig):
             return [f"{path}.d_k: rotary positions need an even d_k, got {d_k}"]
         return []
 
+    def source(self, d_model: int, max_seq_len: int) -> str:
+        return f"Rotary({self.base!r})"
+
 
 class Rotary(Positions):
     def __init__(self, base: float) -> None:
@@ -170,6 +186,9 @@ def _rotary(config: RotaryConfig, *, d_model: int, max_seq_len: int) -> Position
 @dataclasses.dataclass(frozen=True)
 class ALiBiConfig(PositionsConfig):
     """Attention with linear biases (Press et al., 2022): ``-slope_h * |i - j|`` per head."""
+
+    def source(self, d_model: int, max_seq_len: int) -> str:
+        return "ALiBi()"
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:

@@ -29,6 +29,10 @@ class ScalingConfig(ComponentConfig):
         """Returns the number of parameters the component adds to one attention layer."""
         return 0
 
+    def source(self, n_heads: int, d_k: int) -> str:
+        """The Python expression that builds this component in an exported ``model.py``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no source(), so it cannot be exported")
+
 
 SCALINGS: Registry[ScalingConfig] = Registry("scaling")
 
@@ -51,15 +55,24 @@ class Scaling(nn.Module):
 class SqrtDkConfig(ScalingConfig):
     """``1 / sqrt(d_k)``, as in Vaswani et al. (2017)."""
 
+    def source(self, n_heads: int, d_k: int) -> str:
+        return f"Scaling({1.0 / math.sqrt(d_k)!r})"
+
 
 @dataclasses.dataclass(frozen=True)
 class InvDkConfig(ScalingConfig):
     """``1 / d_k``, the muP attention scaling (Yang et al., 2022)."""
 
+    def source(self, n_heads: int, d_k: int) -> str:
+        return f"Scaling({1.0 / d_k!r})"
+
 
 @dataclasses.dataclass(frozen=True)
 class NoScalingConfig(ScalingConfig):
     """Unscaled dot products."""
+
+    def source(self, n_heads: int, d_k: int) -> str:
+        return "Scaling(1.0)"
 
 
 @SCALINGS.register("sqrt_dk", SqrtDkConfig)
@@ -83,6 +96,9 @@ class LearnedTemperatureConfig(ScalingConfig):
 
     def n_params(self, n_heads: int, d_k: int) -> int:
         return n_heads
+
+    def source(self, n_heads: int, d_k: int) -> str:
+        return f"LearnedTemperature({n_heads}, {d_k})"
 
 
 class LearnedTemperature(Scaling):
@@ -114,6 +130,9 @@ class QKNormConfig(ScalingConfig):
 
     def problems(self, path: str) -> list[str]:
         return [] if self.eps > 0 else [f"{path}.eps: must be > 0, got {self.eps}"]
+
+    def source(self, n_heads: int, d_k: int) -> str:
+        return f"QKNorm({d_k}, {self.eps!r})"
 
 
 class QKNorm(Scaling):

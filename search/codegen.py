@@ -11,11 +11,9 @@ with :func:`register_exporter`.
 from __future__ import annotations
 
 import inspect
-import math
 import re
 import sys
 import textwrap
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -30,81 +28,23 @@ from qkvsearch.models import (
 )
 from qkvsearch.models.describe import layer_rows
 from qkvsearch.models.errors import QkvError
-from qkvsearch.models.feedforward import GELUConfig, ReLUConfig, SquaredReLUConfig, SwiGLUConfig
-from qkvsearch.models.heads import ClassifierConfig, LMHeadConfig, TokenClassifierConfig
-from qkvsearch.models.masks import (
-    CausalConfig,
-    MaskContext,
-    NoMaskConfig,
-    PaddingConfig,
-    PrefixLMConfig,
-    SlidingWindowConfig,
-)
-from qkvsearch.models.norms import LayerNormConfig, PostNormConfig, PreNormConfig, RMSNormConfig
-from qkvsearch.models.positions import (
-    ALiBiConfig,
-    LearnedConfig,
-    NoPositionsConfig,
-    RotaryConfig,
-    SinusoidalConfig,
-)
+from qkvsearch.models.masks import MaskContext
 from qkvsearch.models.registry import ComponentConfig
-from qkvsearch.models.scaling import (
-    InvDkConfig,
-    LearnedTemperatureConfig,
-    NoScalingConfig,
-    QKNormConfig,
-    SqrtDkConfig,
-)
-
-#: component config class -> function(config, **sizes) -> constructor expression
-EXPORTERS: dict[type, Callable[..., str]] = {
-    SqrtDkConfig: lambda c, n_heads, d_k: f"Scaling({1.0 / math.sqrt(d_k)!r})",
-    InvDkConfig: lambda c, n_heads, d_k: f"Scaling({1.0 / d_k!r})",
-    NoScalingConfig: lambda c, n_heads, d_k: "Scaling(1.0)",
-    LearnedTemperatureConfig: lambda c, n_heads, d_k: f"LearnedTemperature({n_heads}, {d_k})",
-    QKNormConfig: lambda c, n_heads, d_k: f"QKNorm({d_k}, {c.eps!r})",
-    NoMaskConfig: lambda c, self_attention: "NoMask()",
-    CausalConfig: lambda c, self_attention: "CausalMask()",
-    PaddingConfig: lambda c, self_attention: f"PaddingMask(keep_diagonal={self_attention})",
-    SlidingWindowConfig: lambda c, self_attention: f"SlidingWindowMask({c.window})",
-    PrefixLMConfig: lambda c, self_attention: f"PrefixLMMask({c.prefix_len})",
-    NoPositionsConfig: lambda c, d_model, max_seq_len: "Positions()",
-    SinusoidalConfig: lambda c, d_model, max_seq_len: f"Sinusoidal({d_model}, {c.base!r})",
-    LearnedConfig: lambda c, d_model, max_seq_len: f"Learned({d_model}, {max_seq_len})",
-    RotaryConfig: lambda c, d_model, max_seq_len: f"Rotary({c.base!r})",
-    ALiBiConfig: lambda c, d_model, max_seq_len: "ALiBi()",
-    LayerNormConfig: lambda c, d_model: f"nn.LayerNorm({d_model}, eps={c.eps!r})",
-    RMSNormConfig: lambda c, d_model: f"nn.RMSNorm({d_model}, eps={c.eps!r})",
-    PreNormConfig: lambda c, norm, dropout: f"PreNormResidual({norm}, {dropout!r})",
-    PostNormConfig: lambda c, norm, dropout: f"PostNormResidual({norm}, {dropout!r})",
-    GELUConfig: lambda c, d_model: f"MLP({d_model}, {c.d_ff}, {c.bias}, nn.GELU())",
-    ReLUConfig: lambda c, d_model: f"MLP({d_model}, {c.d_ff}, {c.bias}, nn.ReLU())",
-    SquaredReLUConfig: lambda c, d_model: f"MLP({d_model}, {c.d_ff}, {c.bias}, SquaredReLU())",
-    SwiGLUConfig: lambda c, d_model: f"SwiGLU({d_model}, {c.d_ff}, {c.bias})",
-    LMHeadConfig: lambda c, d_model, vocab_size: f"TokenHead(nn.Linear({d_model}, {vocab_size}, bias=False))",
-    TokenClassifierConfig: lambda c, d_model, vocab_size: f"TokenHead(nn.Linear({d_model}, {c.n_classes}))",
-    ClassifierConfig: lambda c, d_model, vocab_size: f"PooledHead(nn.Linear({d_model}, {c.n_classes}), {c.pooling!r})",
-}
 
 
 class ExportError(QkvError):
     """The architecture cannot be exported, or the export does not match."""
 
 
-def register_exporter(config_cls: type[ComponentConfig], exporter: Callable[..., str]) -> None:
-    """Lets a custom component export: ``exporter(config, **sizes)`` returns its constructor call."""
-    EXPORTERS[config_cls] = exporter
-
-
 def _expr(config: ComponentConfig, **sizes: Any) -> str:
-    exporter = EXPORTERS.get(type(config))
-    if exporter is None:
+    """The constructor expression the component's config writes for itself (``source``)."""
+    try:
+        return config.source(**sizes)
+    except NotImplementedError:
         raise ExportError(
-            f"component {config.name!r} ({type(config).__name__}) has no exporter; "
-            "add one with search.codegen.register_exporter"
-        )
-    return exporter(config, **sizes)
+            f"component {config.name!r} ({type(config).__name__}) cannot be written into model.py: "
+            f"give its config a source({', '.join(sizes)}) method returning its constructor call"
+        ) from None
 
 
 def _attention(config: AttentionConfig, d_model: int, cross: bool) -> str:

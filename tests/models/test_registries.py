@@ -1,5 +1,6 @@
 """Every registered component of every registry, built: the analytic parameter count (the
-n_params each component config declares) equals what the built module holds."""
+n_params each component config declares) equals what the built module holds, and the
+component writes itself into an exported model.py that computes what the built one does."""
 
 from __future__ import annotations
 
@@ -74,3 +75,34 @@ def test_every_registered_component_counts_its_parameters_exactly(kind, name):
 
 def test_the_cases_cover_every_registry():
     assert {kind for kind, _ in CASES} == set(REGISTRIES)
+
+
+@pytest.mark.parametrize(("kind", "name"), CASES, ids=[f"{k}-{n}" for k, n in CASES])
+def test_every_registered_component_exports_itself(kind, name):
+    import sys
+    import types
+
+    from qkvsearch.search.codegen import generate_model_source
+    from qkvsearch.search.export import example_inputs
+
+    arch = next(a for a in (_valid(d) for d in _candidates(kind, name)) if a is not None)
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    module = types.ModuleType(f"exported_{kind}_{name}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    try:
+        exec(compile(generate_model_source(arch), f"{module.__name__}.py", "exec"), module.__dict__)  # noqa: S102 - our own generated code
+        exported = module.build().eval()
+        exported.load_state_dict(model.state_dict())
+        inputs = example_inputs(arch)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(*inputs), model(*inputs))
+    finally:
+        del sys.modules[module.__name__]
+
+
+def _valid(data: dict) -> ArchConfig | None:
+    try:
+        return ArchConfig.from_dict(data)
+    except ConfigError:
+        return None
