@@ -10,6 +10,7 @@ with :func:`register_exporter`.
 
 from __future__ import annotations
 
+import graphlib
 import inspect
 import re
 import sys
@@ -137,7 +138,22 @@ def _classes_used(model: nn.Module) -> list[type]:
 
     for module in model.modules():
         add(type(module))
-    return ordered
+    return _dependency_order(ordered)
+
+
+def _dependency_order(classes: list[type]) -> list[type]:
+    """``classes`` with each after its bases and the classes its source names (the parts
+    before the whole, as a reader meets them); the found order where names form a cycle."""
+    names = {cls.__name__: cls for cls in classes}
+    graph = {}
+    for cls in classes:
+        words = set(re.findall(r"\b[A-Z]\w*\b", inspect.getsource(cls)))
+        graph[cls] = {names[w] for w in words if w in names and names[w] is not cls} | {
+            b for b in cls.__bases__ if b in classes}
+    try:
+        return list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError:
+        return classes
 
 
 def _helpers(sources: list[str], modules: set[str], skip: set[str]) -> list[Any]:

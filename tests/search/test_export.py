@@ -189,3 +189,15 @@ def test_onnx_export_matches_the_model(tmp_path):
     model = build_model(arch).eval()
     note = export_onnx(model, arch, tmp_path)
     assert (tmp_path / "model.onnx").is_file() and "outputs within" in note
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_model_py_defines_each_class_after_the_classes_it_uses(name):
+    tree = ast.parse(generate_model_source(_arch(name)))
+    classes = [node for node in tree.body if isinstance(node, ast.ClassDef)]
+    seen: set[str] = set()
+    ours = {c.name for c in classes}
+    for cls in classes:
+        used = {n.id for n in ast.walk(cls) if isinstance(n, ast.Name) and n.id in ours and n.id != cls.name}
+        assert used <= seen, f"{cls.name} comes before {sorted(used - seen)}, which it uses"
+        seen.add(cls.name)
