@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         hint = suggest_command(command, list(COMMANDS))
         print(f"qkv: unknown command {command!r}{hint}; available: {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
+    # Idle OpenMP threads sleep instead of spinning, so workers and other programs sharing the
+    # cores do not stall each other (set before torch is imported; a user's setting wins).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from qkvsearch.search.group import die_with_parent
 
     die_with_parent()  # an extra worker of `qkv sweep workers=N` ends with the process that started it

@@ -176,6 +176,11 @@ def grid_of(space: Space) -> dict[str, list[Any]]:
     return grid
 
 
+def threads_per_worker(cfg: DictConfig) -> int:
+    """Intra-op threads for this worker: ``threads``, or the cores shared out when null."""
+    return int(cfg.threads) if cfg.threads is not None else max(1, (os.cpu_count() or 1) // cfg.workers)
+
+
 def check_sweep(cfg: DictConfig) -> list[str]:
     """Checks the sweep's own settings before anything is built; returns the directions."""
     directions = check_objectives(list(cfg.objectives))
@@ -183,6 +188,8 @@ def check_sweep(cfg: DictConfig) -> list[str]:
     for key, least in (("n_trials", 1), ("workers", 1), ("max_retries", 0)):
         if not isinstance(cfg[key], int) or cfg[key] < least:
             raise QkvError(f"{key} must be an integer >= {least}, got {cfg[key]!r}")
+    if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
+        raise QkvError(f"threads must be null (share the cores) or an integer >= 1, got {cfg.threads!r}")
     if cfg.worker_index is not None and (not isinstance(cfg.worker_index, int) or cfg.worker_index < 0):
         raise QkvError(f"worker_index must be null or an integer >= 0, got {cfg.worker_index!r}")
     return directions
@@ -342,7 +349,7 @@ def sweep(cfg: DictConfig) -> optuna.Study:
     """Runs the sweep ``cfg`` describes and returns the study."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     quiet_lightning()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
+    torch.set_num_threads(threads_per_worker(cfg))
     check_sweep(cfg)
     spawned = SPAWNED_BY in os.environ
     group = WorkerGroup.start(cfg) if cfg.workers > 1 and not spawned else None

@@ -111,3 +111,25 @@ def test_an_unreachable_postgres_is_a_clean_error_not_a_traceback(tmp_path):
                             timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and "qkv: error: cannot open storage" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_commands_make_idle_openmp_threads_sleep_unless_the_user_chose():
+    code = ("import os, sys; sys.argv = ['qkv', 'sweep', '--cfg', 'job']\n"
+            "from qkvsearch.search.cli import main; main()\n"
+            "print('policy', os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0 and "policy PASSIVE" in result.stdout, result.stderr
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert "policy ACTIVE" in result.stdout
+
+
+def test_threads_per_worker_is_a_setting():
+    from qkvsearch.search.sweep import check_sweep, threads_per_worker
+    from tests.conftest import compose_conf
+
+    assert threads_per_worker(compose_conf("sweep", ["threads=3"])) == 3
+    assert threads_per_worker(compose_conf("sweep", ["threads=null", "workers=2"])) == max(1, (__import__("os").cpu_count() or 1) // 2)
+    with pytest.raises(ValueError, match=r"threads must be null \(share the cores\) or an integer >= 1, got 0"):
+        check_sweep(compose_conf("sweep", ["threads=0"]))
