@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/sweep_overhead.py
 	$(BIN)/python benchmarks/startup.py
+	$(BIN)/python benchmarks/threads.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import optuna
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from qkvsearch.models import ArchConfig
+from qkvsearch.models.describe import layer_rows
 from qkvsearch.search.selection import top_trials
 
 State = optuna.trial.TrialState
@@ -44,13 +44,21 @@ def best_text(study: optuna.Study) -> str:
 
 
 def _architecture(trial: optuna.trial.FrozenTrial) -> str:
-    params = {k: v for k, v in trial.params.items() if ".layer" not in k}
-    per_layer: dict[str, list[Any]] = {}
-    for key, value in trial.params.items():
-        if ".layer" in key:
-            per_layer.setdefault(key.split(".layer")[0], []).append(value)
-    parts = [f"{k}={v}" for k, v in params.items()] + [f"{k}={v}" for k, v in per_layer.items()]
-    return " ".join(parts)
+    """A compact description of the trial's architecture (from :func:`layer_rows`), runs
+    of identical layers written once with their count."""
+    arch = ArchConfig.from_dict(trial.user_attrs["arch"])
+    parts = [f"d_model {arch.d_model}, {arch.positions.name}"]
+    runs: list[tuple[str, str, int]] = []
+    for row in layer_rows(arch):
+        stack = row["layer"].split()[0]
+        text = (f"{row['heads']}h/{row['kv heads']}kv d_k {row['d_k']} {row['scaling']} {row['masks']} "
+                f"{row['ffn']} {row['d_ff']}")
+        if runs and runs[-1][:2] == (stack, text):
+            runs[-1] = (stack, text, runs[-1][2] + 1)
+        else:
+            runs.append((stack, text, 1))
+    parts += [f"{stack} x{count}: {text}" for stack, text, count in runs]
+    return "; ".join(parts)
 
 
 def print_summary(study: optuna.Study, overrides: list[str], console: Console | None = None) -> None:

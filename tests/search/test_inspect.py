@@ -59,7 +59,7 @@ def test_trials_carry_their_architecture_and_the_best_its_attention_map(swept):
     assert image.size[0] >= 250 * heads and image.size[1] >= 250  # panels big enough to read
 
 
-def test_the_dashboard_serves_the_study_on_loopback_and_renders_it(swept):
+def test_the_dashboard_serves_the_study_on_loopback_and_renders_it(swept, tmp_path):
     root, cfg, study = swept
     port = _free_port()
     proc = subprocess.Popen(
@@ -86,6 +86,8 @@ def test_the_dashboard_serves_the_study_on_loopback_and_renders_it(swept):
         with pytest.raises(ValueError, match=f"port {port} on 127.0.0.1 is in use"):
             check_port("127.0.0.1", port)
         dom = rendered_dom(f"http://127.0.0.1:{port}/dashboard/studies/{summary['study_id']}")
+        shot = screenshot(f"http://127.0.0.1:{port}/dashboard/studies/{summary['study_id']}", tmp_path / "dashboard.png")
+        assert not is_blank(shot)
         assert study.study_name in dom
         assert len(re.findall(r'class="main-svg"', dom)) >= 2, "no plot was rendered"
         assert "val_loss" in dom

@@ -165,3 +165,23 @@ def test_the_live_view_shows_the_running_trials_and_this_workers_step():
     text = console.export_text()
     assert "trials 1/4" in text and "running 1" in text and "best 1.5000 (trial 0)" in text
     assert "trial 7: step 5/30 | loss 2.2500 | 12.0 steps/s" in text and "ETA" in text
+
+
+def test_the_summary_describes_each_best_architecture_from_its_layers():
+    from rich.console import Console
+
+    from qkvsearch.search.report_text import print_summary
+
+    arch = ArchConfig.from_dict({"kind": "decoder", "vocab_size": 16, "max_seq_len": 8, "d_model": 32, "positions": "rotary",
+                                 "decoder": {"n_layers": 3, "attention": {"n_heads": 4, "n_kv_heads": 2, "masks": ["causal"]},
+                                             "layers": [{}, {}, {"ffn": {"d_ff": 64}}]}})
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.set_user_attr("arch", arch.to_dict())
+    trial.set_user_attr("n_params", 1234)
+    study.tell(trial, 1.0)
+    console = Console(record=True, width=300)
+    print_summary(study, ["study_name=x"], console)
+    text = console.export_text()
+    assert "d_model 32, rotary; decoder x2: 4h/2kv d_k 8 sqrt_dk causal gelu 128; decoder x1: 4h/2kv d_k 8 sqrt_dk causal gelu 64" in text
+    assert "qkv export study_name=x" in text
