@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         return
     command = argv[0]
-    from qkvsearch.search.cli_conf import CommandConf, suggest_command
+    from qkvsearch.search.cli_conf import CommandConf, suggest
 
     if command not in COMMANDS:
-        hint = suggest_command(command, list(COMMANDS))
+        hint = suggest(command, list(COMMANDS))
         print(f"qkv: unknown command {command!r}{hint}; available: {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     # Idle OpenMP threads sleep instead of spinning, so workers and other programs sharing the

@@ -88,18 +88,14 @@ class CommandConf:
                 continue
             known = [*self.groups, *self.settings]
             if top not in known:
-                raise UnknownName(f"unknown setting {key!r}{_suggest(top, known)}; settings: {', '.join(known)}")
+                raise UnknownName(f"unknown setting {key!r}{suggest(top, known)}; settings: {', '.join(known)}")
             if key in self.groups and not extra_conf and value not in ("null", "") and not re.search(r"[,()\[\]]", value):
                 options = self.groups[key][1]
                 if value not in options:
-                    raise UnknownName(f"{key}={value}: no option {value!r}{_suggest(value, options)}; options: {', '.join(options)}")
+                    raise UnknownName(f"{key}={value}: no option {value!r}{suggest(value, options)}; options: {', '.join(options)}")
 
 
-def _suggest(name: str, known: list[str]) -> str:
+def suggest(name: str, known: list[str]) -> str:
+    """`` (did you mean 'sweep'?)`` for a close name in ``known``, else nothing."""
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def suggest_command(name: str, commands: list[str]) -> str:
-    """`` (did you mean 'sweep'?)`` for a mistyped command, else nothing."""
-    return _suggest(name, commands)

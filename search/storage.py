@@ -262,11 +262,8 @@ def storage_lock(cfg: Any, key_name: str) -> Iterator[None]:
         finally:
             engine.dispose()
         return
-    if cfg.kind == "journal":
-        path = pathlib.Path(cfg.path)
-    elif url.startswith("sqlite:///"):
-        path = pathlib.Path(url.removeprefix("sqlite:///"))
-    else:
+    path = storage_file(cfg)
+    if path is None:
         raise StorageError(f"no cross-process lock for storage {url!r}; use sqlite, postgresql or a journal file")
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(f"{path.name}.{key:x}.lock")

@@ -277,6 +277,12 @@ def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None = 
                     trial.number)
 
 
+def note(trial: optuna.Trial, key: str, value: Any) -> None:
+    """Records a user attribute; nothing when another worker already failed the trial."""
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        trial.set_user_attr(key, value)
+
+
 def run_trial(setup: Setup, trial: optuna.Trial) -> None:
     """Runs one trial and tells the study how it ended; only an interrupt propagates."""
     pruned, failed = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
@@ -288,17 +294,15 @@ def run_trial(setup: Setup, trial: optuna.Trial) -> None:
             try:
                 values = setup.objective(trial)
             finally:
-                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                    trial.set_user_attr("wall_time_s", time.perf_counter() - start)
+                note(trial, "wall_time_s", time.perf_counter() - start)
     except optuna.TrialPruned as error:
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            trial.set_user_attr("pruned_reason", trial.user_attrs.get("pruned_reason") or str(error) or "pruned")
+        note(trial, "pruned_reason", trial.user_attrs.get("pruned_reason") or str(error) or "pruned")
         tell(setup.study, trial, state=pruned)
     except NonFiniteLoss as error:
-        trial.set_user_attr("pruned_reason", f"non-finite loss: {error}")
+        note(trial, "pruned_reason", f"non-finite loss: {error}")
         tell(setup.study, trial, state=pruned)
     except torch.OutOfMemoryError as error:
-        trial.set_user_attr("pruned_reason", f"out of memory: {str(error).splitlines()[0]}")
+        note(trial, "pruned_reason", f"out of memory: {str(error).splitlines()[0]}")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         tell(setup.study, trial, state=pruned)
@@ -308,9 +312,8 @@ def run_trial(setup: Setup, trial: optuna.Trial) -> None:
     except optuna.exceptions.UpdateFinishedTrialError:
         log.warning("trial %d was failed by another worker while it ran; its retry runs instead", trial.number)
     except Exception as error:  # noqa: BLE001 - any error of one trial must not stop the study
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}"[:2000])
-            trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+        note(trial, "fail_reason", f"{type(error).__name__}: {error}"[:2000])
+        note(trial, "traceback", traceback.format_exc()[-4000:])
         tell(setup.study, trial, state=failed)
     else:
         tell(setup.study, trial, values)

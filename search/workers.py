@@ -70,11 +70,6 @@ def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if t.state != TrialState.FAIL or t.number not in retried]
 
 
-def lost(trial: FrozenTrial) -> bool:
-    """True for a failed trial whose worker died (no reason recorded: nobody told it)."""
-    return trial.state == TrialState.FAIL and "fail_reason" not in trial.user_attrs
-
-
 def join_study(study: optuna.Study, pinned: int | None) -> int:
     """This process's worker index: ``pinned`` when the user set one, else the next free
     index of the study (0 for the first process, so a lone run is reproducible). Call it
@@ -157,7 +152,7 @@ def wait_for_twin(study: optuna.Study, trial: optuna.Trial, fingerprint: str, po
         ]
         if not running:
             return None if twin is None else frozen(study, twin)
+        if twin is None:  # recorded once (an earlier check read 'waited_for: 0' as unset and wrote it every poll)
+            trial.set_user_attr("waited_for", running[0].number)
         twin = running[0].number
-        if not trial.user_attrs.get("waited_for"):
-            trial.set_user_attr("waited_for", twin)
         time.sleep(poll_s)
