@@ -37,6 +37,26 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+def config_error(error: Exception) -> str | None:
+    """The one-line message for a config file or override Hydra could not read: YAML that
+    does not parse or carries a tag (``!!python/...``: config files are data, never objects),
+    a config group option that does not exist, an override that does not parse. None for
+    anything else, which is a bug and keeps its traceback."""
+    import yaml
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else "a config file"
+        what = " ".join(part for part in (error.context, error.problem) if part)
+        if isinstance(error, yaml.constructor.ConstructorError):
+            what += " (tags are not allowed in config files: write plain values)"
+        return f"{where}: {what}"
+    if isinstance(error, (ConfigCompositionException, MissingConfigException, OverrideParseException)):
+        return str(error).strip() or type(error).__name__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Dispatches ``qkv COMMAND ...`` to the command's Hydra app."""
     # Ctrl-C (even where a parent shell ignored SIGINT) and a scheduler's SIGTERM stop a
@@ -73,8 +93,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"qkv {command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     sys.argv = [f"qkv {command}", *rest]
+    # Hydra re-raises what goes wrong while it composes the config (instead of printing
+    # a traceback of its own internals), so a broken config file ends as one line below.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         importlib.import_module(COMMANDS[command][0]).main()
+    except Exception as error:
+        message = config_error(error)
+        if message is None or os.environ.get("QKV_DEBUG"):
+            raise
+        print(f"qkv {command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (Interrupted, KeyboardInterrupt) as error:
         # one line, not a traceback; 128 + the signal's number, as a shell reports it
         signum = getattr(error, "signum", signal.SIGINT)

@@ -133,3 +133,29 @@ def test_threads_per_worker_is_a_setting():
     assert threads_per_worker(compose_conf("sweep", ["threads=null", "workers=2"])) == max(1, (__import__("os").cpu_count() or 1) // 2)
     with pytest.raises(ValueError, match=r"threads must be null \(share the cores\) or an integer >= 1, got 0"):
         check_sweep(compose_conf("sweep", ["threads=0"]))
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("max_params: !!python/name:os.system 5", r"mine\.yaml, line \d+, column \d+: could not determine a constructor "
+                                              r".*tags are not allowed in config files"),
+    ("max_params: {200000", r"mine\.yaml, line \d+, column \d+: .*expected ',' or '\}'"),
+])
+def test_a_broken_space_file_is_one_line_naming_the_file_and_place(tmp_path, line, message):
+    import re
+    from pathlib import Path
+
+    import qkvsearch.conf
+
+    tiny = Path(qkvsearch.conf.__path__[0], "space", "tiny.yaml").read_text()
+    assert "  max_params: 200000\n" in tiny
+    (tmp_path / "space").mkdir()
+    (tmp_path / "space" / "mine.yaml").write_text(tiny.replace("max_params: 200000", line).replace("name: tiny", "name: mine"))
+    result = _qkv("space", "show", "--config-dir", str(tmp_path), "space=mine")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert re.search(r"qkv space: error: .*" + message, result.stderr), result.stderr
+
+
+def test_an_override_that_does_not_parse_is_a_clean_error():
+    result = _qkv("sweep", "n_trials=[")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "qkv sweep: error: no viable alternative at input '['" in result.stderr
