@@ -1,10 +1,13 @@
 """Multi-head attention assembled from injected parts.
 
-The layer owns the head geometry and the projections; scaling, masks and positions are
-modules it is given. Two paths compute the same function: the fused path through
-``torch.nn.functional.scaled_dot_product_attention`` (used unless attention weights are
-wanted) and the reference path (explicit softmax of scaled scores), which can hand the
-per-head weights to a sink (see :func:`models.capture.capture_attention`).
+The layer owns the head geometry; the projections, scaling, masks and positions are
+modules it is given. Self-attention projects queries, keys and values with one matmul
+(:class:`SelfProjection`), cross-attention its queries from the target and keys and values
+from the source in one more (:class:`CrossProjection`). Two paths compute the same
+function: the fused path through ``torch.nn.functional.scaled_dot_product_attention``
+(used unless attention weights are wanted) and the reference path (explicit softmax of
+scaled scores), which can hand the per-head weights to a sink (see
+:func:`models.capture.capture_attention`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,60 @@ from qkvsearch.models.scaling import Scaling
 WeightsSink = Callable[[torch.Tensor], None]
 
 
+def _heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    """``[batch, seq, n * d]`` as ``[batch, n, seq, d]`` (a view)."""
+    return x.unflatten(-1, (n, d)).transpose(1, 2)
+
+
+class SelfProjection(nn.Module):
+    """Queries, keys and values of self-attention from one ``Linear``
+    (``d_model -> n_heads * d_k + n_kv_heads * (d_k + d_v)``), split by sizes."""
+
+    def __init__(self, qkv: nn.Linear, *, n_heads: int, n_kv_heads: int, d_k: int, d_v: int) -> None:
+        super().__init__()
+        self.qkv = qkv
+        self.n_heads, self.n_kv_heads, self.d_k, self.d_v = n_heads, n_kv_heads, d_k, d_v
+        self.sizes = [n_heads * d_k, n_kv_heads * d_k, n_kv_heads * d_v]
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        return _heads(q, self.n_heads, self.d_k), _heads(k, self.n_kv_heads, self.d_k), _heads(v, self.n_kv_heads, self.d_v)
+
+
+class CrossProjection(nn.Module):
+    """Queries from the target (``q``), keys and values from the source in one ``Linear`` (``kv``)."""
+
+    def __init__(self, q: nn.Linear, kv: nn.Linear, *, n_heads: int, n_kv_heads: int, d_k: int, d_v: int) -> None:
+        super().__init__()
+        self.q, self.kv = q, kv
+        self.n_heads, self.n_kv_heads, self.d_k, self.d_v = n_heads, n_kv_heads, d_k, d_v
+        self.sizes = [n_kv_heads * d_k, n_kv_heads * d_v]
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k, v = self.kv(x if source is None else source).split(self.sizes, dim=-1)
+        return _heads(self.q(x), self.n_heads, self.d_k), _heads(k, self.n_kv_heads, self.d_k), _heads(v, self.n_kv_heads, self.d_v)
+
+
+def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved before the projections were fused (``q_proj``, ``k_proj`` and ``v_proj``
+    per attention layer), renamed and concatenated into today's ``project.qkv`` (self-attention)
+    or ``project.q`` and ``project.kv`` (cross-attention); other state passes unchanged."""
+    state = dict(state)
+    for key in [k for k in state if k.endswith("q_proj.weight")]:
+        prefix = key[: -len("q_proj.weight")]
+        for kind in ("weight", "bias"):
+            parts = [state.pop(f"{prefix}{name}_proj.{kind}", None) for name in "qkv"]
+            if any(p is None for p in parts):
+                continue
+            q, k, v = parts
+            if prefix.endswith("cross_attention."):
+                state[f"{prefix}project.q.{kind}"] = q
+                state[f"{prefix}project.kv.{kind}"] = torch.cat([k, v])
+            else:
+                state[f"{prefix}project.qkv.{kind}"] = torch.cat([q, k, v])
+    return state
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with grouped key/value heads.
 
@@ -30,9 +87,7 @@ class MultiHeadAttention(nn.Module):
         n_kv_heads: key/value heads; divides ``n_heads`` (1 is multi-query attention).
         d_k: query/key dim per head.
         d_v: value dim per head.
-        q_proj: ``d_model -> n_heads * d_k``.
-        k_proj: ``d_source -> n_kv_heads * d_k``.
-        v_proj: ``d_source -> n_kv_heads * d_v``.
+        project: maps ``(x, source)`` to ``q``, ``k``, ``v`` as ``[batch, heads, len, d]``.
         out_proj: ``n_heads * d_v -> d_model``.
         scaling: maps ``(q, k)`` to ``(q, k, scale)``.
         mask: the intersection of the layer's masks.
@@ -47,9 +102,7 @@ class MultiHeadAttention(nn.Module):
         n_kv_heads: int,
         d_k: int,
         d_v: int,
-        q_proj: nn.Module,
-        k_proj: nn.Module,
-        v_proj: nn.Module,
+        project: nn.Module,
         out_proj: nn.Module,
         scaling: Scaling,
         mask: CombinedMask,
@@ -60,7 +113,7 @@ class MultiHeadAttention(nn.Module):
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
         self.n_heads, self.n_kv_heads, self.d_k, self.d_v = n_heads, n_kv_heads, d_k, d_v
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
+        self.project, self.out_proj = project, out_proj
         self.scaling = scaling
         self.mask = mask
         self.positions = positions
@@ -86,32 +139,33 @@ class MultiHeadAttention(nn.Module):
         Returns:
             ``[batch, q_len, d_model]``.
         """
-        source = x if source is None else source
         batch, q_len, _ = x.shape
-        k_len = source.shape[1]
-        q = self.q_proj(x).view(batch, q_len, self.n_heads, self.d_k).transpose(1, 2)
-        k = self.k_proj(source).view(batch, k_len, self.n_kv_heads, self.d_k).transpose(1, 2)
-        v = self.v_proj(source).view(batch, k_len, self.n_kv_heads, self.d_v).transpose(1, 2)
+        k_len = q_len if source is None else source.shape[1]
+        q, k, v = self.project(x, source)
         # q: [batch, heads, q_len, d_k]; k: [batch, kv_heads, k_len, d_k]; v: [..., d_v]
         q, k = self.positions.rotate(q, k)
         q, k, scale = self.scaling(q, k)
-        bias = self.positions.score_bias(self.n_heads, q_len, k_len, x.device, q.dtype)
-        reference = self.path == "reference" or self.weights_sink is not None
         ctx = MaskContext(q_len, k_len, x.device, key_padding_mask)
-        visible, is_causal = self.mask(ctx, allow_is_causal=bias is None and not reference)
         dropout = self.dropout if self.training else 0.0
-        if reference:
-            out = self._reference(q, k, v, scale, visible, bias, dropout)
+        if self.path == "reference" or self.weights_sink is not None:
+            bias = self.positions.score_bias(self.n_heads, ctx, q.dtype)
+            out = self._reference(q, k, v, scale, self.mask(ctx)[0], bias, dropout)
         else:
-            out = self._fused(q, k, v, scale, visible, is_causal, bias, dropout)
+            out = self._fused(q, k, v, scale, ctx, dropout)
         out = out.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.d_v)
         return self.out_proj(out)  # [batch, q_len, d_model]
 
-    def _fused(self, q, k, v, scale, visible, is_causal, bias, dropout) -> torch.Tensor:
-        """``scaled_dot_product_attention`` with a boolean mask or an additive bias."""
-        attn_mask = visible
-        if bias is not None:
-            attn_mask = bias if visible is None else bias.masked_fill(~visible, float("-inf"))
+    def _fused(self, q, k, v, scale, ctx: MaskContext, dropout: float) -> torch.Tensor:
+        """``scaled_dot_product_attention`` with ``is_causal``, a boolean mask, or an additive
+        bias with the mask's fixed part folded in (cached by the positions, one per model)."""
+        bias = self.positions.score_bias(self.n_heads, ctx, q.dtype, self.mask)
+        if bias is None:
+            attn_mask, is_causal = self.mask(ctx, allow_is_causal=True)
+        else:
+            attn_mask, is_causal = bias, False
+            padding = self.mask.padding(ctx)
+            if padding is not None:
+                attn_mask = bias.masked_fill(~padding, float("-inf"))
         return F.scaled_dot_product_attention(
             q,
             k,

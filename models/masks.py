@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from qkvsearch.models.cache import cached
 from qkvsearch.models.registry import ComponentConfig, Registry
 
 
@@ -62,6 +63,8 @@ class Mask(nn.Module):
 
     #: True when this part is exactly the causal mask (lets the fused path use is_causal).
     causal_only: ClassVar[bool] = False
+    #: True when the pattern depends on the lengths alone, not on the batch (so it is cached).
+    fixed: ClassVar[bool] = True
 
     def allowed(self, ctx: MaskContext) -> torch.Tensor | None:
         """Returns the visibility pattern, or None when nothing is masked."""
@@ -135,6 +138,8 @@ class PaddingConfig(MaskConfig):
 
 
 class PaddingMask(Mask):
+    fixed: ClassVar[bool] = False
+
     def __init__(self, keep_diagonal: bool) -> None:
         super().__init__()
         self.keep_diagonal = keep_diagonal
@@ -148,6 +153,9 @@ class PaddingMask(Mask):
             # never see a padded key, because their own position is not padded.
             visible = visible | (_offsets(ctx) == 0)
         return visible
+
+    def extra_repr(self) -> str:
+        return f"keep_diagonal={self.keep_diagonal}"
 
 
 @MASKS.register("padding", PaddingConfig)
@@ -237,11 +245,16 @@ def _prefix_lm(config: PrefixLMConfig, *, self_attention: bool) -> Mask:
 
 
 class CombinedMask(nn.Module):
-    """The intersection of a layer's mask parts."""
+    """The intersection of a layer's mask parts. The parts that depend on the lengths alone
+    are computed once per ``(q_len, k_len, device)`` and kept (not in the state dict)."""
 
     def __init__(self, parts: list[Mask]) -> None:
         super().__init__()
         self.parts = nn.ModuleList(parts)
+        self.causal = bool(parts) and all(p.causal_only for p in parts)
+        #: What the fixed parts are: layers with equal keys have equal fixed patterns.
+        self.key = tuple(repr(p) for p in parts if p.fixed)
+        self._fixed: dict[tuple, torch.Tensor | None] = {}
 
     def forward(self, ctx: MaskContext, allow_is_causal: bool = False) -> tuple[torch.Tensor | None, bool]:
         """Returns ``(visible, is_causal)``.
@@ -249,15 +262,28 @@ class CombinedMask(nn.Module):
         When ``allow_is_causal`` and the parts amount to the plain causal mask,
         ``is_causal`` is True and ``visible`` None: the fused kernel builds the mask itself.
         """
-        causal = self.parts and all(p.causal_only for p in self.parts) and ctx.q_len == ctx.k_len
-        if allow_is_causal and causal:
+        if allow_is_causal and self.causal and ctx.q_len == ctx.k_len:
             return None, True
+        visible, padding = self.fixed_part(ctx), self.padding(ctx)
+        if padding is not None:
+            visible = padding if visible is None else visible & padding
+        return visible, False
+
+    def fixed_part(self, ctx: MaskContext) -> torch.Tensor | None:
+        """The intersection of the parts that depend on the lengths alone, ``[q_len, k_len]``."""
+        return cached(self._fixed, (ctx.q_len, ctx.k_len, ctx.device), lambda: self._intersect(ctx, fixed=True))
+
+    def padding(self, ctx: MaskContext) -> torch.Tensor | None:
+        """The intersection of the parts that read the batch (padding), or None."""
+        return self._intersect(ctx, fixed=False)
+
+    def _intersect(self, ctx: MaskContext, fixed: bool) -> torch.Tensor | None:
         visible = None
         for part in self.parts:
-            allowed = part.allowed(ctx)
+            allowed = part.allowed(ctx) if part.fixed == fixed else None
             if allowed is not None:
                 visible = allowed if visible is None else visible & allowed
-        return visible, False
+        return visible
 
 
 def build_masks(configs: tuple[MaskConfig, ...], self_attention: bool = True) -> CombinedMask:

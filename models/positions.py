@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qkvsearch.models.cache import cached
+from qkvsearch.models.masks import CombinedMask, MaskContext
 from qkvsearch.models.registry import ComponentConfig, Registry
 
 
@@ -54,9 +56,10 @@ class Positions(nn.Module):
         return q, k
 
     def score_bias(
-        self, n_heads: int, q_len: int, k_len: int, device: torch.device, dtype: torch.dtype
+        self, n_heads: int, ctx: MaskContext, dtype: torch.dtype, mask: CombinedMask | None = None
     ) -> torch.Tensor | None:
-        """Returns a ``[heads, q_len, k_len]`` bias added to the scores, or None."""
+        """Returns a ``[heads, q_len, k_len]`` bias added to the scores, or None; with ``mask``,
+        ``-inf`` where the mask's fixed part hides a key."""
         return None
 
 
@@ -91,16 +94,19 @@ class Sinusoidal(Positions):
         super().__init__()
         self.d_model = d_model
         self.base = base
+        self._tables: dict[tuple, torch.Tensor] = {}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        seq_len = x.shape[1]
-        position = torch.arange(seq_len, device=x.device, dtype=torch.float32)[:, None]
-        exponent = torch.arange(0, self.d_model, 2, device=x.device, dtype=torch.float32)
+        return x + cached(self._tables, (x.shape[1], x.device, x.dtype), lambda: self._table(x.shape[1], x.device, x.dtype))
+
+    def _table(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        position = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None]
+        exponent = torch.arange(0, self.d_model, 2, device=device, dtype=torch.float32)
         angle = position * torch.exp(-math.log(self.base) * exponent / self.d_model)
-        table = torch.zeros(seq_len, self.d_model, device=x.device)
+        table = torch.zeros(seq_len, self.d_model, device=device)
         table[:, 0::2] = torch.sin(angle)
         table[:, 1::2] = torch.cos(angle[:, : self.d_model // 2])
-        return x + table.to(x.dtype)  # [batch, seq, d_model]
+        return table.to(dtype)  # [seq, d_model]
 
 
 @POSITIONS.register("sinusoidal", SinusoidalConfig)
@@ -162,14 +168,19 @@ class Rotary(Positions):
     def __init__(self, base: float) -> None:
         super().__init__()
         self.base = base
+        self._angles: dict[tuple, torch.Tensor] = {}
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seq_len, d_k = q.shape[-2], q.shape[-1]
-        half = d_k // 2
-        inv_freq = self.base ** (-torch.arange(half, device=q.device, dtype=torch.float32) / half)
-        angle = torch.arange(seq_len, device=q.device, dtype=torch.float32)[:, None] * inv_freq
-        cos, sin = angle.cos().to(q.dtype), angle.sin().to(q.dtype)  # [seq, d_k / 2]
+        key = (seq_len, d_k, q.device, q.dtype)
+        cos, sin = cached(self._angles, key, lambda: self._cos_sin(seq_len, d_k, q.device, q.dtype)).unbind(0)
         return _rotate_half(q, cos, sin), _rotate_half(k, cos, sin)
+
+    def _cos_sin(self, seq_len: int, d_k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        half = d_k // 2
+        inv_freq = self.base ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+        angle = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq
+        return torch.stack((angle.cos(), angle.sin())).to(dtype)  # [2, seq, d_k / 2]
 
 
 def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -205,14 +216,25 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 
 
 class ALiBi(Positions):
+    """One bias per head count, length, device, dtype and fixed mask, shared by every layer
+    of the stack (the module is), kept between steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._biases: dict[tuple, torch.Tensor] = {}
+
     def score_bias(
-        self, n_heads: int, q_len: int, k_len: int, device: torch.device, dtype: torch.dtype
+        self, n_heads: int, ctx: MaskContext, dtype: torch.dtype, mask: CombinedMask | None = None
     ) -> torch.Tensor | None:
-        distance = (
-            torch.arange(q_len, device=device)[:, None] - torch.arange(k_len, device=device)[None, :]
-        ).abs()
-        slopes = alibi_slopes(n_heads).to(device)
-        return (-slopes[:, None, None] * distance).to(dtype)  # [heads, q, k]
+        key = (n_heads, ctx.q_len, ctx.k_len, ctx.device, dtype, mask.key if mask is not None else None)
+        return cached(self._biases, key, lambda: self._bias(n_heads, ctx, dtype, mask), limit=8)
+
+    def _bias(self, n_heads: int, ctx: MaskContext, dtype: torch.dtype, mask: CombinedMask | None) -> torch.Tensor:
+        q = torch.arange(ctx.q_len, device=ctx.device)
+        distance = (q[:, None] - torch.arange(ctx.k_len, device=ctx.device)[None, :]).abs()
+        bias = (-alibi_slopes(n_heads).to(ctx.device)[:, None, None] * distance).to(dtype)  # [heads, q, k]
+        visible = mask.fixed_part(ctx) if mask is not None else None
+        return bias if visible is None else bias.masked_fill(~visible, float("-inf"))
 
 
 @POSITIONS.register("alibi", ALiBiConfig)

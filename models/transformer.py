@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qkvsearch.models.attention import MultiHeadAttention
+from qkvsearch.models.attention import CrossProjection, MultiHeadAttention, SelfProjection
 from qkvsearch.models.config import ArchConfig, AttentionConfig, LayerConfig, StackConfig
 from qkvsearch.models.feedforward import FEEDFORWARDS
 from qkvsearch.models.heads import HEADS
@@ -118,14 +118,15 @@ class EncoderDecoderModel(nn.Module):
 def build_attention(config: AttentionConfig, d_model: int, positions: Positions, cross: bool) -> MultiHeadAttention:
     """Builds one attention layer from its resolved config."""
     h, g, d_k, d_v = config.n_heads, config.n_kv_heads, config.d_k, config.d_v
+    geometry = {"n_heads": h, "n_kv_heads": g, "d_k": d_k, "d_v": d_v}
+    if cross:
+        project = CrossProjection(nn.Linear(d_model, h * d_k, bias=config.bias),
+                                  nn.Linear(d_model, g * (d_k + d_v), bias=config.bias), **geometry)
+    else:
+        project = SelfProjection(nn.Linear(d_model, h * d_k + g * (d_k + d_v), bias=config.bias), **geometry)
     return MultiHeadAttention(
-        n_heads=h,
-        n_kv_heads=g,
-        d_k=d_k,
-        d_v=d_v,
-        q_proj=nn.Linear(d_model, h * d_k, bias=config.bias),
-        k_proj=nn.Linear(d_model, g * d_k, bias=config.bias),
-        v_proj=nn.Linear(d_model, g * d_v, bias=config.bias),
+        **geometry,
+        project=project,
         out_proj=nn.Linear(h * d_v, d_model, bias=config.bias),
         scaling=SCALINGS.build(config.scaling, n_heads=h, d_k=d_k),
         mask=build_masks(config.masks, self_attention=not cross),

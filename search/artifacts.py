@@ -18,6 +18,7 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from qkvsearch.models import ArchConfig, build_model, capture_attention
+from qkvsearch.models.attention import upgrade_state_dict
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.lit import model_inputs
 
@@ -175,5 +176,5 @@ def load_trained(arch: ArchConfig, weights: pathlib.Path) -> torch.nn.Module:
             f"({arch.fingerprint()}); the trial folder belongs to another study or was overwritten"
         )
     model = build_model(arch)
-    model.load_state_dict(load_file(str(weights)))
+    model.load_state_dict(upgrade_state_dict(load_file(str(weights))))  # files from before the fused projections load too
     return model.eval()

@@ -27,6 +27,7 @@ from qkvsearch.models import (
     count_parameters,
     flops_per_token,
 )
+from qkvsearch.models.cache import cached
 from qkvsearch.models.describe import layer_rows
 from qkvsearch.models.errors import QkvError
 from qkvsearch.models.masks import MaskContext
@@ -51,12 +52,16 @@ def _expr(config: ComponentConfig, **sizes: Any) -> str:
 def _attention(config: AttentionConfig, d_model: int, cross: bool) -> str:
     h, g, d_k, d_v, bias = config.n_heads, config.n_kv_heads, config.d_k, config.d_v, config.bias
     masks = ", ".join(_expr(m, self_attention=not cross) for m in config.masks)
+    geometry = f"n_heads={h}, n_kv_heads={g}, d_k={d_k}, d_v={d_v}"
+    if cross:
+        project = (f"CrossProjection(nn.Linear({d_model}, {h * d_k}, bias={bias}), "
+                   f"nn.Linear({d_model}, {g * (d_k + d_v)}, bias={bias}), {geometry})")
+    else:
+        project = f"SelfProjection(nn.Linear({d_model}, {h * d_k + g * (d_k + d_v)}, bias={bias}), {geometry})"
     return (
         f"MultiHeadAttention(\n"
-        f"            n_heads={h}, n_kv_heads={g}, d_k={d_k}, d_v={d_v},\n"
-        f"            q_proj=nn.Linear({d_model}, {h * d_k}, bias={bias}),\n"
-        f"            k_proj=nn.Linear({d_model}, {g * d_k}, bias={bias}),\n"
-        f"            v_proj=nn.Linear({d_model}, {g * d_v}, bias={bias}),\n"
+        f"            {geometry},\n"
+        f"            project={project},\n"
         f"            out_proj=nn.Linear({h * d_v}, {d_model}, bias={bias}),\n"
         f"            scaling={_expr(config.scaling, n_heads=h, d_k=d_k)},\n"
         f"            mask=CombinedMask([{masks}]),\n"
@@ -234,7 +239,7 @@ def generate_model_source(arch: ArchConfig) -> str:
     model = build_model(arch)
     classes = _classes_used(model)
     sources = [inspect.getsource(cls) for cls in classes]
-    modules = {cls.__module__ for cls in classes} | {MaskContext.__module__}
+    modules = {cls.__module__ for cls in classes} | {MaskContext.__module__, cached.__module__}
     helpers = _helpers(sources, modules, skip={c.__name__ for c in classes} | {"ArchConfig", "AttentionConfig"})
     helper_classes = [h for h in helpers if inspect.isclass(h)]
     helper_functions = [h for h in helpers if not inspect.isclass(h)]
@@ -243,7 +248,7 @@ def generate_model_source(arch: ArchConfig) -> str:
     header = (
         _docstring(arch) + "\n\nfrom __future__ import annotations\n\n"
         "import dataclasses\nimport json\nimport math\nimport os\nimport pathlib\n"
-        "from collections.abc import Callable\nfrom typing import ClassVar\n\n"
+        "from collections.abc import Callable, Hashable\nfrom typing import ClassVar\n\n"
         "import torch\nimport torch.nn.functional as F\nfrom torch import nn\n\n"
         f"#: The architecture, as qkvsearch's config.yaml holds it.\nCONFIG = {config}\n\n"
         "ArchConfig = dict  # the models keep CONFIG as their config\n"

@@ -56,8 +56,7 @@ def test_grouped_and_multi_query_attention_paths_agree(n_kv_heads, masks):
     config = attention_config(masks=masks, n_heads=4, n_kv_heads=n_kv_heads, d_k=6, d_v=3)
     model = _model(config)
     attention = model.stack.layers[0].self_attention
-    assert attention.k_proj.out_features == n_kv_heads * 6
-    assert attention.v_proj.out_features == n_kv_heads * 3
+    assert attention.project.qkv.out_features == 4 * 6 + n_kv_heads * 6 + n_kv_heads * 3
     tokens, _ = _tokens()
     fused = model(tokens)
     with capture_attention(model) as weights:
@@ -121,12 +120,9 @@ def test_every_row_of_a_combined_mask_sees_at_least_one_key():
 
 
 def _copy_from_torch_mha(attention, reference: nn.MultiheadAttention) -> None:
-    q, k, v = reference.in_proj_weight.chunk(3)
-    qb, kb, vb = reference.in_proj_bias.chunk(3)
-    with torch.no_grad():
-        for proj, weight, bias in ((attention.q_proj, q, qb), (attention.k_proj, k, kb), (attention.v_proj, v, vb)):
-            proj.weight.copy_(weight)
-            proj.bias.copy_(bias)
+    with torch.no_grad():  # both keep q, k and v as one projection, in that order
+        attention.project.qkv.weight.copy_(reference.in_proj_weight)
+        attention.project.qkv.bias.copy_(reference.in_proj_bias)
         attention.out_proj.weight.copy_(reference.out_proj.weight)
         attention.out_proj.bias.copy_(reference.out_proj.bias)
 

@@ -88,6 +88,47 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     assert isinstance(load_trained(other, tmp_path / "w.safetensors"), torch.nn.Module)
 
 
+def _unfused(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as qkvsearch saved it before the projections were fused: q_proj, k_proj
+    and v_proj in every attention layer."""
+    state = {}
+    for name, value in model.state_dict().items():
+        prefix, _, kind = name.rpartition(".")
+        owner = model.get_submodule(prefix.rsplit(".", 1)[0]) if ".project." in name else None
+        if owner is None:
+            state[name] = value.contiguous()
+            continue
+        layer = prefix.rsplit(".project.", 1)[0]
+        if prefix.endswith(".qkv"):
+            parts = dict(zip("qkv", value.split(owner.sizes), strict=True))
+        elif prefix.endswith(".kv"):
+            parts = dict(zip("kv", value.split(owner.sizes), strict=True))
+        else:
+            parts = {"q": value}
+        for letter, part in parts.items():
+            state[f"{layer}.{letter}_proj.{kind}"] = part.contiguous()
+    return state
+
+
+def test_weights_saved_before_the_projections_were_fused_still_load(tmp_path):
+    arch = ArchConfig.from_dict({
+        "kind": "encoder_decoder", "vocab_size": 16, "max_seq_len": 8, "d_model": 16,
+        "encoder": {"n_layers": 1, "attention": {"n_heads": 4, "n_kv_heads": 2, "d_k": 6, "d_v": 2, "bias": True}},
+        "decoder": {"n_layers": 1, "attention": {"n_heads": 2, "masks": ["causal"], "bias": True},
+                    "cross_attention": {"n_heads": 4, "n_kv_heads": 1, "d_k": 4, "d_v": 8, "bias": True}},
+    })
+    from qkvsearch.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    old = _unfused(model)
+    assert "decoder.layers.0.cross_attention.k_proj.bias" in old and not any(".project." in k for k in old)
+    save_file(old, str(tmp_path / "old.safetensors"), metadata={"arch_hash": arch.fingerprint()})
+    loaded = load_trained(arch, tmp_path / "old.safetensors")
+    src, tgt = torch.randint(0, 16, (2, 8)), torch.randint(0, 16, (2, 5))
+    torch.testing.assert_close(loaded(src, tgt), model(src, tgt), rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_two_studies_of_one_name_in_two_storages_keep_their_own_weights(tmp_path):
     sqlite = sweep(tiny_sweep_conf(tmp_path, "study_name=twin", "n_trials=1", "pruner=none"))
