@@ -1,4 +1,8 @@
-"""Lightning callbacks of a trial: pruning at every validation, and the best weights."""
+"""Callbacks of training: pruning at every validation, and the best weights.
+
+A sweep trial's loop (``search/loop.py``, Fabric) calls ``on_validation(step, metrics,
+module)``; ``qkv train``'s Trainer calls the Lightning hooks. Both lead to the same code.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,9 @@ class MissingMetricError(KeyError):
     """The monitored metric was not logged, so pruning could not work."""
 
 
-class OptunaPruning(L.Callback):
-    """Reports ``monitor`` to the trial after every validation (step: the global step) and
-    stops the trial by raising :class:`optuna.TrialPruned` when the pruner says so.
+class OptunaPruning:
+    """Reports ``monitor`` to the trial after every validation (step: the optimiser step)
+    and stops the trial by raising :class:`optuna.TrialPruned` when the pruner says so.
 
     Unlike a callback that only warns, a missing metric is an error: silently not
     pruning would waste the sweep's budget.
@@ -24,17 +28,10 @@ class OptunaPruning(L.Callback):
     def __init__(self, trial: optuna.Trial, monitor: str = "val_loss") -> None:
         self.trial, self.monitor = trial, monitor
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            raise MissingMetricError(
-                f"pruning monitors {self.monitor!r}, but validation logged only "
-                f"{sorted(trainer.callback_metrics) or 'nothing'}"
-            )
-        value = float(value)
-        step = trainer.global_step
+    def on_validation(self, step: int, metrics: dict[str, float], module: torch.nn.Module) -> None:
+        if self.monitor not in metrics:
+            raise MissingMetricError(f"pruning monitors {self.monitor!r}, but validation gave only {sorted(metrics)}")
+        value = float(metrics[self.monitor])
         self.trial.report(value if math.isfinite(value) else float("inf"), step)
         if self.trial.should_prune():
             reason = f"pruned by {type(self.trial.study.pruner).__name__} at step {step} ({self.monitor}={value:.4f})"
@@ -53,11 +50,16 @@ class BestWeights(L.Callback):
         self.state: dict[str, torch.Tensor] | None = None
         self.history: list[tuple[int, float]] = []
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+    def on_validation(self, step: int, metrics: dict[str, float], module: torch.nn.Module) -> None:
+        if self.monitor not in metrics:
             return
-        value = self.sign * float(trainer.callback_metrics[self.monitor])
-        self.history.append((trainer.global_step, value))
+        value = self.sign * float(metrics[self.monitor])
+        self.history.append((step, value))
         if value < self.best:
-            self.best, self.best_step = value, trainer.global_step
-            self.state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.model.state_dict().items()}
+            self.best, self.best_step = value, step
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in module.model.state_dict().items()}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            self.on_validation(trainer.global_step, metrics, pl_module)

@@ -23,7 +23,7 @@ CONF_DIR = str(pathlib.Path(conf.__file__).resolve().parent)
 #: Overrides that never name a study: they exist to share one (worker_index, workers) or
 #: say where things are kept.
 NOT_IN_STUDY_NAMES = ("worker_index", "workers", "run_root", "artifacts", "storage.url", "storage.path",
-                      "storage.heartbeat_s", "storage.grace_s", "max_retries", "show_trial_progress", "study_name")
+                      "storage.heartbeat_s", "storage.grace_s", "max_retries", "study_name")
 
 
 def multirun_suffix() -> str:

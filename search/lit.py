@@ -119,12 +119,17 @@ class LitTransformer(L.LightningModule):
             self.log("train_loss", loss.detach(), prog_bar=True)
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def val_sums(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A validation batch's mean loss over its scored targets, how many of them the
+        argmax gets right, and how many there are."""
         logits, targets = self.logits_and_targets(batch)
         loss = F.cross_entropy(logits, targets, ignore_index=IGNORE)
         scored = targets != IGNORE
         correct = (logits.argmax(-1) == targets)[scored].sum()
-        n = int(scored.sum())
+        return loss, correct, int(scored.sum())
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, correct, n = self.val_sums(batch)
         self.log("val_loss", loss, batch_size=n, prog_bar=True)
         self.log("val_acc", correct.float() / max(n, 1), batch_size=n)
 

@@ -14,7 +14,6 @@ import lightning as L
 import optuna
 import torch
 import yaml
-from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import save_file
 
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
@@ -22,6 +21,7 @@ from qkvsearch.models.errors import QkvError
 from qkvsearch.search.artifacts import attach_architecture, attach_attention, trial_dir, would_be_best
 from qkvsearch.search.callbacks import BestWeights, OptunaPruning
 from qkvsearch.search.lit import LitTransformer, check_compatible, model_inputs
+from qkvsearch.search.loop import FitResult, LoopSettings, fit
 from qkvsearch.search.workers import wait_for_twin
 from qkvsearch.spaces import Infeasible
 
@@ -98,11 +98,11 @@ class Objective:
         task: the task's LightningDataModule.
         run_dir: the study's run folder (trials are kept under ``trials/``).
         objectives: names from :data:`OBJECTIVES`; the first is trained and pruned on.
-        trainer_kwargs: ``lightning.Trainer`` settings (max_steps, val_check_interval...).
+        settings: the trial loop's settings (the ``trainer`` config group).
         optim: ``LitTransformer`` optimiser settings.
         prune: report to the pruner (single-objective studies only).
-        show_progress: Lightning's own per-trial progress bar.
-        callbacks: more Lightning callbacks for a trial, made fresh for each from the trial.
+        callbacks: more callbacks of the trial loop (see ``search/loop.py``), made fresh for
+            each trial from it.
         store: an Optuna artifact store: each trial's arch.yaml, and the attention maps
             of trials that become the best, are attached to them.
         seed: trial N initialises its model from seed ``seed + N`` (reproducible trials).
@@ -112,12 +112,12 @@ class Objective:
     """
 
     def __init__(self, *, space: Any, task: Any, run_dir: pathlib.Path, objectives: list[str],
-                 trainer_kwargs: dict[str, Any], optim: dict[str, Any], prune: bool, show_progress: bool = False,
-                 callbacks: Callable[[optuna.Trial], list[L.Callback]] | None = None, store: Any = None, seed: int = 0,
+                 settings: LoopSettings, optim: dict[str, Any], prune: bool,
+                 callbacks: Callable[[optuna.Trial], list[Any]] | None = None, store: Any = None, seed: int = 0,
                  poll_s: float = 5.0, reap: Callable[[], None] = lambda: None) -> None:
         self.space, self.task, self.run_dir = space, task, run_dir
-        self.objectives, self.trainer_kwargs, self.optim = objectives, trainer_kwargs, optim
-        self.prune, self.show_progress = prune, show_progress
+        self.objectives, self.settings, self.optim = objectives, settings, optim
+        self.prune = prune
         self.callbacks = callbacks or (lambda trial: [])
         self.store, self.seed, self.poll_s, self.reap = store, seed, poll_s, reap
         self.monitor = objectives[0]
@@ -149,14 +149,14 @@ class Objective:
         (folder / "arch.yaml").write_text(yaml.safe_dump(arch.to_dict(), sort_keys=False))
         if self.store is not None:
             attach_architecture(self.store, trial, folder / "arch.yaml")
-        lit, best, trainer = self._fit(trial, arch, folder)
+        lit, best, result = self._fit(trial, arch, folder)
         if best.state is None:
             raise RuntimeError(f"trial {trial.number} finished without a validation of {self.monitor}")
         save_file(best.state, str(folder / "model.safetensors"), metadata={"arch_hash": trial.user_attrs["arch_hash"]})
-        device = lit.device
+        device = torch.device(result.device)
         measured = {
-            "val_loss": best.best if self.monitor == "val_loss" else float(trainer.callback_metrics["val_loss"]),
-            "val_acc": -best.best if self.monitor == "val_acc" else float(trainer.callback_metrics.get("val_acc", float("nan"))),
+            "val_loss": best.best if self.monitor == "val_loss" else result.metrics["val_loss"],
+            "val_acc": -best.best if self.monitor == "val_acc" else result.metrics.get("val_acc", float("nan")),
             "n_params": float(trial.user_attrs["n_params"]),
             "flops_per_token": float(trial.user_attrs["flops_per_token"]),
         }
@@ -171,34 +171,23 @@ class Objective:
             attach_attention(self.store, trial, lit.model.cpu(), self.task)
         return values
 
-    def _fit(self, trial: optuna.Trial, arch: ArchConfig, folder: pathlib.Path) -> tuple[LitTransformer, BestWeights, L.Trainer]:
-        """Trains with a real Lightning Trainer; the pruning callback may raise TrialPruned."""
-        optim = {**self.optim, "max_steps": self.trainer_kwargs["max_steps"]}
+    def _fit(self, trial: optuna.Trial, arch: ArchConfig, folder: pathlib.Path) -> tuple[LitTransformer, BestWeights, FitResult]:
+        """Trains with the trial loop (Lightning Fabric); the pruning callback may raise TrialPruned."""
+        optim = {**self.optim, "max_steps": self.settings.max_steps}
         L.seed_everything(self.seed + trial.number, verbose=False)
         lit = LitTransformer(arch, self.task.kind, **optim)
         best = BestWeights(self.monitor, sign=-1.0 if self.monitor == "val_acc" else 1.0)
-        callbacks: list[L.Callback] = [best, *self.callbacks(trial)]
+        callbacks: list[Any] = [best, *self.callbacks(trial)]
         if self.prune:
             callbacks.append(OptunaPruning(trial, self.monitor))
-        trainer = L.Trainer(
-            **self.trainer_kwargs,
-            max_epochs=-1,
-            check_val_every_n_epoch=None,
-            num_sanity_val_steps=0,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=self.show_progress,
-            logger=CSVLogger(str(folder), name="", version="logs"),
-            callbacks=callbacks,
-        )
-        trial.set_user_attr("device", str(trainer.strategy.root_device))
         fit_start = time.perf_counter()
         try:
-            trainer.fit(lit, datamodule=self.task)
+            result = fit(lit, self.task, self.settings, callbacks, folder)
         finally:
             seconds = time.perf_counter() - fit_start
             trial.set_user_attr("train_tokens_per_s", lit.tokens_seen / max(seconds, 1e-9))
-        return lit, best, trainer
+        trial.set_user_attr("device", result.device)
+        return lit, best, result
 
 
 def quiet_lightning() -> None:

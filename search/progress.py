@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import lightning as L
 import optuna
 from rich.console import Console, Group
 from rich.text import Text
@@ -22,23 +21,21 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-class TrialProgress(L.Callback):
+class TrialProgress:
     """Feeds the current trial's step, loss and speed to a :class:`SweepView` (at most
-    twice a second, so reading the loss costs nothing that matters)."""
+    twice a second, so reading the loss costs nothing that matters); a callback of the
+    trial's loop."""
 
     def __init__(self, view: SweepView, number: int) -> None:
         self.view, self.number = view, number
         self.start = self.last = time.monotonic()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_step(self, step: int, max_steps: int, loss: Any) -> None:
         now = time.monotonic()
         if now - self.last < 0.5:
             return
         self.last = now
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        step = trainer.global_step
-        self.view.current = {"number": self.number, "step": step, "max_steps": trainer.max_steps,
+        self.view.current = {"number": self.number, "step": step, "max_steps": max_steps,
                              "loss": float(loss), "steps_per_s": step / max(now - self.start, 1e-9)}
 
 

@@ -31,6 +31,7 @@ from qkvsearch.search.configs import run_command
 from qkvsearch.search.errors import Interrupted
 from qkvsearch.search.group import SPAWNED_BY, WorkerGroup
 from qkvsearch.search.lit import NonFiniteLoss
+from qkvsearch.search.loop import LoopSettings
 from qkvsearch.search.objective import Objective, check_objectives, quiet_lightning, suggest_checked
 from qkvsearch.search.progress import SweepView, print_trial
 from qkvsearch.search.report_text import print_summary
@@ -192,6 +193,7 @@ def check_sweep(cfg: DictConfig) -> list[str]:
         raise QkvError(f"threads must be null (share the cores) or an integer >= 1, got {cfg.threads!r}")
     if cfg.worker_index is not None and (not isinstance(cfg.worker_index, int) or cfg.worker_index < 0):
         raise QkvError(f"worker_index must be null or an integer >= 0, got {cfg.worker_index!r}")
+    LoopSettings.from_config(OmegaConf.to_container(cfg.trainer, resolve=True))
     return directions
 
 
@@ -257,9 +259,9 @@ def prepare(cfg: DictConfig) -> Setup:
     view = SweepView(study, cfg.n_trials)
     objective = Objective(
         space=space, task=task, run_dir=run_dir, objectives=list(cfg.objectives),
-        trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True),
+        settings=LoopSettings.from_config(OmegaConf.to_container(cfg.trainer, resolve=True)),
         optim=OmegaConf.to_container(cfg.optim, resolve=True), prune=len(directions) == 1,
-        show_progress=cfg.show_trial_progress, store=open_store(cfg.artifacts) if cfg.artifacts else None,
+        store=open_store(cfg.artifacts) if cfg.artifacts else None,
         seed=cfg.seed, poll_s=float(cfg.storage.heartbeat_s), reap=functools.partial(reap_stale, study, cfg.storage),
         callbacks=lambda trial: [view.callback(trial.number)],
     )

@@ -1,0 +1,169 @@
+"""A sweep trial's training loop, on Lightning Fabric.
+
+A sweep runs many short trials, where the Trainer's per-step machinery (hook dispatch,
+loop bookkeeping, result collections) costs a large share of a small model's step (see
+``benchmarks/trial_speed.py``). A trial therefore trains with Fabric: the same
+accelerators, devices, strategies and precision plugins, the same ``LitTransformer`` loss,
+optimiser and schedule, the same validation as ``qkv train``'s Trainer (a test holds the
+two to the same curve), with a loop that does only what a trial needs. Callbacks are
+Fabric callbacks: objects with any of
+
+- ``on_train_step(step, max_steps, loss)``: after each optimiser step (``loss`` a tensor);
+- ``on_validation(step, metrics)``: after each validation (``metrics`` holds ``val_loss``
+  and ``val_acc`` as floats); it may raise ``optuna.TrialPruned`` to stop the trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from qkvsearch.models.errors import QkvError
+from qkvsearch.search.lit import LitTransformer, NonFiniteLoss
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """The ``trainer`` config group, as a trial's loop reads it (Trainer argument names)."""
+
+    max_steps: int
+    val_check_interval: int
+    limit_val_batches: int | float = 1.0
+    gradient_clip_val: float | None = None
+    log_every_n_steps: int = 50
+    accelerator: str = "auto"
+    devices: int | str | list[int] = 1
+    precision: str | int = "32-true"
+    strategy: str = "auto"
+
+    @classmethod
+    def from_config(cls, trainer: dict[str, Any]) -> LoopSettings:
+        """Reads the ``trainer`` group; raises QkvError naming every unknown or bad field."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        problems = [f"trainer.{key}: not a setting of a sweep trial; valid: {', '.join(sorted(fields))}"
+                    for key in trainer if key not in fields]
+        if not problems:
+            settings = cls(**trainer)
+            problems = settings.problems()
+        if problems:
+            raise QkvError("; ".join(problems))
+        return settings
+
+    def problems(self) -> list[str]:
+        found = []
+        for name in ("max_steps", "val_check_interval", "log_every_n_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                found.append(f"trainer.{name} must be an integer >= 1, got {value!r}")
+        limit = self.limit_val_batches
+        if isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0 or (isinstance(limit, float) and limit > 1):
+            found.append(f"trainer.limit_val_batches must be a batch count >= 1 or a fraction in (0, 1], got {limit!r}")
+        clip = self.gradient_clip_val
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or clip <= 0):
+            found.append(f"trainer.gradient_clip_val must be null or a number > 0, got {clip!r}")
+        return found
+
+
+@dataclasses.dataclass
+class FitResult:
+    steps: int
+    tokens: int
+    #: the last validation's metrics
+    metrics: dict[str, float]
+    #: where it trained, as torch names it ("cpu", "cuda:0")
+    device: str
+
+
+def make_fabric(settings: LoopSettings, folder: pathlib.Path | None, callbacks: list[Any]) -> Any:
+    from lightning.fabric import Fabric
+    from lightning.fabric.loggers import CSVLogger
+
+    loggers = [CSVLogger(str(folder), name="", version="logs")] if folder is not None else []
+    return Fabric(accelerator=settings.accelerator, devices=settings.devices, precision=settings.precision,
+                  strategy=settings.strategy, callbacks=callbacks, loggers=loggers)
+
+
+def _forever(loader: Any) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of pass after pass over one loader (a shuffled loader draws a fresh order for
+    each pass, as under the Trainer)."""
+    while True:
+        yield from loader
+
+
+def _tokens(batch: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() for k, v in batch.items() if k in ("tokens", "src", "tgt_in"))
+
+
+def validate(lit: LitTransformer, batches: Any, fabric: Any = None) -> dict[str, float]:
+    """``val_loss`` (mean over scored targets) and ``val_acc`` over ``batches`` (moved to the
+    device by ``fabric`` when given)."""
+    lit.eval()
+    loss_sum, correct, n = torch.zeros((), dtype=torch.float64), 0, 0
+    with torch.inference_mode():
+        for batch in batches:
+            batch_loss, batch_correct, batch_n = lit.val_sums(fabric.to_device(batch) if fabric else batch)
+            loss_sum += batch_loss.double().cpu() * batch_n
+            correct += int(batch_correct)
+            n += batch_n
+    lit.train()
+    return {"val_loss": float(loss_sum / max(n, 1)), "val_acc": correct / max(n, 1)}
+
+
+def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[Any],
+        folder: pathlib.Path | None = None) -> FitResult:
+    """Trains ``lit`` on ``task`` for ``settings.max_steps`` steps, validating every
+    ``val_check_interval`` steps; callbacks as the module docstring says. With ``folder``,
+    the losses go to ``folder/logs/metrics.csv``."""
+    fabric = make_fabric(settings, folder, callbacks)
+    task.setup("fit")
+    optimizers = lit.configure_optimizers()
+    scheduler = optimizers["lr_scheduler"]["scheduler"]
+    model, optimizer = fabric.setup(lit, optimizers["optimizer"])
+    model.mark_forward_method("loss")  # through the precision plugin's autocast (and DDP's hooks)
+    val_loader = task.val_dataloader()
+    limit = settings.limit_val_batches
+    n_val = limit if isinstance(limit, int) else max(1, int(limit * len(val_loader)))
+    clip, log_every = settings.gradient_clip_val, settings.log_every_n_steps
+    move = fabric.device.type != "cpu"  # batches are made on the CPU: nothing to move there
+    batches = _forever(task.train_dataloader())
+    tokens, metrics = 0, {}
+    # whether any loss so far was NaN or infinite, kept on the device: reading it waits for
+    # the device, so it is read only where the loop reads anyway (logging, validation)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=fabric.device)
+    lit.train()
+    try:
+        for step in range(1, settings.max_steps + 1):
+            batch = fabric.to_device(next(batches)) if move else next(batches)
+            loss = model.loss(batch)
+            fabric.backward(loss)
+            if clip is not None:
+                fabric.clip_gradients(model, optimizer, max_norm=clip, error_if_nonfinite=False)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += _tokens(batch)
+            lit.tokens_seen = tokens
+            nonfinite |= ~torch.isfinite(loss.detach())
+            validating = step % settings.val_check_interval == 0
+            if step % log_every == 0 or validating or step == settings.max_steps:
+                value = float(loss.detach())
+                if nonfinite:
+                    raise NonFiniteLoss(f"training loss became {value if not math.isfinite(value) else 'non-finite'} "
+                                        f"by step {step} (checked every {log_every} steps and at validations)")
+                if step % log_every == 0:
+                    fabric.log("train_loss", value, step=step)
+            fabric.call("on_train_step", step=step, max_steps=settings.max_steps, loss=loss.detach())
+            if validating:
+                metrics = validate(lit, itertools.islice(val_loader, n_val), fabric if move else None)
+                fabric.log_dict(metrics, step=step)
+                fabric.call("on_validation", step=step, metrics=metrics, module=lit)
+    finally:
+        for logger in fabric.loggers:
+            logger.finalize("success")
+    return FitResult(steps=settings.max_steps, tokens=tokens, metrics=metrics, device=str(fabric.device))
