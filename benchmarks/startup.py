@@ -2,7 +2,11 @@
 
 Every row runs its command and the bare interpreter alternately (ABBA), several times, and
 prints the median CPU seconds (user + system, children included) and their ratio. CPU
-time, not wall time: this machine is shared, and a waiting process costs no CPU.
+time, not wall time: this machine is shared, and a waiting process costs no CPU. The last
+two rows are the floor of a worker: a trial trains with torch and Lightning, and importing
+Lightning imports torchmetrics (Lightning checks its version by importing it), which
+imports scipy and matplotlib when they are installed (scikit-learn, which the digits task
+reads its data from, brings scipy).
 
     python benchmarks/startup.py [--repeats 5]
 """
@@ -23,6 +27,8 @@ ROWS = {
     "qkv sweeep (a typo)": [*QKV, "sweeep"],
     "qkv sweep n_trails=5 (a typo)": [*QKV, "sweep", "n_trails=5"],
     "a worker's imports (qkvsearch.search.sweep)": [sys.executable, "-c", "import qkvsearch.search.sweep"],
+    "  of which torch": [sys.executable, "-c", "import torch"],
+    "  of which torch + Lightning": [sys.executable, "-c", "import torch, lightning"],
 }
 BARE = [sys.executable, "-c", "pass"]
 
