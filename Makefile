@@ -39,7 +39,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/attention.py
-	$(BIN)/python benchmarks/sweep_overhead.py
+	$(BIN)/python benchmarks/trial_speed.py
+	$(BIN)/python benchmarks/decoder_step.py
+	$(BIN)/python benchmarks/workers.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/threads.py
 

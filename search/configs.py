@@ -22,7 +22,8 @@ from qkvsearch.models.errors import QkvError
 CONF_DIR = str(pathlib.Path(conf.__file__).resolve().parent)
 #: Overrides that never name a study: they exist to share one (worker_index, workers) or
 #: say where things are kept.
-NOT_IN_STUDY_NAMES = ("worker_index", "workers", "run_root", "artifacts", "storage.url", "storage.path",
+NOT_IN_STUDY_NAMES = ("worker_index", "workers", "gpus", "trials_per_gpu", "run_root", "artifacts", "storage.url",
+                      "storage.path",
                       "storage.heartbeat_s", "storage.grace_s", "max_retries", "study_name")
 
 

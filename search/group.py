@@ -70,9 +70,10 @@ class WorkerGroup:
     stopping: bool = False
 
     @classmethod
-    def start(cls, cfg: Any) -> WorkerGroup:
+    def start(cls, cfg: Any, devices: list[str | None] | None = None) -> WorkerGroup:
         """Starts ``cfg.workers - 1`` processes of this command on the same study at once,
-        before this process builds anything, so all start together."""
+        before this process builds anything, so all start together; worker ``i`` gets
+        ``CUDA_VISIBLE_DEVICES=devices[i]`` where that is not None."""
         from hydra.core.hydra_config import HydraConfig
 
         from qkvsearch.models.errors import QkvError
@@ -86,9 +87,11 @@ class WorkerGroup:
         procs, logs = [], []
         for index in range(1, cfg.workers):
             log_path = log_dir / f"worker-{index}.log"
+            device = devices[index] if devices else None
+            own_env = env if device is None else {**env, "CUDA_VISIBLE_DEVICES": device}
             with open(log_path, "w") as output:
                 procs.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                              env=env, start_new_session=True))
+                                              env=own_env, start_new_session=True))
             logs.append(log_path)
         group = cls(procs, logs, log_dir)
         threading.Thread(target=group._watch, daemon=True, name="worker-watch").start()

@@ -19,6 +19,8 @@ import dataclasses
 import itertools
 import math
 import pathlib
+import platform
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,8 +78,13 @@ class FitResult:
     tokens: int
     #: the last validation's metrics
     metrics: dict[str, float]
-    #: where it trained, as torch names it ("cpu", "cuda:0")
+    #: where it trained, as torch names it ("cpu", "cuda:0"), and the device's own name
     device: str
+    device_name: str
+    #: seconds in training steps (validation excluded)
+    train_seconds: float
+    #: the device's peak allocated memory (CUDA only)
+    peak_memory_bytes: int | None
 
 
 def make_fabric(settings: LoopSettings, folder: pathlib.Path | None, callbacks: list[Any]) -> Any:
@@ -136,7 +143,11 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
     # whether any loss so far was NaN or infinite, kept on the device: reading it waits for
     # the device, so it is read only where the loop reads anyway (logging, validation)
     nonfinite = torch.zeros((), dtype=torch.bool, device=fabric.device)
+    cuda = fabric.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(fabric.device)
     lit.train()
+    start, in_validation = time.perf_counter(), 0.0
     try:
         for step in range(1, settings.max_steps + 1):
             batch = fabric.to_device(next(batches)) if move else next(batches)
@@ -160,10 +171,19 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
                     fabric.log("train_loss", value, step=step)
             fabric.call("on_train_step", step=step, max_steps=settings.max_steps, loss=loss.detach())
             if validating:
+                began = time.perf_counter()
                 metrics = validate(lit, itertools.islice(val_loader, n_val), fabric if move else None)
+                in_validation += time.perf_counter() - began
                 fabric.log_dict(metrics, step=step)
                 fabric.call("on_validation", step=step, metrics=metrics, module=lit)
     finally:
         for logger in fabric.loggers:
             logger.finalize("success")
-    return FitResult(steps=settings.max_steps, tokens=tokens, metrics=metrics, device=str(fabric.device))
+    if cuda:
+        torch.cuda.synchronize(fabric.device)
+    return FitResult(
+        steps=settings.max_steps, tokens=tokens, metrics=metrics, device=str(fabric.device),
+        device_name=torch.cuda.get_device_name(fabric.device) if cuda else platform.processor() or platform.machine(),
+        train_seconds=time.perf_counter() - start - in_validation,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(fabric.device) if cuda else None,
+    )

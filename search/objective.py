@@ -20,6 +20,7 @@ from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.artifacts import attach_architecture, attach_attention, trial_dir, would_be_best
 from qkvsearch.search.callbacks import BestWeights, OptunaPruning
+from qkvsearch.search.devices import estimate_memory, free_memory, model_flops_utilisation, peak_tflops
 from qkvsearch.search.lit import LitTransformer, check_compatible, model_inputs
 from qkvsearch.search.loop import FitResult, LoopSettings, fit
 from qkvsearch.search.workers import wait_for_twin
@@ -109,18 +110,22 @@ class Objective:
         poll_s: how often a trial waiting for another worker's trial of the same
             architecture looks again.
         reap: fails trials of dead workers (so a wait for one of them ends).
+        memory_limit_gb: the most memory a trial may plan to use (null: what the device has free).
+        peak_tflops: the device's peak for model FLOP utilisation (null: the known devices' table).
     """
 
     def __init__(self, *, space: Any, task: Any, run_dir: pathlib.Path, objectives: list[str],
                  settings: LoopSettings, optim: dict[str, Any], prune: bool,
                  callbacks: Callable[[optuna.Trial], list[Any]] | None = None, store: Any = None, seed: int = 0,
-                 poll_s: float = 5.0, reap: Callable[[], None] = lambda: None) -> None:
+                 poll_s: float = 5.0, reap: Callable[[], None] = lambda: None,
+                 memory_limit_gb: float | None = None, peak_tflops: float | None = None) -> None:
         self.space, self.task, self.run_dir = space, task, run_dir
         self.objectives, self.settings, self.optim = objectives, settings, optim
         self.prune = prune
         self.callbacks = callbacks or (lambda trial: [])
         self.store, self.seed, self.poll_s, self.reap = store, seed, poll_s, reap
         self.monitor = objectives[0]
+        self.memory_limit_gb, self.peak_tflops = memory_limit_gb, peak_tflops
 
     def sample(self, trial: optuna.Trial) -> ArchConfig:
         """Samples and checks an architecture; records its counts. Raises Infeasible."""
@@ -144,6 +149,7 @@ class Objective:
                 if key in duplicate.user_attrs:
                     trial.set_user_attr(key, duplicate.user_attrs[key])
             return list(duplicate.values)
+        self._check_memory(trial, arch)
         folder = trial_dir(self.run_dir, trial.number)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "arch.yaml").write_text(yaml.safe_dump(arch.to_dict(), sort_keys=False))
@@ -171,6 +177,25 @@ class Objective:
             attach_attention(self.store, trial, lit.model.cpu(), self.task)
         return values
 
+    def _check_memory(self, trial: optuna.Trial, arch: ArchConfig) -> None:
+        """Prunes, before anything is built, an architecture whose training step would not
+        fit the device's free memory (``memory_limit_gb`` caps what counts as free)."""
+        batch_size = getattr(self.task, "batch_size", None)
+        if not isinstance(batch_size, int):
+            return
+        estimate = estimate_memory(arch, batch_size, self.task.seq_len, self.settings.precision)
+        trial.set_user_attr("memory_estimate_mb", round(estimate.total / 2**20, 1))
+        accelerator = str(self.settings.accelerator)
+        cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        free = free_memory("cuda" if cuda else "cpu", self.memory_limit_gb)
+        if estimate.total > free:
+            gib = 2.0**30
+            reason = (f"does not fit: needs ~{estimate.total / gib:.2f} GiB (weights, gradients and AdamW "
+                      f"{estimate.state / gib:.2f}, activations {estimate.activations / gib:.2f} at batch {batch_size} x "
+                      f"seq {self.task.seq_len}); the {'GPU' if cuda else 'machine'} has {free / gib:.2f} GiB free")
+            trial.set_user_attr("pruned_reason", reason)
+            raise optuna.TrialPruned(reason)
+
     def _fit(self, trial: optuna.Trial, arch: ArchConfig, folder: pathlib.Path) -> tuple[LitTransformer, BestWeights, FitResult]:
         """Trains with the trial loop (Lightning Fabric); the pruning callback may raise TrialPruned."""
         optim = {**self.optim, "max_steps": self.settings.max_steps}
@@ -180,14 +205,27 @@ class Objective:
         callbacks: list[Any] = [best, *self.callbacks(trial)]
         if self.prune:
             callbacks.append(OptunaPruning(trial, self.monitor))
-        fit_start = time.perf_counter()
         try:
             result = fit(lit, self.task, self.settings, callbacks, folder)
-        finally:
-            seconds = time.perf_counter() - fit_start
-            trial.set_user_attr("train_tokens_per_s", lit.tokens_seen / max(seconds, 1e-9))
-        trial.set_user_attr("device", result.device)
+        finally:  # a pruned trial's compute counts too
+            trial.set_user_attr("train_tokens", lit.tokens_seen)
+        record_speed(trial, result, self.peak_tflops)
         return lit, best, result
+
+
+def record_speed(trial: optuna.Trial, result: FitResult, peak_override: float | None = None) -> None:
+    """The trial's device, training tokens/s, model FLOP utilisation (where the device's
+    peak is known or given) and peak device memory, as user attributes."""
+    tokens_per_s = result.tokens / max(result.train_seconds, 1e-9)
+    trial.set_user_attr("device", result.device)
+    trial.set_user_attr("device_name", result.device_name)
+    trial.set_user_attr("train_tokens_per_s", round(tokens_per_s, 1))
+    mfu = model_flops_utilisation(trial.user_attrs["flops_per_token"], tokens_per_s,
+                                  peak_tflops(result.device_name, peak_override))
+    if mfu is not None:
+        trial.set_user_attr("mfu", round(mfu, 4))
+    if result.peak_memory_bytes is not None:
+        trial.set_user_attr("peak_memory_mb", round(result.peak_memory_bytes / 2**20, 1))
 
 
 def quiet_lightning() -> None:

@@ -28,6 +28,7 @@ from optuna.storages import BaseStorage
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.artifacts import open_store, study_run_dir
 from qkvsearch.search.configs import run_command
+from qkvsearch.search.devices import VISIBLE, plan_workers
 from qkvsearch.search.errors import Interrupted
 from qkvsearch.search.group import SPAWNED_BY, WorkerGroup
 from qkvsearch.search.lit import NonFiniteLoss
@@ -193,6 +194,9 @@ def check_sweep(cfg: DictConfig) -> list[str]:
         raise QkvError(f"threads must be null (share the cores) or an integer >= 1, got {cfg.threads!r}")
     if cfg.worker_index is not None and (not isinstance(cfg.worker_index, int) or cfg.worker_index < 0):
         raise QkvError(f"worker_index must be null or an integer >= 0, got {cfg.worker_index!r}")
+    limit = cfg.memory_limit_gb
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0):
+        raise QkvError(f"memory_limit_gb must be null (the device's free memory) or a number > 0, got {limit!r}")
     LoopSettings.from_config(OmegaConf.to_container(cfg.trainer, resolve=True))
     return directions
 
@@ -263,7 +267,8 @@ def prepare(cfg: DictConfig) -> Setup:
         optim=OmegaConf.to_container(cfg.optim, resolve=True), prune=len(directions) == 1,
         store=open_store(cfg.artifacts) if cfg.artifacts else None,
         seed=cfg.seed, poll_s=float(cfg.storage.heartbeat_s), reap=functools.partial(reap_stale, study, cfg.storage),
-        callbacks=lambda trial: [view.callback(trial.number)],
+        callbacks=lambda trial: [view.callback(trial.number)], memory_limit_gb=cfg.memory_limit_gb,
+        peak_tflops=cfg.peak_tflops,
     )
     return Setup(cfg, task, space, study, storage, retry, objective, run_dir, index, view)
 
@@ -290,6 +295,8 @@ def run_trial(setup: Setup, trial: optuna.Trial) -> None:
     pruned, failed = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("worker_index", setup.index)
+    if VISIBLE in os.environ:
+        trial.set_user_attr("cuda_visible_devices", os.environ[VISIBLE])
     start = time.perf_counter()
     try:
         with heartbeat(setup.storage, trial):
@@ -354,10 +361,16 @@ def sweep(cfg: DictConfig) -> optuna.Study:
     """Runs the sweep ``cfg`` describes and returns the study."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     quiet_lightning()
+    spawned = SPAWNED_BY in os.environ
+    devices: list[str | None] = [None]
+    if not spawned:  # an extra worker was given its count and its GPU by the first
+        plan = plan_workers(cfg)
+        cfg.workers, devices = plan.workers, plan.devices
+        if devices[0] is not None:  # before anything initialises CUDA in this process
+            os.environ[VISIBLE] = devices[0]
     torch.set_num_threads(threads_per_worker(cfg))
     check_sweep(cfg)
-    spawned = SPAWNED_BY in os.environ
-    group = WorkerGroup.start(cfg) if cfg.workers > 1 and not spawned else None
+    group = WorkerGroup.start(cfg, devices) if cfg.workers > 1 and not spawned else None
     try:
         setup = prepare(cfg)
         main = not spawned and setup.index == 0

@@ -89,7 +89,11 @@ def reap_stale(study: optuna.Study, storage_cfg: Any) -> None:
 def next_trial(study: optuna.Study, storage: BaseStorage, storage_cfg: Any, n_trials: int,
                poll_s: float) -> optuna.Trial | None:
     """Starts the next trial (a queued retry first), or returns None once the study holds
-    ``n_trials`` counted trials and none runs. Waits while other workers' trials run."""
+    ``n_trials`` counted trials and none runs. Waits while other workers' trials run (one of
+    them may fail and be queued again), looking again after 0.5 s, then twice as long each
+    time up to ``poll_s``: a study ends within a second of its last trial, and a long wait
+    does not hammer the storage."""
+    wait = min(0.5, poll_s)
     while True:
         with slot_lock(storage_cfg, study.study_name):
             optuna.storages.fail_stale_trials(study)  # under the lock: each lost trial is retried once
@@ -100,7 +104,8 @@ def next_trial(study: optuna.Study, storage: BaseStorage, storage_cfg: Any, n_tr
                 return trial
             if not any(t.state == TrialState.RUNNING for t in trials):
                 return None
-        time.sleep(poll_s)
+        time.sleep(wait)
+        wait = min(2 * wait, poll_s)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import optuna
 import torch
@@ -19,15 +20,22 @@ class PoisonConfig(FeedForwardConfig):
     mode: str = "nan"
 
 
+#: Weak references to every Poison layer built, so a test can check that none is kept alive.
+BUILT: list[weakref.ref] = []
+
+
 class Poison(nn.Module):
     def __init__(self, d_model: int, mode: str) -> None:
         super().__init__()
         self.proj = nn.Linear(d_model, d_model)
         self.mode = mode
+        BUILT.append(weakref.ref(self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.mode == "raise":
             raise RuntimeError("poisoned layer raised on purpose")
+        if self.training and self.mode == "oom":  # what the CUDA caching allocator raises
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by a test)")
         out = self.proj(x)
         return out * float("nan") if self.training else out
 
@@ -51,6 +59,13 @@ def flaky_space(trial: optuna.Trial, cfg) -> ArchConfig:
     if variant:
         return _arch(cfg, {"name": "test_poison", "mode": variant, "d_ff": width})
     return _arch(cfg, {"name": "gelu", "d_ff": width})
+
+
+def oom_space(trial: optuna.Trial, cfg) -> ArchConfig:
+    """Trial 1 runs out of memory in its first step, the others train normally."""
+    width = trial.suggest_int("d_ff", 8, 64)
+    return _arch(cfg, {"name": "test_poison" if trial.number == 1 else "gelu", "mode": "oom", "d_ff": width}
+                 if trial.number == 1 else {"name": "gelu", "d_ff": width})
 
 
 def fixed_space(trial: optuna.Trial, cfg) -> ArchConfig:

@@ -78,6 +78,22 @@ def test_a_trial_that_raises_or_goes_nan_is_recorded_while_the_others_complete(t
     assert trials[0].state == trials[3].state == State.COMPLETE
 
 
+def test_a_trial_out_of_memory_is_pruned_its_memory_released_and_the_worker_goes_on(tmp_path):
+    import gc
+
+    from tests.search import helpers
+
+    helpers.BUILT.clear()
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=3", "+space._target_=tests.search.helpers.oom_space", "pruner=none")
+    sweep(cfg)
+    trials = {t.number: t for t in _load(cfg).get_trials()}
+    assert trials[1].state == State.PRUNED
+    assert trials[1].user_attrs["pruned_reason"] == "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB (injected by a test)"
+    assert trials[0].state == trials[2].state == State.COMPLETE
+    gc.collect()
+    assert len(helpers.BUILT) == 1 and helpers.BUILT[0]() is None, "the trial's model outlived its out-of-memory error"
+
+
 def test_a_duplicate_architecture_is_not_trained_again(tmp_path):
     cfg = tiny_sweep_conf(tmp_path, "+space._target_=tests.search.helpers.fixed_space", "pruner=none")
     sweep(cfg)
