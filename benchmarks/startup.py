@@ -26,6 +26,7 @@ ROWS = {
     "qkv sweep --help": [*QKV, "sweep", "--help"],
     "qkv sweeep (a typo)": [*QKV, "sweeep"],
     "qkv sweep n_trails=5 (a typo)": [*QKV, "sweep", "n_trails=5"],
+    "imports before extra workers start (launch)": [sys.executable, "-c", "import qkvsearch.search.launch"],
     "a worker's imports (qkvsearch.search.sweep)": [sys.executable, "-c", "import qkvsearch.search.sweep"],
     "  of which torch": [sys.executable, "-c", "import torch"],
     "  of which torch + Lightning": [sys.executable, "-c", "import torch, lightning"],

@@ -1,8 +1,9 @@
 """Trials per hour of `qkv sweep workers=2` against `workers=1` on this machine.
 
 Each run is a real `qkv sweep` process (start-up, extra worker, study on SQLite, Fabric
-trials) over a space whose samples all cost the same per step (2 layers x 48, a sliding
-window whose width is the only choice), so the two settings do equal work per trial. Runs
+trials) over a space whose samples all cost about the same per step (2 layers x 48, rotary or
+learned positions and a sliding window's width the only choices, 126 architectures), so
+the two settings do equal work per trial. Runs
 alternate (ABBA); a trial that repeats an earlier architecture is not trained again, so the
 rate counts trained trials.
 
@@ -22,9 +23,9 @@ import time
 import optuna
 
 SPACE = ["space.params.n_layers.low=2", "space.params.n_layers.high=2", "space.params.d_model.choices=[48]",
-         "space.params.n_heads.choices=[2]", "space.params.positions.choices=[rotary]",
+         "space.params.n_heads.choices=[2]", "space.params.positions.choices=[rotary,learned]",
          "space.params.scaling.choices=[sqrt_dk]", "space.params.mask.choices=[sliding_window]",
-         "space.params.window.low=4", "space.params.window.high=64", "space.params.window.log=false",
+         "space.params.window.low=2", "space.params.window.high=64", "space.params.window.log=false",
          "space.params.ffn.choices=[gelu]", "space.params.ffn_mult.choices=[4]"]
 
 

@@ -10,7 +10,7 @@ import sys
 from qkvsearch.search.errors import Interrupted
 
 COMMANDS = {
-    "sweep": ("qkvsearch.search.sweep", "search architectures: an Optuna study of Lightning-trained trials"),
+    "sweep": ("qkvsearch.search.launch", "search architectures: an Optuna study of Lightning-trained trials"),
     "train": ("qkvsearch.search.train", "train one architecture (a config file or a study's trial)"),
     "export": ("qkvsearch.search.export", "write a trial as a standalone PyTorch module folder, checked without qkvsearch"),
     "dashboard": ("qkvsearch.search.dashboard", "serve optuna-dashboard on the sweep's storage (127.0.0.1 by default)"),

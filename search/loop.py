@@ -26,50 +26,8 @@ from typing import Any
 
 import torch
 
-from qkvsearch.models.errors import QkvError
 from qkvsearch.search.lit import LitTransformer, NonFiniteLoss
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopSettings:
-    """The ``trainer`` config group, as a trial's loop reads it (Trainer argument names)."""
-
-    max_steps: int
-    val_check_interval: int
-    limit_val_batches: int | float = 1.0
-    gradient_clip_val: float | None = None
-    log_every_n_steps: int = 50
-    accelerator: str = "auto"
-    devices: int | str | list[int] = 1
-    precision: str | int = "32-true"
-    strategy: str = "auto"
-
-    @classmethod
-    def from_config(cls, trainer: dict[str, Any]) -> LoopSettings:
-        """Reads the ``trainer`` group; raises QkvError naming every unknown or bad field."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        problems = [f"trainer.{key}: not a setting of a sweep trial; valid: {', '.join(sorted(fields))}"
-                    for key in trainer if key not in fields]
-        if not problems:
-            settings = cls(**trainer)
-            problems = settings.problems()
-        if problems:
-            raise QkvError("; ".join(problems))
-        return settings
-
-    def problems(self) -> list[str]:
-        found = []
-        for name in ("max_steps", "val_check_interval", "log_every_n_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                found.append(f"trainer.{name} must be an integer >= 1, got {value!r}")
-        limit = self.limit_val_batches
-        if isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0 or (isinstance(limit, float) and limit > 1):
-            found.append(f"trainer.limit_val_batches must be a batch count >= 1 or a fraction in (0, 1], got {limit!r}")
-        clip = self.gradient_clip_val
-        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or clip <= 0):
-            found.append(f"trainer.gradient_clip_val must be null or a number > 0, got {clip!r}")
-        return found
+from qkvsearch.search.settings import LoopSettings
 
 
 @dataclasses.dataclass

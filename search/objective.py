@@ -17,39 +17,14 @@ import yaml
 from safetensors.torch import save_file
 
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
-from qkvsearch.models.errors import QkvError
 from qkvsearch.search.artifacts import attach_architecture, attach_attention, trial_dir, would_be_best
 from qkvsearch.search.callbacks import BestWeights, OptunaPruning
 from qkvsearch.search.devices import estimate_memory, free_memory, model_flops_utilisation, peak_tflops
 from qkvsearch.search.lit import LitTransformer, check_compatible, model_inputs
-from qkvsearch.search.loop import FitResult, LoopSettings, fit
+from qkvsearch.search.loop import FitResult, fit
+from qkvsearch.search.settings import OBJECTIVES, LoopSettings, check_objectives  # noqa: F401 - re-exported
 from qkvsearch.search.workers import wait_for_twin
 from qkvsearch.spaces import Infeasible
-
-#: Objectives a study may optimise, with their directions.
-OBJECTIVES = {
-    "val_loss": "minimize",
-    "val_acc": "maximize",
-    "n_params": "minimize",
-    "flops_per_token": "minimize",
-    "latency_ms": "minimize",
-}
-#: Objectives measured by training; the first objective must be one of them.
-TRAINED = ("val_loss", "val_acc")
-
-
-def check_objectives(objectives: list[str]) -> list[str]:
-    """Returns the directions of ``objectives``; raises ValueError naming a bad entry."""
-    if not objectives:
-        raise QkvError(f"objectives: give at least one of {', '.join(OBJECTIVES)}")
-    for name in objectives:
-        if name not in OBJECTIVES:
-            raise QkvError(f"objectives: unknown {name!r}; valid: {', '.join(OBJECTIVES)}")
-    if objectives[0] not in TRAINED:
-        raise QkvError(f"objectives: the first objective must be trained ({', '.join(TRAINED)}), got {objectives[0]!r}")
-    if len(set(objectives)) != len(objectives):
-        raise QkvError(f"objectives: {objectives} lists an objective twice")
-    return [OBJECTIVES[name] for name in objectives]
 
 
 def find_duplicate(study: optuna.Study, fingerprint: str, number: int) -> optuna.trial.FrozenTrial | None:

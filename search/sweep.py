@@ -27,17 +27,15 @@ from optuna.storages import BaseStorage
 
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.artifacts import open_store, study_run_dir
-from qkvsearch.search.configs import run_command
-from qkvsearch.search.devices import VISIBLE, plan_workers
 from qkvsearch.search.errors import Interrupted
 from qkvsearch.search.group import SPAWNED_BY, WorkerGroup
+from qkvsearch.search.launch import start_workers
 from qkvsearch.search.lit import NonFiniteLoss
-from qkvsearch.search.loop import LoopSettings
-from qkvsearch.search.objective import Objective, check_objectives, quiet_lightning, suggest_checked
+from qkvsearch.search.objective import Objective, quiet_lightning, suggest_checked
 from qkvsearch.search.progress import SweepView, print_trial
 from qkvsearch.search.report_text import print_summary
+from qkvsearch.search.settings import LoopSettings, check_sweep, threads_per_worker
 from qkvsearch.search.storage import (
-    check_study_name,
     create_or_load_study,
     open_storage,
     slot_lock,
@@ -178,29 +176,6 @@ def grid_of(space: Space) -> dict[str, list[Any]]:
     return grid
 
 
-def threads_per_worker(cfg: DictConfig) -> int:
-    """Intra-op threads for this worker: ``threads``, or the cores shared out when null."""
-    return int(cfg.threads) if cfg.threads is not None else max(1, (os.cpu_count() or 1) // cfg.workers)
-
-
-def check_sweep(cfg: DictConfig) -> list[str]:
-    """Checks the sweep's own settings before anything is built; returns the directions."""
-    directions = check_objectives(list(cfg.objectives))
-    check_study_name(cfg.study_name)
-    for key, least in (("n_trials", 1), ("workers", 1), ("max_retries", 0)):
-        if not isinstance(cfg[key], int) or cfg[key] < least:
-            raise QkvError(f"{key} must be an integer >= {least}, got {cfg[key]!r}")
-    if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
-        raise QkvError(f"threads must be null (share the cores) or an integer >= 1, got {cfg.threads!r}")
-    if cfg.worker_index is not None and (not isinstance(cfg.worker_index, int) or cfg.worker_index < 0):
-        raise QkvError(f"worker_index must be null or an integer >= 0, got {cfg.worker_index!r}")
-    limit = cfg.memory_limit_gb
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0):
-        raise QkvError(f"memory_limit_gb must be null (the device's free memory) or a number > 0, got {limit!r}")
-    LoopSettings.from_config(OmegaConf.to_container(cfg.trainer, resolve=True))
-    return directions
-
-
 def code_version() -> str:
     """qkvsearch's version, and the commit when it runs from a git checkout."""
     from importlib.metadata import PackageNotFoundError, version
@@ -295,8 +270,8 @@ def run_trial(setup: Setup, trial: optuna.Trial) -> None:
     pruned, failed = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("worker_index", setup.index)
-    if VISIBLE in os.environ:
-        trial.set_user_attr("cuda_visible_devices", os.environ[VISIBLE])
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        trial.set_user_attr("cuda_visible_devices", os.environ["CUDA_VISIBLE_DEVICES"])
     start = time.perf_counter()
     try:
         with heartbeat(setup.storage, trial):
@@ -357,21 +332,17 @@ def next_commands(cfg: DictConfig) -> list[str]:
     return extra
 
 
-def sweep(cfg: DictConfig) -> optuna.Study:
-    """Runs the sweep ``cfg`` describes and returns the study."""
+def sweep(cfg: DictConfig, group: WorkerGroup | None = None, started: bool = False) -> optuna.Study:
+    """Runs the sweep ``cfg`` describes and returns the study; ``started``: the caller ran
+    :func:`start_workers` already (``group`` is what it returned)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     quiet_lightning()
     spawned = SPAWNED_BY in os.environ
-    devices: list[str | None] = [None]
-    if not spawned:  # an extra worker was given its count and its GPU by the first
-        plan = plan_workers(cfg)
-        cfg.workers, devices = plan.workers, plan.devices
-        if devices[0] is not None:  # before anything initialises CUDA in this process
-            os.environ[VISIBLE] = devices[0]
-    torch.set_num_threads(threads_per_worker(cfg))
-    check_sweep(cfg)
-    group = WorkerGroup.start(cfg, devices) if cfg.workers > 1 and not spawned else None
     try:
+        if not started:
+            group = start_workers(cfg)
+        torch.set_num_threads(threads_per_worker(cfg))
+        check_sweep(cfg)
         setup = prepare(cfg)
         main = not spawned and setup.index == 0
         if not spawned:
@@ -394,11 +365,3 @@ def sweep(cfg: DictConfig) -> optuna.Study:
     if not spawned:
         print_summary(setup.study, next_commands(cfg))
     return setup.study
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point of ``qkv sweep``."""
-    started = time.perf_counter()
-    run_command(sweep, cfg)
-    log.info("sweep took %.1f s", time.perf_counter() - started)
