@@ -95,9 +95,19 @@ class LitTransformer(L.LightningModule):
         self.min_lr_ratio, self.max_steps = min_lr_ratio, max_steps
         self.tokens_seen = 0
 
+    def set_runner(self, runner: nn.Module | None) -> None:
+        """Runs forward passes through ``runner`` (a ``torch.compile`` of ``self.model``,
+        sharing its parameters) instead of the model itself; None: the model. Kept out of
+        the submodules, so parameters and state dicts stay those of ``self.model``."""
+        self.__dict__["_runner"] = runner
+
+    @property
+    def runner(self) -> nn.Module:
+        return self.__dict__.get("_runner") or self.model
+
     def logits_and_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat ``[n, outputs]`` logits (float32) and ``[n]`` targets of a batch."""
-        logits, targets = self.step_fn(self.model, batch)
+        logits, targets = self.step_fn(self.runner, batch)
         if self.unscored:
             targets = targets.clone()
             targets[:, : self.unscored] = IGNORE

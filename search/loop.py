@@ -43,6 +43,9 @@ class FitResult:
     train_seconds: float
     #: the device's peak allocated memory (CUDA only)
     peak_memory_bytes: int | None
+    #: whether the model ran through torch.compile, and why not where it was asked to
+    compiled: bool = False
+    compile_fallback: str | None = None
 
 
 def make_fabric(settings: LoopSettings, folder: pathlib.Path | None, callbacks: list[Any]) -> Any:
@@ -80,12 +83,33 @@ def validate(lit: LitTransformer, batches: Any, fabric: Any = None) -> dict[str,
     return {"val_loss": float(loss_sum / max(n, 1)), "val_acc": correct / max(n, 1)}
 
 
+def compile_model(lit: LitTransformer, backend: str) -> str | None:
+    """Runs ``lit``'s forward passes through ``torch.compile``; returns why not when that fails."""
+    try:
+        lit.set_runner(torch.compile(lit.model, backend=backend))
+    except Exception as error:  # noqa: BLE001 - any failure of the compiler leaves the eager model
+        lit.set_runner(None)
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
+    return None
+
+
+def _is_compile_error(error: BaseException) -> bool:
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(error, TorchDynamoException)
+
+
 def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[Any],
-        folder: pathlib.Path | None = None) -> FitResult:
+        folder: pathlib.Path | None = None, compile_backend: str | None = None) -> FitResult:
     """Trains ``lit`` on ``task`` for ``settings.max_steps`` steps, validating every
     ``val_check_interval`` steps; callbacks as the module docstring says. With ``folder``,
-    the losses go to ``folder/logs/metrics.csv``."""
+    the losses go to ``folder/logs/metrics.csv``. With ``compile_backend`` the model runs
+    through ``torch.compile``; if compiling fails (at once or in the first step) it trains
+    eagerly and the result says why."""
     fabric = make_fabric(settings, folder, callbacks)
+    if fabric.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what runs in fp32
+    fallback = compile_model(lit, compile_backend) if compile_backend else None
     task.setup("fit")
     optimizers = lit.configure_optimizers()
     scheduler = optimizers["lr_scheduler"]["scheduler"]
@@ -109,8 +133,17 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
     try:
         for step in range(1, settings.max_steps + 1):
             batch = fabric.to_device(next(batches)) if move else next(batches)
-            loss = model.loss(batch)
-            fabric.backward(loss)
+            try:
+                loss = model.loss(batch)
+                fabric.backward(loss)
+            except Exception as error:
+                if step > 1 or lit.__dict__.get("_runner") is None or not _is_compile_error(error):
+                    raise
+                fallback = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
+                lit.set_runner(None)  # the first step again, eagerly
+                optimizer.zero_grad(set_to_none=True)
+                loss = model.loss(batch)
+                fabric.backward(loss)
             if clip is not None:
                 fabric.clip_gradients(model, optimizer, max_norm=clip, error_if_nonfinite=False)
             optimizer.step()
@@ -144,4 +177,5 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
         device_name=torch.cuda.get_device_name(fabric.device) if cuda else platform.processor() or platform.machine(),
         train_seconds=time.perf_counter() - start - in_validation,
         peak_memory_bytes=torch.cuda.max_memory_allocated(fabric.device) if cuda else None,
+        compiled=lit.__dict__.get("_runner") is not None, compile_fallback=fallback,
     )

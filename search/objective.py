@@ -87,13 +87,15 @@ class Objective:
         reap: fails trials of dead workers (so a wait for one of them ends).
         memory_limit_gb: the most memory a trial may plan to use (null: what the device has free).
         peak_tflops: the device's peak for model FLOP utilisation (null: the known devices' table).
+        compile_backend: run each trial's model through ``torch.compile`` with this backend (None: eager).
     """
 
     def __init__(self, *, space: Any, task: Any, run_dir: pathlib.Path, objectives: list[str],
                  settings: LoopSettings, optim: dict[str, Any], prune: bool,
                  callbacks: Callable[[optuna.Trial], list[Any]] | None = None, store: Any = None, seed: int = 0,
                  poll_s: float = 5.0, reap: Callable[[], None] = lambda: None,
-                 memory_limit_gb: float | None = None, peak_tflops: float | None = None) -> None:
+                 memory_limit_gb: float | None = None, peak_tflops: float | None = None,
+                 compile_backend: str | None = None) -> None:
         self.space, self.task, self.run_dir = space, task, run_dir
         self.objectives, self.settings, self.optim = objectives, settings, optim
         self.prune = prune
@@ -101,6 +103,7 @@ class Objective:
         self.store, self.seed, self.poll_s, self.reap = store, seed, poll_s, reap
         self.monitor = objectives[0]
         self.memory_limit_gb, self.peak_tflops = memory_limit_gb, peak_tflops
+        self.compile_backend = compile_backend
 
     def sample(self, trial: optuna.Trial) -> ArchConfig:
         """Samples and checks an architecture; records its counts. Raises Infeasible."""
@@ -181,7 +184,7 @@ class Objective:
         if self.prune:
             callbacks.append(OptunaPruning(trial, self.monitor))
         try:
-            result = fit(lit, self.task, self.settings, callbacks, folder)
+            result = fit(lit, self.task, self.settings, callbacks, folder, self.compile_backend)
         finally:  # a pruned trial's compute counts too
             trial.set_user_attr("train_tokens", lit.tokens_seen)
         record_speed(trial, result, self.peak_tflops)
@@ -201,6 +204,9 @@ def record_speed(trial: optuna.Trial, result: FitResult, peak_override: float | 
         trial.set_user_attr("mfu", round(mfu, 4))
     if result.peak_memory_bytes is not None:
         trial.set_user_attr("peak_memory_mb", round(result.peak_memory_bytes / 2**20, 1))
+    trial.set_user_attr("compiled", result.compiled)
+    if result.compile_fallback:
+        trial.set_user_attr("compile_fallback", result.compile_fallback)
 
 
 def quiet_lightning() -> None:

@@ -243,7 +243,7 @@ def prepare(cfg: DictConfig) -> Setup:
         store=open_store(cfg.artifacts) if cfg.artifacts else None,
         seed=cfg.seed, poll_s=float(cfg.storage.heartbeat_s), reap=functools.partial(reap_stale, study, cfg.storage),
         callbacks=lambda trial: [view.callback(trial.number)], memory_limit_gb=cfg.memory_limit_gb,
-        peak_tflops=cfg.peak_tflops,
+        peak_tflops=cfg.peak_tflops, compile_backend=cfg.compile_backend if cfg.compile else None,
     )
     return Setup(cfg, task, space, study, storage, retry, objective, run_dir, index, view)
 

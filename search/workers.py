@@ -86,14 +86,22 @@ def reap_stale(study: optuna.Study, storage_cfg: Any) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def backoff(most: float, first: float = 0.5) -> Iterator[float]:
+    """Waits between looks at the study: ``first`` seconds, then twice as long each time up
+    to ``most``. A wait that ends soon ends within a second; a long one costs the storage
+    one read per ``most`` seconds."""
+    wait = min(first, most)
+    while True:
+        yield wait
+        wait = min(2 * wait, most)
+
+
 def next_trial(study: optuna.Study, storage: BaseStorage, storage_cfg: Any, n_trials: int,
                poll_s: float) -> optuna.Trial | None:
     """Starts the next trial (a queued retry first), or returns None once the study holds
     ``n_trials`` counted trials and none runs. Waits while other workers' trials run (one of
-    them may fail and be queued again), looking again after 0.5 s, then twice as long each
-    time up to ``poll_s``: a study ends within a second of its last trial, and a long wait
-    does not hammer the storage."""
-    wait = min(0.5, poll_s)
+    them may fail and be queued again), looking again as :func:`backoff` says."""
+    waits = backoff(poll_s)
     while True:
         with slot_lock(storage_cfg, study.study_name):
             optuna.storages.fail_stale_trials(study)  # under the lock: each lost trial is retried once
@@ -104,8 +112,7 @@ def next_trial(study: optuna.Study, storage: BaseStorage, storage_cfg: Any, n_tr
                 return trial
             if not any(t.state == TrialState.RUNNING for t in trials):
                 return None
-        time.sleep(wait)
-        wait = min(2 * wait, poll_s)
+        time.sleep(next(waits))
 
 
 @contextlib.contextmanager
@@ -148,6 +155,7 @@ def wait_for_twin(study: optuna.Study, trial: optuna.Trial, fingerprint: str, po
     """Waits while an earlier trial of the same architecture runs on another worker
     (``reap`` fails it if that worker dies); returns it once finished (None when there is none)."""
     twin = None
+    waits = backoff(poll_s)
     while True:
         if twin is not None:
             reap()
@@ -160,4 +168,4 @@ def wait_for_twin(study: optuna.Study, trial: optuna.Trial, fingerprint: str, po
         if twin is None:  # recorded once (an earlier check read 'waited_for: 0' as unset and wrote it every poll)
             trial.set_user_attr("waited_for", running[0].number)
         twin = running[0].number
-        time.sleep(poll_s)
+        time.sleep(next(waits))

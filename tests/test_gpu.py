@@ -33,3 +33,38 @@ def test_a_sweep_trains_its_trials_on_the_gpu(tmp_path):
     sweep(cfg)
     trials = optuna.load_study(study_name=cfg.study_name, storage=str(cfg.storage.url)).get_trials()
     assert all(t.user_attrs["device"].startswith("cuda") for t in trials)
+
+
+@pytest.mark.slow
+def test_a_gpu_sweep_uses_bf16_compiles_and_records_its_speed(tmp_path):
+    from qkvsearch.search.sweep import sweep
+    from tests.conftest import tiny_sweep_conf
+
+    study = sweep(tiny_sweep_conf(tmp_path, "trainer=gpu", "trainer.max_steps=30", "trainer.val_check_interval=10",
+                                  "trainer.limit_val_batches=2", "n_trials=1", "pruner=none", "compile=true"))
+    attrs = study.trials[0].user_attrs
+    assert attrs["device"].startswith("cuda") and attrs["peak_memory_mb"] > 0
+    assert attrs["compiled"] is True, attrs.get("compile_fallback")
+    assert attrs["train_tokens_per_s"] > 0
+    if any(name in attrs["device_name"] for name in ("H100", "H200", "A100")):
+        assert 0 < attrs["mfu"] < 1
+
+
+@pytest.mark.slow
+def test_workers_auto_starts_one_worker_per_gpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import optuna
+
+    from tests.search.faults import SHORT
+
+    out = subprocess.run([sys.executable, "-m", "qkvsearch.search.cli", "sweep", *SHORT, "trainer=gpu",
+                          "trainer.max_steps=20", "trainer.val_check_interval=10", "workers=auto",
+                          f"run_root={tmp_path}", f"n_trials={2 * torch.cuda.device_count()}", "study_name=per_gpu"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = optuna.load_study(study_name="per_gpu", storage=f"sqlite:///{tmp_path}/studies.db")
+    assert study.user_attrs["workers_joined"] == torch.cuda.device_count()
+    assert all(t.user_attrs["device"] == "cuda:0" for t in study.trials)  # each worker sees only its own GPU

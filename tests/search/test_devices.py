@@ -68,3 +68,14 @@ def test_a_trial_records_its_device_speed_and_model_flop_utilisation(tmp_path):
     expected = 3 * attrs["flops_per_token"] * attrs["train_tokens_per_s"] / 0.5e12
     assert attrs["mfu"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
     assert "peak_memory_mb" not in attrs  # a CUDA figure
+
+
+def test_a_compiler_that_fails_leaves_the_trial_eager_with_the_reason(tmp_path):
+    from qkvsearch.search.sweep import sweep
+    from tests.conftest import tiny_sweep_conf
+
+    study = sweep(tiny_sweep_conf(tmp_path, "n_trials=1", "pruner=none", "compile=true", "compile_backend=no_such_backend"))
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert trial.user_attrs["compiled"] is False
+    assert "no_such_backend" in trial.user_attrs["compile_fallback"]

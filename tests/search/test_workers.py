@@ -70,3 +70,12 @@ def test_a_submitit_multirun_starts_one_worker_per_job_on_one_study(tmp_path):
     trials = optuna.load_study(study_name=summary.study_name, storage=str(cfg.storage.url)).get_trials()
     assert sorted(t.number for t in trials) == list(range(4))
     assert all(t.state.is_finished() for t in trials)
+
+
+def test_waits_for_other_workers_back_off_from_half_a_second_to_the_poll_interval():
+    import itertools
+
+    from qkvsearch.search.workers import backoff
+
+    assert list(itertools.islice(backoff(30.0), 8)) == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert list(itertools.islice(backoff(0.2), 2)) == [0.2, 0.2]
