@@ -72,15 +72,27 @@ def history_sections(study: optuna.Study) -> list[str]:
     return out
 
 
+def speed_cells(attrs: dict[str, Any]) -> str:
+    """How fast a trial trained: tokens/s, model FLOP utilisation and peak device memory
+    (a dash where the trial has no such figure: a CPU has no known peak)."""
+    tokens = attrs.get("train_tokens_per_s")
+    mfu, peak = attrs.get("mfu"), attrs.get("peak_memory_mb")
+    cells = [f"{tokens:,.0f}" if tokens is not None else "-", f"{100 * mfu:.1f}%" if mfu is not None else "-",
+             f"{peak:,.0f} MB" if peak is not None else "-"]
+    return "".join(f"<td>{c}</td>" for c in cells)
+
+
 def trials_table(study: optuna.Study) -> str:
     """The best trials (or the Pareto front) with their architectures; failures with reasons."""
     names = _objectives(study)
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in ["trial", *names, "parameters", "architecture"])
+    speed = ["tokens/s", "MFU", "peak memory"]
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in ["trial", *names, "parameters", *speed, "architecture"])
     rows = []
     for trial in top_trials(study, k=10):
         params = " ".join(f"{k}={v}" for k, v in trial.params.items())
         values = "".join(f"<td>{v:.4g}</td>" for v in trial.values)
-        rows.append(f"<tr><td>{trial.number}</td>{values}<td>{trial.user_attrs.get('n_params', 0):,}</td><td>{html.escape(params)}</td></tr>")
+        rows.append(f"<tr><td>{trial.number}</td>{values}<td>{trial.user_attrs.get('n_params', 0):,}</td>"
+                    f"{speed_cells(trial.user_attrs)}<td>{html.escape(params)}</td></tr>")
     table = f"<table><tr>{head}</tr>{''.join(rows)}</table>" if rows else _note("no complete trial yet")
     others = [t for t in study.get_trials(deepcopy=False) if t.state in (State.FAIL, State.PRUNED)]
     if others:

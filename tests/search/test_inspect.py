@@ -176,6 +176,16 @@ def test_the_report_is_self_contained_and_renders_its_plots(swept, tmp_path):
     best, runner_up = sorted((t for t in study.get_trials() if t.state.name == "COMPLETE"), key=lambda t: t.value)[:2]
     if best.user_attrs["arch_hash"] != runner_up.user_attrs["arch_hash"]:
         assert 'class="differs"' in dom and "runner-up:" in dom
+    # how fast each trial trained: a CPU has no known peak, so MFU and peak memory are dashes
+    assert "<th>tokens/s</th><th>MFU</th><th>peak memory</th>" in text
+    assert f"<td>{best.user_attrs['train_tokens_per_s']:,.0f}</td><td>-</td><td>-</td>" in text
+
+
+def test_speed_cells_show_mfu_and_peak_memory_where_a_gpu_recorded_them():
+    from qkvsearch.search.report import speed_cells
+
+    assert speed_cells({"train_tokens_per_s": 123456.7, "mfu": 0.4123, "peak_memory_mb": 2048.0}) == (
+        "<td>123,457</td><td>41.2%</td><td>2,048 MB</td>")
 
 
 def test_reports_of_empty_and_failed_only_studies_say_so():
