@@ -3,9 +3,9 @@ fused against the reference attention path at sequence 2048.
 
 1. A decoder of GPT-2 small's shape (12 layers, d_model 768, 12 heads, GELU 3072, learned
    positions, pre-LayerNorm, tied embeddings, vocabulary 50304, sequence 1024) trains as a
-   sweep trial does (the trial loop of search/loop.py on Lightning Fabric, bf16-mixed, fused
+   sweep trial does (the trial loop of search/trial/loop.py on Lightning Fabric, bf16-mixed, fused
    AdamW, random tokens), eager and with compile; prints tokens/s and model FLOP utilisation
-   against the device's dense bf16 peak (search/devices.py's table, or --peak-tflops).
+   against the device's dense bf16 peak (search/study/devices.py's table, or --peak-tflops).
 2. One attention layer (d_model 1024, 16 heads, causal, batch 4, seq 2048, bf16): forward +
    backward time and peak memory of the fused path against the reference path.
 
@@ -45,10 +45,10 @@ class RandomTokens:
 
 def trial_speed(steps: int, batch: int, compile_backend: str | None, peak: float | None) -> tuple[float, float | None, str]:
     from qkvsearch.models import ArchConfig, flops_per_token
-    from qkvsearch.search.devices import model_flops_utilisation, peak_tflops
-    from qkvsearch.search.lit import LitTransformer
-    from qkvsearch.search.loop import fit
-    from qkvsearch.search.settings import LoopSettings
+    from qkvsearch.search.study.devices import model_flops_utilisation, peak_tflops
+    from qkvsearch.search.study.settings import LoopSettings
+    from qkvsearch.search.trial.lit import LitTransformer
+    from qkvsearch.search.trial.loop import fit
 
     arch = ArchConfig.from_dict({
         "kind": "decoder", "vocab_size": 50304, "max_seq_len": 1024, "d_model": 768, "positions": "learned",
@@ -105,7 +105,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
         return
-    from qkvsearch.search.objective import quiet_lightning
+    from qkvsearch.search.trial.objective import quiet_lightning
 
     quiet_lightning()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")

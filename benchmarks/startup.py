@@ -26,8 +26,8 @@ ROWS = {
     "qkv sweep --help": [*QKV, "sweep", "--help"],
     "qkv sweeep (a typo)": [*QKV, "sweeep"],
     "qkv sweep n_trails=5 (a typo)": [*QKV, "sweep", "n_trails=5"],
-    "imports before extra workers start (launch)": [sys.executable, "-c", "import qkvsearch.search.launch"],
-    "a worker's imports (qkvsearch.search.sweep)": [sys.executable, "-c", "import qkvsearch.search.sweep"],
+    "imports before extra workers start (launch)": [sys.executable, "-c", "import qkvsearch.search.commands.sweep"],
+    "a worker's imports (qkvsearch.search.study.run)": [sys.executable, "-c", "import qkvsearch.search.study.run"],
     "  of which torch": [sys.executable, "-c", "import torch"],
     "  of which torch + Lightning": [sys.executable, "-c", "import torch, lightning"],
 }

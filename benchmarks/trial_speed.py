@@ -44,8 +44,8 @@ def timed(fn) -> tuple[float, float]:
 
 def trial_run(cfg, params: dict) -> tuple[float, float]:
     """Wall and CPU seconds of one trial, from after ask to after tell."""
-    from qkvsearch.search.sweep import prepare, run_trial
-    from qkvsearch.search.workers import next_trial
+    from qkvsearch.search.study.run import prepare, run_trial
+    from qkvsearch.search.study.workers import next_trial
 
     setup = prepare(cfg)
     setup.study.enqueue_trial(params)
@@ -59,8 +59,8 @@ def trial_run(cfg, params: dict) -> tuple[float, float]:
 
 def plain_run(cfg, params: dict, folder: pathlib.Path) -> tuple[float, float]:
     """Wall and CPU seconds of the same work in a bare loop."""
-    from qkvsearch.search.lit import LitTransformer
-    from qkvsearch.search.sweep import build_space, build_task
+    from qkvsearch.search.study.run import build_space, build_task
+    from qkvsearch.search.trial.lit import LitTransformer
 
     task = build_task(cfg)
     arch = build_space(cfg, task).suggest(optuna.trial.FixedTrial(params))
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from qkvsearch.search.objective import quiet_lightning
+    from qkvsearch.search.trial.objective import quiet_lightning
 
     quiet_lightning()
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -10,12 +10,12 @@ import sys
 from qkvsearch.search.errors import Interrupted
 
 COMMANDS = {
-    "sweep": ("qkvsearch.search.launch", "search architectures: an Optuna study of Lightning-trained trials"),
-    "train": ("qkvsearch.search.train", "train one architecture (a config file or a study's trial)"),
-    "export": ("qkvsearch.search.export", "write a trial as a standalone PyTorch module folder, checked without qkvsearch"),
-    "dashboard": ("qkvsearch.search.dashboard", "serve optuna-dashboard on the sweep's storage (127.0.0.1 by default)"),
-    "report": ("qkvsearch.search.report", "write a self-contained HTML report of a study"),
-    "space": ("qkvsearch.search.space_show", "`qkv space show space=NAME`: a space's parameters and how many samples are feasible"),
+    "sweep": ("qkvsearch.search.commands.sweep", "search architectures: an Optuna study of Lightning-trained trials"),
+    "train": ("qkvsearch.search.commands.train", "train one architecture (a config file or a study's trial)"),
+    "export": ("qkvsearch.search.commands.export", "write a trial as a standalone PyTorch module folder, checked without qkvsearch"),
+    "dashboard": ("qkvsearch.search.commands.dashboard", "serve optuna-dashboard on the sweep's storage (127.0.0.1 by default)"),
+    "report": ("qkvsearch.search.commands.report", "write a self-contained HTML report of a study"),
+    "space": ("qkvsearch.search.commands.space", "`qkv space show space=NAME`: a space's parameters and how many samples are feasible"),
 }
 
 USAGE = """usage: qkv COMMAND [hydra overrides...]
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     # Idle OpenMP threads sleep instead of spinning, so workers and other programs sharing the
     # cores do not stall each other (set before torch is imported; a user's setting wins).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from qkvsearch.search.group import die_with_parent
+    from qkvsearch.search.study.group import die_with_parent
 
     die_with_parent()  # an extra worker of `qkv sweep workers=N` ends with the process that started it
     rest = argv[1:]

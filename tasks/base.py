@@ -3,7 +3,7 @@
 A task is a ``lightning.LightningDataModule`` with these attributes:
 
 - ``kind``: ``"language_model"``, ``"classification"`` or ``"seq2seq"``; it decides the
-  loss and which architectures fit (see ``search.lit``).
+  loss and which architectures fit (see ``search/trial/lit.py``).
 - ``vocab_size``: token ids are in ``[0, vocab_size)``.
 - ``seq_len``: the longest sequence a batch holds (sizes the architecture's ``max_seq_len``).
 - ``n_classes``: for classification only.

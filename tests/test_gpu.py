@@ -25,7 +25,7 @@ def test_fused_and_reference_paths_agree_on_cuda(scaling, masks, positions):
 def test_a_sweep_trains_its_trials_on_the_gpu(tmp_path):
     import optuna
 
-    from qkvsearch.search.sweep import sweep
+    from qkvsearch.search.study.run import sweep
     from tests.conftest import tiny_sweep_conf
 
     cfg = tiny_sweep_conf(tmp_path, "trainer=gpu", "trainer.max_steps=30", "trainer.val_check_interval=10",
@@ -37,7 +37,7 @@ def test_a_sweep_trains_its_trials_on_the_gpu(tmp_path):
 
 @pytest.mark.slow
 def test_a_gpu_sweep_uses_bf16_compiles_and_records_its_speed(tmp_path):
-    from qkvsearch.search.sweep import sweep
+    from qkvsearch.search.study.run import sweep
     from tests.conftest import tiny_sweep_conf
 
     study = sweep(tiny_sweep_conf(tmp_path, "trainer=gpu", "trainer.max_steps=30", "trainer.val_check_interval=10",

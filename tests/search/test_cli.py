@@ -126,7 +126,7 @@ def test_commands_make_idle_openmp_threads_sleep_unless_the_user_chose():
 
 
 def test_threads_per_worker_is_a_setting():
-    from qkvsearch.search.sweep import check_sweep, threads_per_worker
+    from qkvsearch.search.study.run import check_sweep, threads_per_worker
     from tests.conftest import compose_conf
 
     assert threads_per_worker(compose_conf("sweep", ["threads=3"])) == 3

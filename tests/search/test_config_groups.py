@@ -11,11 +11,11 @@ import torch
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 
-from qkvsearch.search.lit import check_compatible
-from qkvsearch.search.objective import check_objectives
-from qkvsearch.search.storage import StorageError, open_storage
-from qkvsearch.search.sweep import build_sampler, build_space, build_task, sweep
-from qkvsearch.search.train import train
+from qkvsearch.search.commands.train import train
+from qkvsearch.search.study.run import build_sampler, build_space, build_task, sweep
+from qkvsearch.search.study.storage import StorageError, open_storage
+from qkvsearch.search.trial.lit import check_compatible
+from qkvsearch.search.trial.objective import check_objectives
 from tests.conftest import CONF, compose_conf, tiny_sweep_conf
 
 
@@ -44,7 +44,7 @@ def test_every_space_composes_with_its_task_and_every_sampler_instantiates(space
 
 
 def test_the_grid_sampler_enumerates_choices_steps_and_per_layer_parameters():
-    from qkvsearch.search.sweep import grid_of
+    from qkvsearch.search.study.run import grid_of
     from qkvsearch.spaces import load_space
 
     space = load_space({

@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.devices import plan_workers
+from qkvsearch.search.study.devices import plan_workers
 from tests.conftest import compose_conf
 from tests.search.faults import SHORT
 
@@ -46,18 +46,22 @@ def test_bad_device_settings_name_the_field(overrides, message):
 @pytest.mark.slow
 def test_each_worker_sees_only_its_own_gpu_and_its_trials_say_which(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "qkvsearch.search.cli", "sweep", *SHORT, "trainer.max_steps=40", "workers=2",
-         "gpus=[5,7]", "trainer.accelerator=cpu", f"run_root={tmp_path}", "n_trials=6", "study_name=pinned"],
+        [sys.executable, "-m", "qkvsearch.search.cli", "sweep", *SHORT, "trainer.max_steps=150", "workers=2",
+         "gpus=[5,7]", "trainer.accelerator=cpu", f"run_root={tmp_path}", "n_trials=4", "study_name=pinned"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     study = optuna.load_study(study_name="pinned", storage=f"sqlite:///{tmp_path}/studies.db")
-    pinned = {(t.user_attrs["worker_index"], t.user_attrs["cuda_visible_devices"]) for t in study.trials}
-    assert pinned == {(0, "5"), (1, "7")}, pinned
+    assert study.user_attrs["workers_joined"] == 2
+    device_of: dict[int, set[str]] = {}
+    for trial in study.trials:
+        device_of.setdefault(trial.user_attrs["worker_index"], set()).add(trial.user_attrs["cuda_visible_devices"])
+    assert all(len(devices) == 1 for devices in device_of.values()), device_of  # a worker keeps its one GPU
+    assert set().union(*device_of.values()) == {"5", "7"}, device_of  # and the two workers have different ones
 
 
 def test_a_trial_records_its_device_speed_and_model_flop_utilisation(tmp_path):
-    from qkvsearch.search.sweep import sweep
+    from qkvsearch.search.study.run import sweep
     from tests.conftest import tiny_sweep_conf
 
     study = sweep(tiny_sweep_conf(tmp_path, "n_trials=1", "pruner=none", "peak_tflops=0.5"))
@@ -71,7 +75,7 @@ def test_a_trial_records_its_device_speed_and_model_flop_utilisation(tmp_path):
 
 
 def test_a_compiler_that_fails_leaves_the_trial_eager_with_the_reason(tmp_path):
-    from qkvsearch.search.sweep import sweep
+    from qkvsearch.search.study.run import sweep
     from tests.conftest import tiny_sweep_conf
 
     study = sweep(tiny_sweep_conf(tmp_path, "n_trials=1", "pruner=none", "compile=true", "compile_backend=no_such_backend"))

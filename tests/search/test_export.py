@@ -11,10 +11,10 @@ import torch
 from omegaconf import OmegaConf
 
 from qkvsearch.models import MASKS, POSITIONS, SCALINGS, ArchConfig, build_model
-from qkvsearch.search.artifacts import trial_weights
-from qkvsearch.search.codegen import ExportError, generate_model_source
-from qkvsearch.search.export import check_folder, export, select_trial
-from qkvsearch.search.sweep import sweep
+from qkvsearch.search.commands.export import check_folder, export, select_trial
+from qkvsearch.search.export.codegen import ExportError, generate_model_source
+from qkvsearch.search.inspect.artifacts import trial_weights
+from qkvsearch.search.study.run import sweep
 from tests.conftest import compose_conf, tiny_sweep_conf
 
 
@@ -183,7 +183,7 @@ def test_qkv_export_writes_a_checked_folder_and_refuses_bad_requests(tmp_path):
 @pytest.mark.slow
 def test_onnx_export_matches_the_model(tmp_path):
     pytest.importorskip("onnxruntime")
-    from qkvsearch.search.export import export_onnx
+    from qkvsearch.search.commands.export import export_onnx
 
     arch = _arch("decoder-rotary-heterogeneous")
     model = build_model(arch).eval()

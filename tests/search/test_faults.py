@@ -15,8 +15,8 @@ import time
 import optuna
 import pytest
 
-from qkvsearch.search.storage import HEARTBEAT_ATTR, HeartbeatJournalStorage
-from qkvsearch.search.workers import RETRY_OF, counted, retried_numbers
+from qkvsearch.search.study.storage import HEARTBEAT_ATTR, HeartbeatJournalStorage
+from qkvsearch.search.study.workers import RETRY_OF, counted, retried_numbers
 from tests.search.faults import FAST_HEARTBEAT, SHORT, State, pid_of, qkv, running_mid_trial, wait_for
 
 pytestmark = pytest.mark.slow
@@ -149,7 +149,7 @@ def test_workers_end_with_their_parent_when_it_is_killed(tmp_path):
 def test_the_journal_heartbeat_adapter_is_what_optuna_fails_stale_trials_through(tmp_path):
     from optuna.storages.journal import JournalFileBackend
 
-    from qkvsearch.search.workers import RetryLost
+    from qkvsearch.search.study.workers import RetryLost
 
     storage = HeartbeatJournalStorage(JournalFileBackend(str(tmp_path / "j.journal")), heartbeat_interval=1,
                                       grace_period=1, stale_callback=RetryLost(2))

@@ -17,10 +17,10 @@ import optuna
 import pytest
 from optuna.artifacts import get_all_artifact_meta
 
-from qkvsearch.search.dashboard import check_port
-from qkvsearch.search.report import render, report
-from qkvsearch.search.storage import open_storage
-from qkvsearch.search.sweep import sweep
+from qkvsearch.search.commands.dashboard import check_port
+from qkvsearch.search.commands.report import render, report
+from qkvsearch.search.study.run import sweep
+from qkvsearch.search.study.storage import open_storage
 from tests.conftest import compose_conf, tiny_sweep_conf
 from tests.search.browser import is_blank, rendered_dom, screenshot
 
@@ -144,7 +144,7 @@ def test_a_read_only_dashboard_refuses_an_unauthenticated_delete(tmp_path):
 
 
 def test_serving_beyond_loopback_warns_and_is_read_only_by_default():
-    from qkvsearch.search.dashboard import exposure_warning, is_loopback
+    from qkvsearch.search.commands.dashboard import exposure_warning, is_loopback
 
     assert exposure_warning("127.0.0.1", writable=True) is None and is_loopback("::1") and is_loopback("localhost")
     warning = exposure_warning("0.0.0.0", writable=True)
@@ -182,7 +182,7 @@ def test_the_report_is_self_contained_and_renders_its_plots(swept, tmp_path):
 
 
 def test_speed_cells_show_mfu_and_peak_memory_where_a_gpu_recorded_them():
-    from qkvsearch.search.report import speed_cells
+    from qkvsearch.search.commands.report import speed_cells
 
     assert speed_cells({"train_tokens_per_s": 123456.7, "mfu": 0.4123, "peak_memory_mb": 2048.0}) == (
         "<td>123,457</td><td>41.2%</td><td>2,048 MB</td>")
@@ -200,7 +200,7 @@ def test_reports_of_empty_and_failed_only_studies_say_so():
 
 
 def test_no_study_is_a_clear_error(tmp_path):
-    from qkvsearch.search.dashboard import serve
+    from qkvsearch.search.commands.dashboard import serve
 
     with pytest.raises(ValueError, match=r"no storage at .*studies.db: run `qkv sweep` first"):
         serve(compose_conf("dashboard", [f"run_root={tmp_path}"]))

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from qkvsearch.models import ArchConfig
-from qkvsearch.search.lit import LitTransformer
-from qkvsearch.search.sweep import build_space, build_task
+from qkvsearch.search.study.run import build_space, build_task
+from qkvsearch.search.trial.lit import LitTransformer
 from qkvsearch.spaces import Infeasible
 from qkvsearch.tasks.base import IGNORE
 from tests.conftest import compose_conf

@@ -9,8 +9,8 @@ import sys
 import optuna
 import pytest
 
-from qkvsearch.search.storage import open_storage, slot_lock
-from qkvsearch.search.sweep import sweep
+from qkvsearch.search.study.run import sweep
+from qkvsearch.search.study.storage import open_storage, slot_lock
 from tests.conftest import tiny_sweep_conf
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

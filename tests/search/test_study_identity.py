@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from qkvsearch.models import ArchConfig
-from qkvsearch.search.artifacts import load_trained, study_run_dir, trial_weights
-from qkvsearch.search.export import export
-from qkvsearch.search.storage import check_study_name, open_storage
-from qkvsearch.search.sweep import build_task, check_sweep, prepare, sweep, task_of_study
+from qkvsearch.search.commands.export import export
+from qkvsearch.search.inspect.artifacts import load_trained, study_run_dir, trial_weights
+from qkvsearch.search.study.run import build_task, check_sweep, prepare, sweep, task_of_study
+from qkvsearch.search.study.storage import check_study_name, open_storage
 from tests.conftest import compose_conf, tiny_sweep_conf
 
 State = optuna.trial.TrialState

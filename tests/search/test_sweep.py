@@ -10,9 +10,9 @@ import yaml
 from safetensors.torch import load_file
 
 from qkvsearch.models import ArchConfig, build_model
-from qkvsearch.search.artifacts import study_run_dir, trial_dir
-from qkvsearch.search.storage import open_storage
-from qkvsearch.search.sweep import sweep
+from qkvsearch.search.inspect.artifacts import study_run_dir, trial_dir
+from qkvsearch.search.study.run import sweep
+from qkvsearch.search.study.storage import open_storage
 from tests.conftest import tiny_sweep_conf
 
 State = optuna.trial.TrialState
@@ -168,7 +168,7 @@ def test_without_a_terminal_a_sweep_prints_one_line_per_trial_and_no_live_displa
 def test_the_live_view_shows_the_running_trials_and_this_workers_step():
     from rich.console import Console
 
-    from qkvsearch.search.progress import SweepView
+    from qkvsearch.search.study.progress import SweepView
 
     study = optuna.create_study()
     study.tell(study.ask(), 1.5)
@@ -186,7 +186,7 @@ def test_the_live_view_shows_the_running_trials_and_this_workers_step():
 def test_the_summary_describes_each_best_architecture_from_its_layers():
     from rich.console import Console
 
-    from qkvsearch.search.report_text import print_summary
+    from qkvsearch.search.inspect.report_text import print_summary
 
     arch = ArchConfig.from_dict({"kind": "decoder", "vocab_size": 16, "max_seq_len": 8, "d_model": 32, "positions": "rotary",
                                  "decoder": {"n_layers": 3, "attention": {"n_heads": 4, "n_kv_heads": 2, "masks": ["causal"]},

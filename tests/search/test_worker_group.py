@@ -11,7 +11,7 @@ import optuna
 import pytest
 import yaml
 
-from qkvsearch.search.storage import create_or_load_study, open_storage, slot_lock
+from qkvsearch.search.study.storage import create_or_load_study, open_storage, slot_lock
 from tests.conftest import CONF, compose_conf
 from tests.search.faults import SHORT, State, qkv
 
@@ -67,7 +67,7 @@ def test_concurrent_first_starts_on_a_fresh_postgres_never_crash(postgres_url):
     admin = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
     script = (
         "import sys; from omegaconf import OmegaConf; import optuna\n"
-        "from search.storage import open_storage, slot_lock, create_or_load_study\n"
+        "from qkvsearch.search.study.storage import open_storage, slot_lock, create_or_load_study\n"
         "cfg = OmegaConf.create({'kind': 'rdb', 'url': sys.argv[1], 'heartbeat_s': 30, 'grace_s': 120})\n"
         "storage = open_storage(cfg)\n"
         "with slot_lock(cfg, 'race'):\n"

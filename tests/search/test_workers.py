@@ -12,7 +12,7 @@ import time
 import optuna
 import pytest
 
-from qkvsearch.search.workers import RETRY_OF, counted
+from qkvsearch.search.study.workers import RETRY_OF, counted
 from tests.conftest import tiny_sweep_conf
 
 State = optuna.trial.TrialState
@@ -75,7 +75,7 @@ def test_a_submitit_multirun_starts_one_worker_per_job_on_one_study(tmp_path):
 def test_waits_for_other_workers_back_off_from_half_a_second_to_the_poll_interval():
     import itertools
 
-    from qkvsearch.search.workers import backoff
+    from qkvsearch.search.study.workers import backoff
 
     assert list(itertools.islice(backoff(30.0), 8)) == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     assert list(itertools.islice(backoff(0.2), 2)) == [0.2, 0.2]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qkvsearch.models import build_model, count_parameters, flops_per_token
-from qkvsearch.search.sweep import build_space, build_task
+from qkvsearch.search.study.run import build_space, build_task
 from qkvsearch.spaces import Infeasible, Space
 from tests.conftest import CONF, compose_conf
 
@@ -99,7 +99,7 @@ def test_space_show_reports_feasibility_and_size_ranges():
 
     from rich.console import Console
 
-    from qkvsearch.search.space_show import show
+    from qkvsearch.search.commands.space import show
 
     cfg = compose_conf("space_show", ["space=tiny", "n_samples=40"])
     buffer = StringIO()

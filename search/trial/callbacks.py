@@ -1,6 +1,6 @@
 """Callbacks of training: pruning at every validation, and the best weights.
 
-A sweep trial's loop (``search/loop.py``, Fabric) calls ``on_validation(step, metrics,
+A sweep trial's loop (``search/trial/loop.py``, Fabric) calls ``on_validation(step, metrics,
 module)``; ``qkv train``'s Trainer calls the Lightning hooks. Both lead to the same code.
 """
 

@@ -26,7 +26,7 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from qkvsearch.search.storage import HEARTBEAT_ATTR, slot_lock
+from qkvsearch.search.study.storage import HEARTBEAT_ATTR, slot_lock
 
 #: User attribute of a retry: the number of the lost trial it runs again.
 RETRY_OF = "retry_of"

@@ -16,8 +16,8 @@ from rich.table import Table
 
 from qkvsearch.models import count_parameters, flops_per_token
 from qkvsearch.search.configs import run_command
-from qkvsearch.search.objective import suggest_checked
-from qkvsearch.search.sweep import build_space, build_task
+from qkvsearch.search.study.run import build_space, build_task
+from qkvsearch.search.trial.objective import suggest_checked
 from qkvsearch.spaces import FunctionSpace, Infeasible, Space
 
 
@@ -81,7 +81,7 @@ def show(cfg: DictConfig, console: Console | None = None) -> SampleStats:
     return stats
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="space_show")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="space_show")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv space show``."""
     run_command(show, cfg)

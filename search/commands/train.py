@@ -18,13 +18,13 @@ from safetensors.torch import save_file
 
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.callbacks import BestWeights
 from qkvsearch.search.configs import run_command
-from qkvsearch.search.lit import LitTransformer, check_compatible
-from qkvsearch.search.objective import quiet_lightning
-from qkvsearch.search.selection import best_trial, complete_trial
-from qkvsearch.search.storage import load_named_study
-from qkvsearch.search.sweep import build_task, task_of_study
+from qkvsearch.search.inspect.selection import best_trial, complete_trial
+from qkvsearch.search.study.run import build_task, task_of_study
+from qkvsearch.search.study.storage import load_named_study
+from qkvsearch.search.trial.callbacks import BestWeights
+from qkvsearch.search.trial.lit import LitTransformer, check_compatible
+from qkvsearch.search.trial.objective import quiet_lightning
 
 
 def load_arch(cfg: DictConfig) -> tuple[ArchConfig, dict[str, Any], optuna.Study | None]:
@@ -95,7 +95,7 @@ def train(cfg: DictConfig) -> pathlib.Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv train``."""
     run_command(train, cfg)

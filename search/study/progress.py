@@ -10,8 +10,8 @@ import optuna
 from rich.console import Console, Group
 from rich.text import Text
 
-from qkvsearch.search.report_text import progress_line
-from qkvsearch.search.workers import counted
+from qkvsearch.search.inspect.report_text import progress_line
+from qkvsearch.search.study.workers import counted
 
 State = optuna.trial.TrialState
 

@@ -88,7 +88,7 @@ def threads_per_worker(cfg: DictConfig) -> int:
 
 def check_sweep(cfg: DictConfig) -> list[str]:
     """Checks the sweep's own settings before anything is built; returns the directions."""
-    from qkvsearch.search.storage import check_study_name
+    from qkvsearch.search.study.storage import check_study_name
 
     directions = check_objectives(list(cfg.objectives))
     check_study_name(cfg.study_name)

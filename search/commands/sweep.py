@@ -12,9 +12,9 @@ import hydra
 from omegaconf import DictConfig
 
 from qkvsearch.search.configs import run_command
-from qkvsearch.search.devices import VISIBLE, plan_workers
-from qkvsearch.search.group import SPAWNED_BY, WorkerGroup
-from qkvsearch.search.settings import check_sweep
+from qkvsearch.search.study.devices import VISIBLE, plan_workers
+from qkvsearch.search.study.group import SPAWNED_BY, WorkerGroup
+from qkvsearch.search.study.settings import check_sweep
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def run(cfg: DictConfig) -> None:
     started = time.perf_counter()
     group = start_workers(cfg)
     try:
-        from qkvsearch.search.sweep import sweep
+        from qkvsearch.search.study.run import sweep
     except BaseException:
         if group:
             group.interrupt()
@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> None:
     log.info("sweep took %.1f s", time.perf_counter() - started)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="sweep")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv sweep``."""
     run_command(run, cfg)

@@ -17,13 +17,13 @@ import yaml
 from safetensors.torch import save_file
 
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
-from qkvsearch.search.artifacts import attach_architecture, attach_attention, trial_dir, would_be_best
-from qkvsearch.search.callbacks import BestWeights, OptunaPruning
-from qkvsearch.search.devices import estimate_memory, free_memory, model_flops_utilisation, peak_tflops
-from qkvsearch.search.lit import LitTransformer, check_compatible, model_inputs
-from qkvsearch.search.loop import FitResult, fit
-from qkvsearch.search.settings import OBJECTIVES, LoopSettings, check_objectives  # noqa: F401 - re-exported
-from qkvsearch.search.workers import wait_for_twin
+from qkvsearch.search.inspect.artifacts import attach_architecture, attach_attention, trial_dir, would_be_best
+from qkvsearch.search.study.devices import estimate_memory, free_memory, model_flops_utilisation, peak_tflops
+from qkvsearch.search.study.settings import OBJECTIVES, LoopSettings, check_objectives  # noqa: F401 - re-exported
+from qkvsearch.search.study.workers import wait_for_twin
+from qkvsearch.search.trial.callbacks import BestWeights, OptunaPruning
+from qkvsearch.search.trial.lit import LitTransformer, check_compatible, model_inputs
+from qkvsearch.search.trial.loop import FitResult, fit
 from qkvsearch.spaces import Infeasible
 
 
@@ -77,7 +77,7 @@ class Objective:
         settings: the trial loop's settings (the ``trainer`` config group).
         optim: ``LitTransformer`` optimiser settings.
         prune: report to the pruner (single-objective studies only).
-        callbacks: more callbacks of the trial loop (see ``search/loop.py``), made fresh for
+        callbacks: more callbacks of the trial loop (see ``search/trial/loop.py``), made fresh for
             each trial from it.
         store: an Optuna artifact store: each trial's arch.yaml, and the attention maps
             of trials that become the best, are attached to them.

@@ -20,7 +20,7 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from qkvsearch.models import ArchConfig, build_model, capture_attention
 from qkvsearch.models.attention import upgrade_state_dict
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.lit import model_inputs
+from qkvsearch.search.trial.lit import model_inputs
 
 ATTENTION_FILE = "attention.png"
 

@@ -9,7 +9,7 @@ from rich.text import Text
 
 from qkvsearch.models import ArchConfig
 from qkvsearch.models.describe import layer_rows
-from qkvsearch.search.selection import top_trials
+from qkvsearch.search.inspect.selection import top_trials
 
 State = optuna.trial.TrialState
 
@@ -17,7 +17,7 @@ State = optuna.trial.TrialState
 def progress_line(study: optuna.Study, n_trials: int) -> Text:
     """``trials 5/12 | complete 3 | pruned 1 | failed 1 | retried 1 | running 1 | best 1.234``:
     what counts towards ``n_trials``; lost trials that were queued again show as retried."""
-    from qkvsearch.search.workers import counted
+    from qkvsearch.search.study.workers import counted
 
     trials = study.get_trials(deepcopy=False)
     kept = counted(trials)

@@ -26,22 +26,20 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.storages import BaseStorage
 
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.artifacts import open_store, study_run_dir
+from qkvsearch.search.commands.sweep import start_workers
 from qkvsearch.search.errors import Interrupted
-from qkvsearch.search.group import SPAWNED_BY, WorkerGroup
-from qkvsearch.search.launch import start_workers
-from qkvsearch.search.lit import NonFiniteLoss
-from qkvsearch.search.objective import Objective, quiet_lightning, suggest_checked
-from qkvsearch.search.progress import SweepView, print_trial
-from qkvsearch.search.report_text import print_summary
-from qkvsearch.search.settings import LoopSettings, check_sweep, threads_per_worker
-from qkvsearch.search.storage import (
+from qkvsearch.search.inspect.artifacts import open_store, study_run_dir
+from qkvsearch.search.inspect.report_text import print_summary
+from qkvsearch.search.study.group import SPAWNED_BY, WorkerGroup
+from qkvsearch.search.study.progress import SweepView, print_trial
+from qkvsearch.search.study.settings import LoopSettings, check_sweep, threads_per_worker
+from qkvsearch.search.study.storage import (
     create_or_load_study,
     open_storage,
     slot_lock,
     storage_url,
 )
-from qkvsearch.search.workers import (
+from qkvsearch.search.study.workers import (
     RetryLost,
     frozen,
     heartbeat,
@@ -50,6 +48,8 @@ from qkvsearch.search.workers import (
     reap_stale,
     record_interrupted,
 )
+from qkvsearch.search.trial.lit import NonFiniteLoss
+from qkvsearch.search.trial.objective import Objective, quiet_lightning, suggest_checked
 from qkvsearch.spaces import FunctionSpace, Infeasible, Space, load_space
 from qkvsearch.tasks.base import check_task
 
@@ -184,7 +184,7 @@ def code_version() -> str:
         found = version("qkvsearch")
     except PackageNotFoundError:
         found = "unknown"
-    root = pathlib.Path(__file__).resolve().parent.parent
+    root = pathlib.Path(__file__).resolve().parents[2]
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=5)

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from qkvsearch.search.lit import LitTransformer, NonFiniteLoss
-from qkvsearch.search.settings import LoopSettings
+from qkvsearch.search.study.settings import LoopSettings
+from qkvsearch.search.trial.lit import LitTransformer, NonFiniteLoss
 
 
 @dataclasses.dataclass

@@ -22,10 +22,10 @@ from omegaconf import DictConfig
 
 from qkvsearch.models import ArchConfig, count_parameters
 from qkvsearch.models.describe import COLUMNS, layer_rows
-from qkvsearch.search.artifacts import AttentionMap, attention_maps, load_trained, trial_weights
 from qkvsearch.search.configs import run_command
-from qkvsearch.search.selection import top_trials
-from qkvsearch.search.storage import load_named_study
+from qkvsearch.search.inspect.artifacts import AttentionMap, attention_maps, load_trained, trial_weights
+from qkvsearch.search.inspect.selection import top_trials
+from qkvsearch.search.study.storage import load_named_study
 
 State = optuna.trial.TrialState
 
@@ -215,7 +215,7 @@ def render(study: optuna.Study, task_loader: Callable[[], Any] | None = None, ru
 
 def report(cfg: DictConfig) -> pathlib.Path:
     """Writes the report of ``cfg.study_name`` (default: the latest study) and returns its path."""
-    from qkvsearch.search.sweep import task_of_study
+    from qkvsearch.search.study.run import task_of_study
 
     study = load_named_study(cfg.storage, cfg.study_name)
     name = study.study_name
@@ -229,7 +229,7 @@ def report(cfg: DictConfig) -> pathlib.Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv report``."""
     out = run_command(report, cfg)

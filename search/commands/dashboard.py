@@ -15,10 +15,10 @@ import optuna
 from omegaconf import DictConfig
 
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.artifacts import open_store
 from qkvsearch.search.configs import run_command
 from qkvsearch.search.errors import Interrupted
-from qkvsearch.search.storage import open_storage, storage_url
+from qkvsearch.search.inspect.artifacts import open_store
+from qkvsearch.search.study.storage import open_storage, storage_url
 
 
 def check_port(host: str, port: int) -> None:
@@ -101,7 +101,7 @@ def serve(cfg: DictConfig) -> None:
         server.server_close()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="dashboard")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="dashboard")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv dashboard``."""
     run_command(serve, cfg)

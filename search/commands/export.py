@@ -34,11 +34,11 @@ from safetensors.torch import save_file
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
 from qkvsearch.models.describe import COLUMNS, layer_rows
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.artifacts import load_trained, trial_weights
-from qkvsearch.search.codegen import ExportError, generate_model_source
 from qkvsearch.search.configs import run_command
-from qkvsearch.search.selection import complete_trial, ranked
-from qkvsearch.search.storage import check_study_name, load_named_study
+from qkvsearch.search.export.codegen import ExportError, generate_model_source
+from qkvsearch.search.inspect.artifacts import load_trained, trial_weights
+from qkvsearch.search.inspect.selection import complete_trial, ranked
+from qkvsearch.search.study.storage import check_study_name, load_named_study
 
 State = optuna.trial.TrialState
 RULES = ("auto", "best", "smallest_within", "best_under")
@@ -249,8 +249,8 @@ net = model.load()            # builds the architecture, loads model.safetensors
 
 def retrain(cfg: DictConfig, chosen: Chosen) -> pathlib.Path:
     """Trains the chosen architecture longer with ``qkv train``; returns its weights."""
+    from qkvsearch.search.commands.train import train
     from qkvsearch.search.configs import compose_config
-    from qkvsearch.search.train import train
 
     # qkv train rebuilds the task from the config the study recorded
     overrides = [f"study_name={chosen.study.study_name}", f"trial={chosen.trial.number}",
@@ -336,7 +336,7 @@ def export_program(model: torch.nn.Module, arch: ArchConfig, folder: pathlib.Pat
     return f"model.pt2: torch.export program, outputs within {difference:.2g}"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv export``."""
     out = run_command(export, cfg)

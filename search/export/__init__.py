@@ -1,0 +1,1 @@
+"""Writing an architecture as standalone code."""

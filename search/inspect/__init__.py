@@ -1,0 +1,1 @@
+"""Reading a study back: artifacts, trial selection, the text summary."""

@@ -1,0 +1,1 @@
+"""One trial: the objective, the LightningModule, the training loop and its callbacks."""
