@@ -15,6 +15,7 @@ Without CUDA it says so and exits 0. Run: python benchmarks/gpu.py [--steps 30] 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -59,7 +60,7 @@ def trial_speed(steps: int, batch: int, compile_backend: str | None, peak: float
     lit = LitTransformer(arch, task.kind, max_steps=steps)
     settings = LoopSettings(max_steps=steps, val_check_interval=steps, limit_val_batches=1, gradient_clip_val=1.0,
                             log_every_n_steps=10, accelerator="gpu", devices=1, precision="bf16-mixed")
-    warm = fit(lit, task, LoopSettings(**{**settings.__dict__, "max_steps": 5, "val_check_interval": 5}), [],
+    warm = fit(lit, task, dataclasses.replace(settings, max_steps=5, val_check_interval=5), [],
                compile_backend=compile_backend)  # compilation and allocator warm-up
     result = fit(lit, task, settings, [], compile_backend=compile_backend)
     tokens_per_s = result.tokens / result.train_seconds

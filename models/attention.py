@@ -55,7 +55,7 @@ class CrossProjection(nn.Module):
         self.sizes = [n_kv_heads * d_k, n_kv_heads * d_v]
 
     def forward(self, x: torch.Tensor, source: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        k, v = self.kv(x if source is None else source).split(self.sizes, dim=-1)
+        k, v = self.kv(source).split(self.sizes, dim=-1)
         return _heads(self.q(x), self.n_heads, self.d_k), _heads(k, self.n_kv_heads, self.d_k), _heads(v, self.n_kv_heads, self.d_v)
 
 

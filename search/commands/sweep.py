@@ -5,32 +5,15 @@ time instead of the extra ones starting only after the first has imported everyt
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import hydra
 from omegaconf import DictConfig
 
 from qkvsearch.search.configs import run_command
-from qkvsearch.search.study.devices import VISIBLE, plan_workers
-from qkvsearch.search.study.group import SPAWNED_BY, WorkerGroup
-from qkvsearch.search.study.settings import check_sweep
+from qkvsearch.search.study.group import start_workers
 
 log = logging.getLogger(__name__)
-
-
-def start_workers(cfg: DictConfig) -> WorkerGroup | None:
-    """In the first process: resolves ``workers``/``gpus``, pins this process to its GPU,
-    checks the settings and starts the extra workers (each pinned to its own). Nothing in
-    an extra worker."""
-    if SPAWNED_BY in os.environ:
-        return None
-    plan = plan_workers(cfg)
-    cfg.workers = plan.workers
-    if plan.devices[0] is not None:  # before anything initialises CUDA in this process
-        os.environ[VISIBLE] = plan.devices[0]
-    check_sweep(cfg)
-    return WorkerGroup.start(cfg, plan.devices) if plan.workers > 1 else None
 
 
 def run(cfg: DictConfig) -> None:

@@ -123,9 +123,8 @@ def free_memory(device: str, limit_gb: float | None = None) -> int:
     else:
         with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/meminfo") as meminfo:
             free = int(next(line for line in meminfo if line.startswith("MemAvailable:")).split()[1]) * 1024
-    if limit_gb is not None:
-        free = min(free or int(limit_gb * 2**30), int(limit_gb * 2**30))
-    return free if free is not None else 2**62
+    known = [b for b in (free, None if limit_gb is None else int(limit_gb * 2**30)) if b is not None]
+    return min(known) if known else 2**62
 
 
 #: Dense bf16 tensor-core peaks in TFLOP/s, without sparsity, from NVIDIA's data sheets

@@ -137,3 +137,21 @@ class WorkerGroup:
         if self.failed:
             print(f"qkv: error: {len(self.failed)} of {len(self.procs) + 1} workers failed; see above", file=sys.stderr)
             raise SystemExit(1)
+
+
+def start_workers(cfg: Any) -> WorkerGroup | None:
+    """In the first process: resolves ``workers``/``gpus``, pins this process to its GPU,
+    checks the settings and starts the extra workers (each pinned to its own). Nothing in
+    an extra worker. (Imported here, not at the top: the CLI imports this module for every
+    command, and the settings' modules import torch.)"""
+    from qkvsearch.search.study.devices import VISIBLE, plan_workers
+    from qkvsearch.search.study.settings import check_sweep
+
+    if SPAWNED_BY in os.environ:
+        return None
+    plan = plan_workers(cfg)
+    cfg.workers = plan.workers
+    if plan.devices[0] is not None:  # before anything initialises CUDA in this process
+        os.environ[VISIBLE] = plan.devices[0]
+    check_sweep(cfg)
+    return WorkerGroup.start(cfg, plan.devices) if plan.workers > 1 else None

@@ -26,11 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.storages import BaseStorage
 
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.commands.sweep import start_workers
 from qkvsearch.search.errors import Interrupted
 from qkvsearch.search.inspect.artifacts import open_store, study_run_dir
 from qkvsearch.search.inspect.report_text import print_summary
-from qkvsearch.search.study.group import SPAWNED_BY, WorkerGroup
+from qkvsearch.search.study.devices import VISIBLE
+from qkvsearch.search.study.group import SPAWNED_BY, WorkerGroup, start_workers
 from qkvsearch.search.study.progress import SweepView, print_trial
 from qkvsearch.search.study.settings import LoopSettings, check_sweep, threads_per_worker
 from qkvsearch.search.study.storage import (
@@ -270,8 +270,8 @@ def run_trial(setup: Setup, trial: optuna.Trial) -> None:
     pruned, failed = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("worker_index", setup.index)
-    if "CUDA_VISIBLE_DEVICES" in os.environ:
-        trial.set_user_attr("cuda_visible_devices", os.environ["CUDA_VISIBLE_DEVICES"])
+    if VISIBLE in os.environ:
+        trial.set_user_attr("cuda_visible_devices", os.environ[VISIBLE])
     start = time.perf_counter()
     try:
         with heartbeat(setup.storage, trial):
@@ -342,8 +342,7 @@ def sweep(cfg: DictConfig, group: WorkerGroup | None = None, started: bool = Fal
         if not started:
             group = start_workers(cfg)
         torch.set_num_threads(threads_per_worker(cfg))
-        check_sweep(cfg)
-        setup = prepare(cfg)
+        setup = prepare(cfg)  # checks the settings (an extra worker's too) before it builds
         main = not spawned and setup.index == 0
         if not spawned:
             print(f"study {cfg.study_name!r} in {storage_url(cfg.storage)}; trials under {setup.run_dir}", flush=True)

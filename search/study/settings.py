@@ -37,7 +37,6 @@ def check_objectives(objectives: list[str]) -> list[str]:
     return [OBJECTIVES[name] for name in objectives]
 
 
-
 @dataclasses.dataclass(frozen=True)
 class LoopSettings:
     """The ``trainer`` config group, as a trial's loop reads it (Trainer argument names)."""

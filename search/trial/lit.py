@@ -44,6 +44,11 @@ STEPS: dict[str, Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tens
 }
 
 
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The input tokens a batch trains on (source and target sides of seq2seq both count)."""
+    return sum(v.numel() for k, v in batch.items() if k in ("tokens", "src", "tgt_in"))
+
+
 def model_inputs(kind: str, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """A model's forward arguments for a task batch, padding masks included."""
     if kind == "seq2seq":
@@ -103,7 +108,8 @@ class LitTransformer(L.LightningModule):
 
     @property
     def runner(self) -> nn.Module:
-        return self.__dict__.get("_runner") or self.model
+        runner = self.__dict__.get("_runner")
+        return self.model if runner is None else runner
 
     def logits_and_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat ``[n, outputs]`` logits (float32) and ``[n]`` targets of a batch."""
@@ -122,7 +128,7 @@ class LitTransformer(L.LightningModule):
         loss = self.loss(batch)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"training loss became {loss.item()} at step {self.global_step}")
-        self.tokens_seen += sum(v.numel() for k, v in batch.items() if k in ("tokens", "src", "tgt_in"))
+        self.tokens_seen += batch_tokens(batch)
         trainer = self._trainer
         # logging costs a little every step: log only when a logger or a progress bar reads it
         if trainer is None or trainer.progress_bar_callback is not None or self.global_step % trainer.log_every_n_steps == 0:

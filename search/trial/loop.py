@@ -27,12 +27,11 @@ from typing import Any
 import torch
 
 from qkvsearch.search.study.settings import LoopSettings
-from qkvsearch.search.trial.lit import LitTransformer, NonFiniteLoss
+from qkvsearch.search.trial.lit import LitTransformer, NonFiniteLoss, batch_tokens
 
 
 @dataclasses.dataclass
 class FitResult:
-    steps: int
     tokens: int
     #: the last validation's metrics
     metrics: dict[str, float]
@@ -64,10 +63,6 @@ def _forever(loader: Any) -> Iterator[dict[str, torch.Tensor]]:
         yield from loader
 
 
-def _tokens(batch: dict[str, torch.Tensor]) -> int:
-    return sum(v.numel() for k, v in batch.items() if k in ("tokens", "src", "tgt_in"))
-
-
 def validate(lit: LitTransformer, batches: Any, fabric: Any = None) -> dict[str, float]:
     """``val_loss`` (mean over scored targets) and ``val_acc`` over ``batches`` (moved to the
     device by ``fabric`` when given)."""
@@ -83,13 +78,18 @@ def validate(lit: LitTransformer, batches: Any, fabric: Any = None) -> dict[str,
     return {"val_loss": float(loss_sum / max(n, 1)), "val_acc": correct / max(n, 1)}
 
 
+def _why(error: BaseException) -> str:
+    """An error's type and first line, for a trial attribute."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"[:500]
+
+
 def compile_model(lit: LitTransformer, backend: str) -> str | None:
     """Runs ``lit``'s forward passes through ``torch.compile``; returns why not when that fails."""
     try:
         lit.set_runner(torch.compile(lit.model, backend=backend))
     except Exception as error:  # noqa: BLE001 - any failure of the compiler leaves the eager model
         lit.set_runner(None)
-        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
+        return _why(error)
     return None
 
 
@@ -137,9 +137,9 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
                 loss = model.loss(batch)
                 fabric.backward(loss)
             except Exception as error:
-                if step > 1 or lit.__dict__.get("_runner") is None or not _is_compile_error(error):
+                if step > 1 or lit.runner is lit.model or not _is_compile_error(error):
                     raise
-                fallback = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
+                fallback = _why(error)
                 lit.set_runner(None)  # the first step again, eagerly
                 optimizer.zero_grad(set_to_none=True)
                 loss = model.loss(batch)
@@ -149,8 +149,7 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens += _tokens(batch)
-            lit.tokens_seen = tokens
+            tokens += batch_tokens(batch)
             nonfinite |= ~torch.isfinite(loss.detach())
             validating = step % settings.val_check_interval == 0
             if step % log_every == 0 or validating or step == settings.max_steps:
@@ -168,14 +167,15 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
                 fabric.log_dict(metrics, step=step)
                 fabric.call("on_validation", step=step, metrics=metrics, module=lit)
     finally:
+        lit.tokens_seen = tokens  # read for a pruned or failed trial too
         for logger in fabric.loggers:
             logger.finalize("success")
     if cuda:
         torch.cuda.synchronize(fabric.device)
     return FitResult(
-        steps=settings.max_steps, tokens=tokens, metrics=metrics, device=str(fabric.device),
+        tokens=tokens, metrics=metrics, device=str(fabric.device),
         device_name=torch.cuda.get_device_name(fabric.device) if cuda else platform.processor() or platform.machine(),
         train_seconds=time.perf_counter() - start - in_validation,
         peak_memory_bytes=torch.cuda.max_memory_allocated(fabric.device) if cuda else None,
-        compiled=lit.__dict__.get("_runner") is not None, compile_fallback=fallback,
+        compiled=lit.runner is not lit.model, compile_fallback=fallback,
     )

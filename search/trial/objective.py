@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
 from qkvsearch.search.inspect.artifacts import attach_architecture, attach_attention, trial_dir, would_be_best
 from qkvsearch.search.study.devices import estimate_memory, free_memory, model_flops_utilisation, peak_tflops
-from qkvsearch.search.study.settings import OBJECTIVES, LoopSettings, check_objectives  # noqa: F401 - re-exported
+from qkvsearch.search.study.settings import LoopSettings
 from qkvsearch.search.study.workers import wait_for_twin
 from qkvsearch.search.trial.callbacks import BestWeights, OptunaPruning
 from qkvsearch.search.trial.lit import LitTransformer, check_compatible, model_inputs
@@ -73,7 +73,7 @@ class Objective:
         space: gives ``suggest(trial) -> ArchConfig``.
         task: the task's LightningDataModule.
         run_dir: the study's run folder (trials are kept under ``trials/``).
-        objectives: names from :data:`OBJECTIVES`; the first is trained and pruned on.
+        objectives: names from :data:`qkvsearch.search.study.settings.OBJECTIVES`; the first is trained and pruned on.
         settings: the trial loop's settings (the ``trainer`` config group).
         optim: ``LitTransformer`` optimiser settings.
         prune: report to the pruner (single-objective studies only).

@@ -56,7 +56,8 @@ def test_grouped_and_multi_query_attention_paths_agree(n_kv_heads, masks):
     config = attention_config(masks=masks, n_heads=4, n_kv_heads=n_kv_heads, d_k=6, d_v=3)
     model = _model(config)
     attention = model.stack.layers[0].self_attention
-    assert attention.project.qkv.out_features == 4 * 6 + n_kv_heads * 6 + n_kv_heads * 3
+    assert attention.project.sizes == [4 * 6, n_kv_heads * 6, n_kv_heads * 3]  # q, k, v
+    assert attention.project.qkv.out_features == sum(attention.project.sizes)
     tokens, _ = _tokens()
     fused = model(tokens)
     with capture_attention(model) as weights:

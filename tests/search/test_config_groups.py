@@ -13,9 +13,9 @@ from hydra.utils import instantiate
 
 from qkvsearch.search.commands.train import train
 from qkvsearch.search.study.run import build_sampler, build_space, build_task, sweep
+from qkvsearch.search.study.settings import check_objectives
 from qkvsearch.search.study.storage import StorageError, open_storage
 from qkvsearch.search.trial.lit import check_compatible
-from qkvsearch.search.trial.objective import check_objectives
 from tests.conftest import CONF, compose_conf, tiny_sweep_conf
 
 
