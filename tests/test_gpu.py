@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qkvsearch.models import build_model, set_attention_path
+from qkvsearch.models import ArchConfig, build_model, set_attention_path
 from tests.models.helpers import all_combinations, attention_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -19,6 +19,23 @@ def test_fused_and_reference_paths_agree_on_cuda(scaling, masks, positions):
     fused = model(tokens, padding_mask)
     set_attention_path(model, "reference")
     torch.testing.assert_close(fused, model(tokens, padding_mask), rtol=1e-4, atol=1e-4)
+
+
+def test_a_gpu_trial_trains_and_validates_in_bf16(tmp_path):
+    from qkvsearch.search.study.settings import LoopSettings
+    from qkvsearch.search.trial.lit import LitTransformer
+    from qkvsearch.search.trial.loop import fit
+    from tests.search.test_loop import ARCH, _task
+
+    task = _task(tmp_path)
+    lit = LitTransformer(ArchConfig.from_dict(ARCH), task.kind, max_steps=4)
+    dtypes = set()
+    projection = next(m for m in lit.model.modules() if isinstance(m, torch.nn.Linear))
+    projection.register_forward_hook(lambda module, args, out: dtypes.add((module.training, out.dtype)))
+    result = fit(lit, task, LoopSettings(max_steps=4, val_check_interval=2, limit_val_batches=1, accelerator="gpu",
+                                         devices=1, precision="bf16-mixed"), [])
+    assert result.device.startswith("cuda")
+    assert dtypes == {(True, torch.bfloat16), (False, torch.bfloat16)}
 
 
 @pytest.mark.slow

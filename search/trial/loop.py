@@ -63,14 +63,14 @@ def _forever(loader: Any) -> Iterator[dict[str, torch.Tensor]]:
         yield from loader
 
 
-def validate(lit: LitTransformer, batches: Any, fabric: Any = None) -> dict[str, float]:
-    """``val_loss`` (mean over scored targets) and ``val_acc`` over ``batches`` (moved to the
-    device by ``fabric`` when given)."""
+def validate(lit: LitTransformer, batches: Any, fabric: Any, move: bool) -> dict[str, float]:
+    """``val_loss`` (mean over scored targets) and ``val_acc`` over ``batches``, in
+    ``fabric``'s precision (batches moved to its device when ``move``)."""
     lit.eval()
     loss_sum, correct, n = torch.zeros((), dtype=torch.float64), 0, 0
-    with torch.inference_mode():
+    with torch.inference_mode(), fabric.autocast():
         for batch in batches:
-            batch_loss, batch_correct, batch_n = lit.val_sums(fabric.to_device(batch) if fabric else batch)
+            batch_loss, batch_correct, batch_n = lit.val_sums(fabric.to_device(batch) if move else batch)
             loss_sum += batch_loss.double().cpu() * batch_n
             correct += int(batch_correct)
             n += batch_n
@@ -114,7 +114,9 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
     optimizers = lit.configure_optimizers()
     scheduler = optimizers["lr_scheduler"]["scheduler"]
     model, optimizer = fabric.setup(lit, optimizers["optimizer"])
-    model.mark_forward_method("loss")  # through the precision plugin's autocast (and DDP's hooks)
+    # through DDP's hooks where a strategy wraps the model; the precision plugin's autocast is
+    # entered around each call below, since Fabric enters it only in a wrapped forward
+    model.mark_forward_method("loss")
     val_loader = task.val_dataloader()
     limit = settings.limit_val_batches
     n_val = limit if isinstance(limit, int) else max(1, int(limit * len(val_loader)))
@@ -134,7 +136,8 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
         for step in range(1, settings.max_steps + 1):
             batch = fabric.to_device(next(batches)) if move else next(batches)
             try:
-                loss = model.loss(batch)
+                with fabric.autocast():
+                    loss = model.loss(batch)
                 fabric.backward(loss)
             except Exception as error:
                 if step > 1 or lit.runner is lit.model or not _is_compile_error(error):
@@ -142,7 +145,8 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
                 fallback = _why(error)
                 lit.set_runner(None)  # the first step again, eagerly
                 optimizer.zero_grad(set_to_none=True)
-                loss = model.loss(batch)
+                with fabric.autocast():
+                    loss = model.loss(batch)
                 fabric.backward(loss)
             if clip is not None:
                 fabric.clip_gradients(model, optimizer, max_norm=clip, error_if_nonfinite=False)
@@ -162,7 +166,7 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
             fabric.call("on_train_step", step=step, max_steps=settings.max_steps, loss=loss.detach())
             if validating:
                 began = time.perf_counter()
-                metrics = validate(lit, itertools.islice(val_loader, n_val), fabric if move else None)
+                metrics = validate(lit, itertools.islice(val_loader, n_val), fabric, move)
                 in_validation += time.perf_counter() - began
                 fabric.log_dict(metrics, step=step)
                 fabric.call("on_validation", step=step, metrics=metrics, module=lit)

@@ -59,6 +59,27 @@ def test_the_trial_loop_follows_the_trainers_curve_and_weights(tmp_path):
     assert [int(r["step"]) for r in rows if r.get("train_loss")] == [5, 10, 15, 20, 25, 30]
 
 
+def test_mixed_precision_runs_the_trial_loops_matmuls_in_bf16_as_the_trainer_does(tmp_path):
+    # Fabric enters autocast only inside a wrapped model's forward, and `model.loss` on one
+    # device is not one: the loop must enter it itself, in training and in validation.
+    quiet_lightning()
+    settings = {**SETTINGS, "precision": "bf16-mixed", "max_steps": 4, "val_check_interval": 2, "limit_val_batches": 1}
+    seen = {}
+    for name in ("fabric", "trainer"):
+        task = _task(tmp_path)
+        lit = LitTransformer(ArchConfig.from_dict(ARCH), task.kind, max_steps=settings["max_steps"])
+        dtypes = seen[name] = set()
+        projection = next(m for m in lit.model.modules() if isinstance(m, torch.nn.Linear))
+        projection.register_forward_hook(lambda module, args, out, dtypes=dtypes: dtypes.add((module.training, out.dtype)))
+        if name == "fabric":
+            fit(lit, task, LoopSettings(**settings), [])
+        else:
+            L.Trainer(**settings, max_epochs=-1, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                      enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                      logger=False).fit(lit, datamodule=task)
+    assert seen["fabric"] == seen["trainer"] == {(True, torch.bfloat16), (False, torch.bfloat16)}
+
+
 def test_the_pruner_stops_the_loop_at_the_validation_it_prunes(tmp_path):
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))  # any loss is too high
     trial = study.ask()
