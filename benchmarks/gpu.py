@@ -69,6 +69,32 @@ def trial_speed(steps: int, batch: int, compile_backend: str | None, peak: float
     return tokens_per_s, mfu, f"{result.device_name}, {note}, peak {result.peak_memory_bytes / 2**30:.1f} GiB"
 
 
+def profile_trial(steps: int, batch: int) -> None:
+    """Where an eager GPT-2-small trial step's time goes: the top kernels and CPU calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qkvsearch.models import ArchConfig
+    from qkvsearch.search.study.settings import LoopSettings
+    from qkvsearch.search.trial.lit import LitTransformer
+    from qkvsearch.search.trial.loop import fit
+
+    arch = ArchConfig.from_dict({
+        "kind": "decoder", "vocab_size": 50304, "max_seq_len": 1024, "d_model": 768, "positions": "learned",
+        "norm": "layernorm", "tie_embeddings": True,
+        "decoder": {"n_layers": 12, "attention": {"n_heads": 12, "masks": ["causal"]}, "ffn": {"name": "gelu"}},
+    })
+    task = RandomTokens(arch.vocab_size, 1024, batch)
+    lit = LitTransformer(arch, task.kind, max_steps=steps)
+    settings = LoopSettings(max_steps=steps, val_check_interval=steps, limit_val_batches=1, gradient_clip_val=1.0,
+                            log_every_n_steps=10, accelerator="gpu", devices=1, precision="bf16-mixed")
+    fit(lit, task, dataclasses.replace(settings, max_steps=3, val_check_interval=3), [])
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fit(lit, task, settings, [])
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
 def attention_paths(repeats: int) -> None:
     from qkvsearch.models import ArchConfig, build_model, set_attention_path
 
@@ -102,6 +128,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="only profile an eager trial's steps")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
@@ -110,6 +137,9 @@ def main() -> None:
 
     quiet_lightning()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    if args.profile:
+        profile_trial(args.steps, args.batch)
+        return
     for backend in (None, "inductor"):
         tokens_per_s, mfu, note = trial_speed(args.steps, args.batch, backend, args.peak_tflops)
         share = f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU unknown (give --peak-tflops)"

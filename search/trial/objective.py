@@ -201,7 +201,7 @@ def record_speed(trial: optuna.Trial, result: FitResult, peak_override: float | 
     mfu = model_flops_utilisation(trial.user_attrs["flops_per_token"], tokens_per_s,
                                   peak_tflops(result.device_name, peak_override))
     if mfu is not None:
-        trial.set_user_attr("mfu", round(mfu, 4))
+        trial.set_user_attr("mfu", float(f"{mfu:.3g}"))  # 3 significant digits: a tiny model's share is tiny, not 0
     if result.peak_memory_bytes is not None:
         trial.set_user_attr("peak_memory_mb", round(result.peak_memory_bytes / 2**20, 1))
     trial.set_user_attr("compiled", result.compiled)
