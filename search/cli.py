@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 
+from qkvsearch.search import signals
 from qkvsearch.search.errors import Interrupted
 
 COMMANDS = {
@@ -33,10 +34,6 @@ def usage() -> str:
     return USAGE.format(commands="\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()))
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
-
-
 def config_error(error: Exception) -> str | None:
     """The one-line message for a config file or override Hydra could not read: YAML that
     does not parse or carries a tag (``!!python/...``: config files are data, never objects),
@@ -61,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     """Dispatches ``qkv COMMAND ...`` to the command's Hydra app."""
     # Ctrl-C (even where a parent shell ignored SIGINT) and a scheduler's SIGTERM stop a
     # command the same way: a sweep records its running trial as failed and can resume.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signals.on_signal)
+    signal.signal(signal.SIGTERM, signals.on_signal)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

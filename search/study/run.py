@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.storages import BaseStorage
 
 from qkvsearch.models.errors import QkvError
+from qkvsearch.search import signals
 from qkvsearch.search.errors import Interrupted
 from qkvsearch.search.inspect.artifacts import open_store, study_run_dir
 from qkvsearch.search.inspect.report_text import print_summary
@@ -339,16 +340,18 @@ def sweep(cfg: DictConfig, group: WorkerGroup | None = None, started: bool = Fal
     quiet_lightning()
     spawned = SPAWNED_BY in os.environ
     try:
-        if not started:
-            group = start_workers(cfg)
-        torch.set_num_threads(threads_per_worker(cfg))
-        setup = prepare(cfg)  # checks the settings (an extra worker's too) before it builds
-        main = not spawned and setup.index == 0
-        if not spawned:
-            print(f"study {cfg.study_name!r} in {storage_url(cfg.storage)}; trials under {setup.run_dir}", flush=True)
-            if group:
-                print(f"{len(group.procs)} more workers, logs in {group.log_dir}", flush=True)
-        run_worker(setup, live=main and sys.stdout.isatty())
+        # a signal stops the sweep between steps and between storage writes, never inside one
+        with signals.deferred():
+            if not started:
+                group = start_workers(cfg)
+            torch.set_num_threads(threads_per_worker(cfg))
+            setup = prepare(cfg)  # checks the settings (an extra worker's too) before it builds
+            main = not spawned and setup.index == 0
+            if not spawned:
+                print(f"study {cfg.study_name!r} in {storage_url(cfg.storage)}; trials under {setup.run_dir}", flush=True)
+                if group:
+                    print(f"{len(group.procs)} more workers, logs in {group.log_dir}", flush=True)
+            run_worker(setup, live=main and sys.stdout.isatty())
     except (Interrupted, KeyboardInterrupt):
         if group:
             group.interrupt()

@@ -17,7 +17,6 @@ import contextlib
 import copy
 import signal
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -26,6 +25,7 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from qkvsearch.search import signals
 from qkvsearch.search.study.storage import HEARTBEAT_ATTR, slot_lock
 
 #: User attribute of a retry: the number of the lost trial it runs again.
@@ -103,6 +103,7 @@ def next_trial(study: optuna.Study, storage: BaseStorage, storage_cfg: Any, n_tr
     them may fail and be queued again), looking again as :func:`backoff` says."""
     waits = backoff(poll_s)
     while True:
+        signals.check()  # a Ctrl-C between trials stops here, before the study is written to
         with slot_lock(storage_cfg, study.study_name):
             optuna.storages.fail_stale_trials(study)  # under the lock: each lost trial is retried once
             trials = study.get_trials(deepcopy=False)
@@ -112,7 +113,7 @@ def next_trial(study: optuna.Study, storage: BaseStorage, storage_cfg: Any, n_tr
                 return trial
             if not any(t.state == TrialState.RUNNING for t in trials):
                 return None
-        time.sleep(next(waits))
+        signals.pause(next(waits))
 
 
 @contextlib.contextmanager
@@ -168,4 +169,4 @@ def wait_for_twin(study: optuna.Study, trial: optuna.Trial, fingerprint: str, po
         if twin is None:  # recorded once (an earlier check read 'waited_for: 0' as unset and wrote it every poll)
             trial.set_user_attr("waited_for", running[0].number)
         twin = running[0].number
-        time.sleep(next(waits))
+        signals.pause(next(waits))

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from qkvsearch.search import signals
 from qkvsearch.search.study.settings import LoopSettings
 from qkvsearch.search.trial.lit import LitTransformer, NonFiniteLoss, batch_tokens
 
@@ -70,6 +71,7 @@ def validate(lit: LitTransformer, batches: Any, fabric: Any, move: bool) -> dict
     loss_sum, correct, n = torch.zeros((), dtype=torch.float64), 0, 0
     with torch.inference_mode(), fabric.autocast():
         for batch in batches:
+            signals.check()
             batch_loss, batch_correct, batch_n = lit.val_sums(fabric.to_device(batch) if move else batch)
             loss_sum += batch_loss.double().cpu() * batch_n
             correct += int(batch_correct)
@@ -164,6 +166,7 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
                 if step % log_every == 0:
                     fabric.log("train_loss", value, step=step)
             fabric.call("on_train_step", step=step, max_steps=settings.max_steps, loss=loss.detach())
+            signals.check()  # a Ctrl-C in a sweep stops the trial here, between steps
             if validating:
                 began = time.perf_counter()
                 metrics = validate(lit, itertools.islice(val_loader, n_val), fabric, move)

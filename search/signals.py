@@ -1,0 +1,64 @@
+"""Ctrl-C and a scheduler's SIGTERM: where they may stop a command.
+
+The CLI's handler raises :class:`Interrupted` at once, wherever the main thread is. That is
+right for a server or a Trainer, but a sweep writes to its study's storage all the time, and
+an exception raised in the middle of a SQLite commit leaves the database's write lock held:
+the other workers' heartbeats then find the database locked and cannot record their own
+interrupted trials. Inside :func:`deferred`, a first signal is only noted, and
+:func:`check` raises it where stopping is safe: between training steps, between validation
+batches, in the waits between trials (:func:`pause`). A second signal raises at once, for
+a user who does not want to wait for the step in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from qkvsearch.search.errors import Interrupted
+
+
+class _State:
+    deferring = False
+    pending: int | None = None
+
+
+def on_signal(signum: int, frame: object) -> None:
+    """The CLI's handler of SIGINT and SIGTERM."""
+    if _State.deferring and _State.pending is None:
+        _State.pending = signum
+        return
+    _State.pending = None  # raised now: the noted one with it
+    raise Interrupted(signum)
+
+
+def check() -> None:
+    """Raises the signal noted since :func:`deferred` began (or since the last raise), if any."""
+    if _State.pending is not None:
+        signum, _State.pending = _State.pending, None
+        raise Interrupted(signum)
+
+
+def pause(seconds: float, slice_s: float = 0.1) -> None:
+    """``time.sleep(seconds)`` that a noted signal ends within ``slice_s``."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        check()
+        time.sleep(min(slice_s, left))
+    check()
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Within, a first signal waits for the next :func:`check`; one noted after the last
+    check is raised on the way out."""
+    if _State.deferring:  # nested: the outer one decides
+        yield
+        return
+    _State.deferring, _State.pending = True, None
+    try:
+        yield
+        check()
+    finally:
+        _State.deferring, _State.pending = False, None
