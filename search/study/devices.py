@@ -59,9 +59,20 @@ def plan_workers(cfg: Any) -> WorkerPlan:
         raise QkvError(f"workers must be an integer >= 1 or 'auto', got {workers!r}")
     on_cpu = cfg.trainer.get("accelerator") == "cpu"
     chosen = [str(g) for g in gpus] if gpus is not None else ([] if on_cpu else visible_gpus())
+    per_trial = cfg.trainer.get("devices", 1)
+    per_trial = per_trial if isinstance(per_trial, int) and not isinstance(per_trial, bool) else 1
     if not chosen:
-        count = max(1, (os.cpu_count() or 1) // 2) if workers == "auto" else workers
+        count = max(1, (os.cpu_count() or 1) // (2 * per_trial)) if workers == "auto" else workers
         return WorkerPlan(count, [None] * count)
+    if per_trial > 1:  # a multi-device trial: each worker owns trainer.devices GPUs of its own
+        if per_gpu > 1:
+            raise QkvError(f"trials_per_gpu={per_gpu} packs single-GPU trials; with trainer.devices={per_trial} keep it 1")
+        slots = len(chosen) // per_trial
+        count = max(slots, 1) if workers == "auto" else workers
+        if count > slots:
+            raise QkvError(f"workers={workers} with trainer.devices={per_trial} needs {count * per_trial} GPUs; "
+                           f"gpus={chosen} has {len(chosen)} (lower workers or trainer.devices, or add gpus)")
+        return WorkerPlan(count, [",".join(chosen[i * per_trial:(i + 1) * per_trial]) for i in range(count)])
     slots = len(chosen) * per_gpu
     count = slots if workers == "auto" else workers
     if count > slots:

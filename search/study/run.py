@@ -245,6 +245,7 @@ def prepare(cfg: DictConfig) -> Setup:
         seed=cfg.seed, poll_s=float(cfg.storage.heartbeat_s), reap=functools.partial(reap_stale, study, cfg.storage),
         callbacks=lambda trial: [view.callback(trial.number)], memory_limit_gb=cfg.memory_limit_gb,
         peak_tflops=cfg.peak_tflops, compile_backend=cfg.compile_backend if cfg.compile else None,
+        task_data=OmegaConf.to_container(cfg.task.data, resolve=True),
     )
     return Setup(cfg, task, space, study, storage, retry, objective, run_dir, index, view)
 

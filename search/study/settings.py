@@ -51,6 +51,11 @@ class LoopSettings:
     precision: str | int = "32-true"
     strategy: str = "auto"
 
+    @property
+    def world_size(self) -> int:
+        """Processes that train one trial together (``devices``)."""
+        return self.devices if isinstance(self.devices, int) else 1
+
     @classmethod
     def from_config(cls, trainer: dict[str, Any]) -> LoopSettings:
         """Reads the ``trainer`` group; raises QkvError naming every unknown or bad field."""
@@ -76,8 +81,12 @@ class LoopSettings:
         clip = self.gradient_clip_val
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or clip <= 0):
             found.append(f"trainer.gradient_clip_val must be null or a number > 0, got {clip!r}")
+        devices = self.devices
+        if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+            found.append(f"trainer.devices must be an integer >= 1 in a sweep trial (each trial's processes), got {devices!r}")
+        elif devices > 1 and self.strategy not in ("ddp", "auto"):
+            found.append(f"trainer.strategy must be ddp (or auto) for a trial on devices={devices}, got {self.strategy!r}")
         return found
-
 
 
 def threads_per_worker(cfg: DictConfig) -> int:

@@ -24,8 +24,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import optuna
 import torch
 
+from qkvsearch.models.errors import QkvError
 from qkvsearch.search import signals
 from qkvsearch.search.study.settings import LoopSettings
 from qkvsearch.search.trial.lit import LitTransformer, NonFiniteLoss, batch_tokens
@@ -46,15 +48,28 @@ class FitResult:
     #: whether the model ran through torch.compile, and why not where it was asked to
     compiled: bool = False
     compile_fallback: str | None = None
+    #: processes that trained together (``tokens`` counts all of theirs)
+    world_size: int = 1
 
 
 def make_fabric(settings: LoopSettings, folder: pathlib.Path | None, callbacks: list[Any]) -> Any:
     from lightning.fabric import Fabric
     from lightning.fabric.loggers import CSVLogger
+    from lightning.fabric.strategies import DDPStrategy
 
     loggers = [CSVLogger(str(folder), name="", version="logs")] if folder is not None else []
-    return Fabric(accelerator=settings.accelerator, devices=settings.devices, precision=settings.precision,
-                  strategy=settings.strategy, callbacks=callbacks, loggers=loggers)
+    strategy: Any = settings.strategy
+    if settings.world_size > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # Fabric would start copies of this whole command
+            raise QkvError("a multi-device trial runs in the process group of search/trial/ranks.py's helper_ranks")
+        strategy = DDPStrategy(process_group_backend=dist.get_backend())
+    fabric = Fabric(accelerator=settings.accelerator, devices=settings.devices, precision=settings.precision,
+                    strategy=strategy, callbacks=callbacks, loggers=loggers)
+    if settings.world_size > 1:
+        fabric.launch()  # joins the process group the helper ranks join
+    return fabric
 
 
 def _forever(loader: Any) -> Iterator[dict[str, torch.Tensor]]:
@@ -125,6 +140,9 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
     clip, log_every = settings.gradient_clip_val, settings.log_every_n_steps
     move = fabric.device.type != "cpu"  # batches are made on the CPU: nothing to move there
     batches = _forever(task.train_dataloader())
+    world = fabric.world_size
+    if world > 1:  # every rank draws the same order (same seed): each trains on every world-th batch
+        batches = itertools.islice(batches, fabric.global_rank, None, world)
     tokens, metrics = 0, {}
     # whether any loss so far was NaN or infinite, kept on the device: reading it waits for
     # the device, so it is read only where the loop reads anyway (logging, validation)
@@ -160,6 +178,8 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
             validating = step % settings.val_check_interval == 0
             if step % log_every == 0 or validating or step == settings.max_steps:
                 value = float(loss.detach())
+                if world > 1:  # one rank's NaN stops them all, at the same step
+                    nonfinite = fabric.all_reduce(nonfinite.float(), reduce_op="sum") > 0
                 if nonfinite:
                     raise NonFiniteLoss(f"training loss became {value if not math.isfinite(value) else 'non-finite'} "
                                         f"by step {step} (checked every {log_every} steps and at validations)")
@@ -172,17 +192,25 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
                 metrics = validate(lit, itertools.islice(val_loader, n_val), fabric, move)
                 in_validation += time.perf_counter() - began
                 fabric.log_dict(metrics, step=step)
-                fabric.call("on_validation", step=step, metrics=metrics, module=lit)
+                pruned = None
+                try:
+                    fabric.call("on_validation", step=step, metrics=metrics, module=lit)
+                except optuna.TrialPruned as error:
+                    if world == 1:
+                        raise
+                    pruned = str(error)
+                if world > 1 and (pruned := fabric.broadcast(pruned, src=0)) is not None:
+                    raise optuna.TrialPruned(pruned)  # rank 0's decision, on every rank
     finally:
-        lit.tokens_seen = tokens  # read for a pruned or failed trial too
+        lit.tokens_seen = tokens * world  # read for a pruned or failed trial too
         for logger in fabric.loggers:
             logger.finalize("success")
     if cuda:
         torch.cuda.synchronize(fabric.device)
     return FitResult(
-        tokens=tokens, metrics=metrics, device=str(fabric.device),
+        tokens=tokens * world, metrics=metrics, device=str(fabric.device),  # every rank trained as many tokens
         device_name=torch.cuda.get_device_name(fabric.device) if cuda else platform.processor() or platform.machine(),
         train_seconds=time.perf_counter() - start - in_validation,
         peak_memory_bytes=torch.cuda.max_memory_allocated(fabric.device) if cuda else None,
-        compiled=lit.runner is not lit.model, compile_fallback=fallback,
+        compiled=lit.runner is not lit.model, compile_fallback=fallback, world_size=world,
     )

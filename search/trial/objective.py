@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import pathlib
 import statistics
@@ -17,6 +19,7 @@ import yaml
 from safetensors.torch import save_file
 
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
+from qkvsearch.models.errors import QkvError
 from qkvsearch.search.inspect.artifacts import attach_architecture, attach_attention, trial_dir, would_be_best
 from qkvsearch.search.study.devices import estimate_memory, free_memory, model_flops_utilisation, peak_tflops
 from qkvsearch.search.study.settings import LoopSettings
@@ -24,6 +27,7 @@ from qkvsearch.search.study.workers import wait_for_twin
 from qkvsearch.search.trial.callbacks import BestWeights, OptunaPruning
 from qkvsearch.search.trial.lit import LitTransformer, check_compatible, model_inputs
 from qkvsearch.search.trial.loop import FitResult, fit
+from qkvsearch.search.trial.ranks import helper_ranks
 from qkvsearch.spaces import Infeasible
 
 
@@ -88,6 +92,8 @@ class Objective:
         memory_limit_gb: the most memory a trial may plan to use (null: what the device has free).
         peak_tflops: the device's peak for model FLOP utilisation (null: the known devices' table).
         compile_backend: run each trial's model through ``torch.compile`` with this backend (None: eager).
+        task_data: the task's ``task.data`` config, from which the helper ranks of a
+            multi-device trial build the same task (``search/trial/ranks.py``).
     """
 
     def __init__(self, *, space: Any, task: Any, run_dir: pathlib.Path, objectives: list[str],
@@ -95,7 +101,7 @@ class Objective:
                  callbacks: Callable[[optuna.Trial], list[Any]] | None = None, store: Any = None, seed: int = 0,
                  poll_s: float = 5.0, reap: Callable[[], None] = lambda: None,
                  memory_limit_gb: float | None = None, peak_tflops: float | None = None,
-                 compile_backend: str | None = None) -> None:
+                 compile_backend: str | None = None, task_data: dict[str, Any] | None = None) -> None:
         self.space, self.task, self.run_dir = space, task, run_dir
         self.objectives, self.settings, self.optim = objectives, settings, optim
         self.prune = prune
@@ -104,6 +110,7 @@ class Objective:
         self.monitor = objectives[0]
         self.memory_limit_gb, self.peak_tflops = memory_limit_gb, peak_tflops
         self.compile_backend = compile_backend
+        self.task_data = task_data
 
     def sample(self, trial: optuna.Trial) -> ArchConfig:
         """Samples and checks an architecture; records its counts. Raises Infeasible."""
@@ -177,6 +184,16 @@ class Objective:
     def _fit(self, trial: optuna.Trial, arch: ArchConfig, folder: pathlib.Path) -> tuple[LitTransformer, BestWeights, FitResult]:
         """Trains with the trial loop (Lightning Fabric); the pruning callback may raise TrialPruned."""
         optim = {**self.optim, "max_steps": self.settings.max_steps}
+        world = self.settings.world_size
+        ranks = contextlib.nullcontext()
+        if world > 1:
+            if self.task_data is None:
+                raise QkvError("a multi-device trial needs the task's config (Objective task_data) to start its other ranks")
+            trial.set_user_attr("ranks", world)
+            spec = {"task_data": self.task_data, "arch": arch.to_dict(), "seed": self.seed + trial.number, "optim": optim,
+                    "settings": dataclasses.asdict(self.settings), "compile_backend": self.compile_backend,
+                    "threads": torch.get_num_threads()}
+            ranks = helper_ranks(world, spec, folder / "ranks")
         L.seed_everything(self.seed + trial.number, verbose=False)
         lit = LitTransformer(arch, self.task.kind, **optim)
         best = BestWeights(self.monitor, sign=-1.0 if self.monitor == "val_acc" else 1.0)
@@ -184,7 +201,8 @@ class Objective:
         if self.prune:
             callbacks.append(OptunaPruning(trial, self.monitor))
         try:
-            result = fit(lit, self.task, self.settings, callbacks, folder, self.compile_backend)
+            with ranks:
+                result = fit(lit, self.task, self.settings, callbacks, folder, self.compile_backend)
         finally:  # a pruned trial's compute counts too
             trial.set_user_attr("train_tokens", lit.tokens_seen)
         record_speed(trial, result, self.peak_tflops)
@@ -198,7 +216,7 @@ def record_speed(trial: optuna.Trial, result: FitResult, peak_override: float | 
     trial.set_user_attr("device", result.device)
     trial.set_user_attr("device_name", result.device_name)
     trial.set_user_attr("train_tokens_per_s", round(tokens_per_s, 1))
-    mfu = model_flops_utilisation(trial.user_attrs["flops_per_token"], tokens_per_s,
+    mfu = model_flops_utilisation(trial.user_attrs["flops_per_token"], tokens_per_s / result.world_size,  # per device
                                   peak_tflops(result.device_name, peak_override))
     if mfu is not None:
         trial.set_user_attr("mfu", float(f"{mfu:.3g}"))  # 3 significant digits: a tiny model's share is tiny, not 0

@@ -32,7 +32,17 @@ def test_auto_on_gpus_is_one_worker_per_visible_gpu_or_k_per_gpu(monkeypatch):
     assert _plan("workers=auto", "trainer=gpu", "gpus=[0]").devices == ["0"]  # gpus chooses among them
 
 
+def test_a_worker_of_multi_gpu_trials_owns_that_many_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4")
+    assert _plan("workers=auto", "trainer=gpu", "trainer.devices=2").devices == ["0,1", "2,3"]
+    assert _plan("workers=1", "trainer=gpu", "trainer.devices=4", "gpus=[4,3,2,1]").devices == ["4,3,2,1"]
+    assert _plan("workers=auto", "trainer=cpu", "trainer.devices=2").workers == max(1, (os.cpu_count() or 1) // 4)
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
+    (["workers=3", "gpus=[0,1,2,3]", "trainer.devices=2"], r"workers=3 with trainer.devices=2 needs 6 GPUs; gpus=\['0', '1', '2', '3'\] has 4"),
+    (["workers=auto", "gpus=[0]", "trainer.devices=2"], r"workers=auto with trainer.devices=2 needs 2 GPUs; gpus=\['0'\] has 1"),
+    (["gpus=[0,1]", "trainer.devices=2", "trials_per_gpu=2"], r"trials_per_gpu=2 packs single-GPU trials; with trainer.devices=2 keep it 1"),
     (["workers=3", "gpus=[0,1]"], r"workers=3 needs 3 GPU slots; gpus=\['0', '1'\] x trials_per_gpu=1 gives 2"),
     (["trials_per_gpu=0", "gpus=[0]"], r"trials_per_gpu must be an integer >= 1, got 0"),
     (["gpus=[1,1]"], r"gpus must be null \(every visible GPU\) or a list of distinct GPU indices, got \[1, 1\]"),

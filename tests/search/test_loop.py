@@ -101,6 +101,8 @@ def test_the_pruner_stops_the_loop_at_the_validation_it_prunes(tmp_path):
     ({"max_steps": 0}, r"trainer\.max_steps must be an integer >= 1, got 0"),
     ({"limit_val_batches": 1.5}, r"trainer\.limit_val_batches must be a batch count >= 1 or a fraction in \(0, 1\], got 1.5"),
     ({"gradient_clip_val": -1}, r"trainer\.gradient_clip_val must be null or a number > 0, got -1"),
+    ({"devices": "auto"}, r"trainer\.devices must be an integer >= 1 in a sweep trial \(each trial's processes\), got 'auto'"),
+    ({"devices": 2, "strategy": "fsdp"}, r"trainer\.strategy must be ddp \(or auto\) for a trial on devices=2, got 'fsdp'"),
     ({"max_epoch": 3}, r"trainer\.max_epoch: not a setting of a sweep trial; valid: accelerator, devices, "),
 ])
 def test_bad_trainer_settings_are_refused_naming_the_field(trainer, message):
