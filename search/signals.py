@@ -13,6 +13,8 @@ a user who does not want to wait for the step in flight.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -49,16 +51,39 @@ def pause(seconds: float, slice_s: float = 0.1) -> None:
     check()
 
 
+#: what a sweep takes over (with Ctrl-C, which the CLI handles): a scheduler's SIGTERM, and
+#: the SIGUSR2 that submitit asks SLURM to send before a job's time limit
+TAKEN_OVER = (signal.SIGTERM, signal.SIGUSR2)
+
+
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """Within, a first signal waits for the next :func:`check`; one noted after the last
-    check is raised on the way out."""
+    check is raised on the way out.
+
+    SIGTERM and SIGUSR2 are handled here too for the block, also where the process did not
+    start from the CLI (a submitit job runs the sweep in its own process): the running
+    trial is recorded as interrupted first, and then the handler that was there before
+    (submitit's, which requeues the job and exits) gets the signal.
+    """
     if _State.deferring:  # nested: the outer one decides
         yield
         return
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in TAKEN_OVER:
+            previous[signum] = signal.signal(signum, on_signal)
     _State.deferring, _State.pending = True, None
     try:
         yield
         check()
+    except Interrupted as error:
+        _State.deferring = False
+        handler = previous.get(error.signum)
+        if callable(handler) and handler is not on_signal:
+            handler(error.signum, None)  # the trial is recorded: now what the process did before
+        raise
     finally:
         _State.deferring, _State.pending = False, None
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

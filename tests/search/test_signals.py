@@ -82,3 +82,20 @@ def test_a_signal_during_a_storage_write_lets_it_finish_and_stops_the_trial_at_t
     db = sqlite3.connect(tmp_path / "studies.db", timeout=0)  # nobody holds the write lock
     db.execute("BEGIN IMMEDIATE")
     db.rollback()
+
+
+def test_a_sweep_takes_over_sigterm_and_sigusr2_and_hands_them_on_once_the_trial_is_recorded():
+    # a submitit job runs the sweep outside the CLI, with submitit's handlers installed:
+    # SIGUSR2 (the time limit is near) requeues the job and exits
+    handed_on = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: handed_on.append(signum))
+    try:
+        with pytest.raises(Interrupted) as raised, signals.deferred():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.01)
+            assert handed_on == []  # noted only: the trial is not recorded yet
+            signals.check()
+        assert raised.value.signum == signal.SIGUSR2 and handed_on == [signal.SIGUSR2]
+        assert signal.getsignal(signal.SIGUSR2) is not signals.on_signal  # given back after the block
+    finally:
+        signal.signal(signal.SIGUSR2, before)
