@@ -47,6 +47,14 @@ def compose_config():
 
 
 @pytest.fixture(scope="session")
+def slurm_env():
+    """A real one-node SLURM cluster: the environment variables that reach it."""
+    from tests.search.slurm import slurm_cluster
+
+    yield from slurm_cluster()
+
+
+@pytest.fixture(scope="session")
 def postgres_url():
     """A real PostgreSQL server on 127.0.0.1 (QKV_TEST_POSTGRES_URL, or a throwaway cluster)."""
     from tests.search.postgres import postgres_cluster

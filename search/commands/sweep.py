@@ -8,12 +8,22 @@ import logging
 import time
 
 import hydra
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from qkvsearch.search.configs import run_command
 from qkvsearch.search.study.group import start_workers
 
 log = logging.getLogger(__name__)
+
+
+class JobLogs(Callback):
+    """Says where a submitit multirun's jobs write their logs, as the jobs are submitted."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        folder = OmegaConf.select(config, "hydra.launcher.submitit_folder", default=None)
+        if folder:
+            print(f"each job's log: {folder.replace('%j', '<job id>')}/<job id>_0_log.out", flush=True)
 
 
 def run(cfg: DictConfig) -> None:

@@ -274,6 +274,9 @@ def run_trial(setup: Setup, trial: optuna.Trial) -> None:
     trial.set_user_attr("worker_index", setup.index)
     if VISIBLE in os.environ:
         trial.set_user_attr("cuda_visible_devices", os.environ[VISIBLE])
+    if "SLURM_JOB_ID" in os.environ:  # as squeue and scancel name it (an array's task: 12_3); submitit's log folder too
+        array = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        trial.set_user_attr("slurm_job_id", "_".join(array) if all(array) else os.environ["SLURM_JOB_ID"])
     start = time.perf_counter()
     try:
         with heartbeat(setup.storage, trial):

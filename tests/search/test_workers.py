@@ -1,5 +1,5 @@
-"""Ctrl-C on one worker, and a submitit multirun (test_faults.py and test_worker_group.py cover
-several processes on one study)."""
+"""Ctrl-C on one worker (test_faults.py and test_worker_group.py cover several processes on one
+study, test_slurm.py a submitit multirun on a real SLURM)."""
 
 from __future__ import annotations
 
@@ -57,19 +57,6 @@ def test_ctrl_c_records_the_running_trial_as_failed_and_the_study_resumes(tmp_pa
     trials = optuna.load_study(study_name=cfg.study_name, storage=str(cfg.storage.url)).get_trials()
     assert len(trials) == 4 and trials[0].state == State.FAIL and all(t.state.is_finished() for t in trials)
     assert len(counted(trials)) == 3 and trials[1].state == State.COMPLETE  # the interrupted one trained after all
-
-
-def test_a_submitit_multirun_starts_one_worker_per_job_on_one_study(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    proc = _qkv("-m", "hydra/launcher=submitit_local", *COMMON, f"run_root={tmp_path}", "n_trials=4", "worker_index=0,1",
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out.decode()[-3000:]
-    cfg = tiny_sweep_conf(tmp_path)
-    (summary,) = optuna.get_all_study_summaries(str(cfg.storage.url))  # jobs differing only in worker_index share one
-    trials = optuna.load_study(study_name=summary.study_name, storage=str(cfg.storage.url)).get_trials()
-    assert sorted(t.number for t in trials) == list(range(4))
-    assert all(t.state.is_finished() for t in trials)
 
 
 def test_waits_for_other_workers_back_off_from_half_a_second_to_the_poll_interval():

@@ -1,0 +1,151 @@
+"""Sweeps on a real (throwaway, one-node) SLURM cluster through Hydra's submitit launcher."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from qkvsearch.search.study.workers import RETRY_OF, counted
+from tests.search.faults import SHORT
+
+State = optuna.trial.TrialState
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+#: the slurm_gpu preset, cut down to this machine: no GPU, one core and 2 GB per job
+SMALL_JOBS = ["hydra/launcher=slurm_gpu", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
+              "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10"]
+
+
+def submit(slurm_env: dict[str, str], *args: str) -> subprocess.Popen:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    env = {**os.environ, **slurm_env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.Popen([sys.executable, "-m", "qkvsearch.search.cli", "sweep", "-m", *SMALL_JOBS, *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def squeue(slurm_env: dict[str, str]) -> list[list[str]]:
+    """The queue's jobs: id, state, CPUs, minimum memory, time limit."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i %T %C %m %l"], capture_output=True, text=True,
+                         env={**os.environ, **slurm_env}).stdout
+    return [line.split() for line in out.splitlines()]
+
+
+def storage_args(kind: str, tmp_path: pathlib.Path, postgres_url: str | None) -> tuple[list[str], str]:
+    if kind == "postgres":
+        return ["storage=postgres", f"storage.url={postgres_url}"], postgres_url
+    path = tmp_path / "journal.log"  # the test's filesystem stands in for a shared one
+    return ["storage=journal", f"storage.path={path}"], str(path)
+
+
+def load(storage: str, name: str) -> optuna.Study:
+    if storage.startswith("postgresql"):
+        return optuna.load_study(study_name=name, storage=storage)
+    backend = optuna.storages.journal.JournalFileBackend(storage)
+    return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(backend))
+
+
+def test_two_slurm_jobs_work_on_one_study_to_exactly_n_trials(tmp_path, slurm_env, postgres_url):
+    # (the journal storage on a shared filesystem: the requeue test below)
+    extra, storage = storage_args("postgres", tmp_path, postgres_url)
+    name = f"slurm-two-{tmp_path.name[-6:]}"
+    proc = submit(slurm_env, *SHORT, *extra, f"run_root={tmp_path}", "n_trials=4", f"study_name={name}",
+                  "worker_index=0,1")
+    seen = set()
+    while proc.poll() is None:
+        seen |= {tuple(job) for job in squeue(slurm_env) if job[1] == "RUNNING"}
+        time.sleep(0.5)
+    out = proc.stdout.read().decode()
+    assert proc.returncode == 0, out[-3000:]
+    assert len({job[0] for job in seen}) == 2, seen  # squeue listed both jobs while they ran
+    assert all(job[2:] == ("1", "2G", "10:00") for job in seen)  # the resources the config asked for
+    trials = load(storage, name).get_trials()
+    assert len(counted(trials)) == 4 and all(t.state == State.COMPLETE for t in trials)
+    jobs = {t.user_attrs["slurm_job_id"] for t in trials}
+    assert jobs <= {job[0] for job in seen}
+    assert f"each job's log: {tmp_path}/slurm/<job id>/<job id>_0_log.out" in out
+    for job in jobs:  # each job's log lands under run_root/slurm/<job id>/
+        assert (tmp_path / "slurm" / job / f"{job}_0_log.out").exists(), sorted(p.name for p in (tmp_path / "slurm").iterdir())
+
+
+def test_a_cancelled_job_has_its_trial_retried_and_the_study_still_ends_at_n_trials(tmp_path, slurm_env, postgres_url):
+    name = f"slurm-cancel-{tmp_path.name[-6:]}"
+    proc = submit(slurm_env, *SHORT, "storage=postgres", f"storage.url={postgres_url}", f"run_root={tmp_path}",
+                  "n_trials=4", f"study_name={name}", "worker_index=0,1", "trainer.max_steps=200",
+                  "trainer.val_check_interval=20")
+    cancelled = None
+    deadline = time.time() + 240
+    while cancelled is None and time.time() < deadline and proc.poll() is None:
+        try:
+            running = load(postgres_url, name).get_trials(states=(State.RUNNING,))
+        except KeyError:
+            running = []
+        started = [t for t in running if t.intermediate_values and "slurm_job_id" in t.user_attrs]
+        if started:
+            cancelled = started[0]
+            subprocess.run(["scancel", cancelled.user_attrs["slurm_job_id"]], check=True, env={**os.environ, **slurm_env})
+        time.sleep(0.3)
+    assert cancelled is not None, "no trial started"
+    # submitit's launcher learns of a cancelled job from sacct, which needs SLURM's accounting
+    # database (a real cluster has one; this one does not): once the queue is empty, the
+    # launching process has nothing left to wait for and is stopped here
+    deadline = time.time() + 300
+    while squeue(slurm_env) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not squeue(slurm_env)
+    proc.terminate()
+    proc.wait(timeout=30)
+    trials = load(postgres_url, name).get_trials()
+    first = next(t for t in trials if t.number == cancelled.number)
+    assert first.state == State.FAIL and "interrupted (SIGTERM)" in first.user_attrs["fail_reason"]
+    retry = [t for t in trials if t.user_attrs.get(RETRY_OF) == first.number]
+    assert retry and retry[0].state == State.COMPLETE  # the other job trained it
+    assert len(counted(trials)) == 4 and all(t.state.is_finished() for t in trials)
+
+
+def test_a_job_signalled_before_its_time_limit_records_its_trial_and_is_requeued_to_work_again(tmp_path, slurm_env):
+    # SLURM sends submitit's SIGUSR2 ahead of a job's time limit (or on pre-emption): the
+    # sweep records its running trial as interrupted, then submitit requeues the job, and the
+    # same job, run again, joins the study and trains the retry
+    storage_extra, storage = storage_args("journal", tmp_path, None)
+    name = f"slurm-requeue-{tmp_path.name[-6:]}"
+    proc = submit(slurm_env, *SHORT, *storage_extra, f"run_root={tmp_path}", "n_trials=2", f"study_name={name}",
+                  "worker_index=0", "trainer.max_steps=300", "trainer.val_check_interval=20")
+    signalled = None
+    deadline = time.time() + 240
+    while signalled is None and time.time() < deadline and proc.poll() is None:
+        try:
+            running = load(storage, name).get_trials(states=(State.RUNNING,))
+        except KeyError:
+            running = []
+        started = [t for t in running if t.intermediate_values and "slurm_job_id" in t.user_attrs]
+        if started:
+            signalled = started[0]
+            subprocess.run(["scancel", "--signal=USR2", signalled.user_attrs["slurm_job_id"]], check=True,
+                           env={**os.environ, **slurm_env})
+        time.sleep(0.3)
+    assert signalled is not None, "no trial started"
+    # slurmctld holds a requeued job for 120 s (its BeginTime); an operator's update lets it
+    # start now, so the test does not sit out the delay
+    job, env = signalled.user_attrs["slurm_job_id"], {**os.environ, **slurm_env}
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        queue = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True, env=env).stdout
+        if queue.split() == ["PENDING", "BeginTime"]:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=env)
+            break
+        time.sleep(0.3)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out.decode()[-3000:]  # the launcher got the requeued job's result
+    trials = load(storage, name).get_trials()
+    first = next(t for t in trials if t.number == signalled.number)
+    assert first.state == State.FAIL and "interrupted (SIGUSR2)" in first.user_attrs["fail_reason"]
+    retry = [t for t in trials if t.user_attrs.get(RETRY_OF) == first.number]
+    assert retry and retry[0].state == State.COMPLETE
+    assert retry[0].user_attrs["slurm_job_id"] == first.user_attrs["slurm_job_id"]  # the same job, requeued
+    assert retry[0].user_attrs["worker"] != first.user_attrs["worker"]  # in a new process
+    assert len(counted(trials)) == 2
