@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python benchmarks/workers.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/threads.py
+	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/gpu.py
 
 clean:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import sysconfig
 
 import lightning as L
 import optuna
@@ -57,9 +58,13 @@ def test_the_grid_sampler_enumerates_choices_steps_and_per_layer_parameters():
     assert grid_of(space) == {"depth": [1, 2], "heads": [1, 2], "width": [16, 32, 48], "mult.layer0": [2, 4], "mult.layer1": [2, 4]}
 
 
+#: what a task needs beyond its defaults (task=text: files; the standard library's are on every machine)
+TASK_NEEDS = {"text": [f"task.data.paths=[{sysconfig.get_paths()['stdlib']}/email/**/*.py]"]}
+
+
 @pytest.mark.parametrize("task", _options("task"))
-def test_every_task_builds_batches_of_its_declared_sizes(task):
-    cfg = compose_conf("sweep", [f"task={task}"])
+def test_every_task_builds_batches_of_its_declared_sizes(task, tmp_path):
+    cfg = compose_conf("sweep", [f"task={task}", f"run_root={tmp_path}", *TASK_NEEDS.get(task, [])])
     data = build_task(cfg)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))

@@ -1,0 +1,328 @@
+"""Language modelling on the user's own text files: ``qkv sweep task=text task.data.paths=[...]``.
+
+The files (``.txt`` and other plain text: one document per file; ``.jsonl``: one document
+per line, its ``text_field``) are split into train, validation and test by document, with a
+stable hash of the document's path (and line), so a split never changes when other files
+come or go. The corpus is tokenized once, with a progress bar, into one flat token file per
+split (uint16, or uint32 for vocabularies over 65,536) under ``cache_dir/<key>``, where the
+key is a digest of the files' contents, the tokenizer and the split. The next sweep on the
+same files starts at once, and a changed file makes a new key. Training batches are random
+windows read from the memory-mapped train file, so a corpus larger than memory trains too.
+
+Tokenizers: ``bytes`` (UTF-8 bytes, 256 ids, nothing to train), ``chars`` (the train
+split's characters, one id each, 0 for any other), ``bpe`` (byte-level BPE of
+``vocab_size`` ids trained on the train split with the ``tokenizers`` library), or the path
+of a ``tokenizer.json`` of the ``tokenizers`` library.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from qkvsearch.models.errors import QkvError
+
+SPLITS = ("train", "val", "test")
+TOKENIZERS = ("bytes", "chars", "bpe")
+SEPARATOR = "\n\n"  # between documents in a split's token stream
+_READ = 1 << 20
+
+
+def find_files(patterns: list[str]) -> list[pathlib.Path]:
+    """The files the glob ``patterns`` match (``**`` spans folders), sorted, each once."""
+    found: set[pathlib.Path] = set()
+    for pattern in patterns:
+        matches = [pathlib.Path(p) for p in glob.glob(os.path.expanduser(str(pattern)), recursive=True)]
+        files = [p for p in matches if p.is_file()]
+        if not files:
+            raise QkvError(f"task.data.paths: {pattern!r} matches no file (from {os.getcwd()})")
+        found.update(p.resolve() for p in files)
+    return sorted(found)
+
+
+def documents(path: pathlib.Path, text_field: str) -> Iterator[tuple[str, str]]:
+    """``(id, text)`` of each document in ``path``: the file itself, or each JSON line."""
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if text_field not in record:
+                    raise QkvError(f"task.data.text_field: {path}, line {number + 1} has no {text_field!r} "
+                                   f"(its fields: {', '.join(sorted(record))})")
+                yield f"{path}:{number}", str(record[text_field])
+    else:
+        yield str(path), path.read_text(encoding="utf-8", errors="replace")
+
+
+def split_of(document_id: str, val_fraction: float, test_fraction: float) -> str:
+    """A document's split, from a stable hash of its id."""
+    u = int.from_bytes(hashlib.sha256(document_id.encode()).digest()[:8], "big") / 2**64
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+def digest_files(files: list[pathlib.Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(_READ):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Tokenizer:
+    """Text to ids and back, for the three built-in kinds and ``tokenizer.json`` files."""
+
+    def __init__(self, kind: str, chars: list[str] | None = None, hf: Any = None) -> None:
+        self.kind, self.chars, self.hf = kind, chars, hf
+        self.index = {c: i + 1 for i, c in enumerate(chars)} if chars is not None else None
+
+    @property
+    def vocab_size(self) -> int:
+        if self.kind == "bytes":
+            return 256
+        if self.kind == "chars":
+            return len(self.chars) + 1
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "bytes":
+            return list(text.encode("utf-8"))
+        if self.kind == "chars":
+            return [self.index.get(c, 0) for c in text]
+        return self.hf.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self.kind == "bytes":
+            return bytes(ids).decode("utf-8", errors="replace")
+        if self.kind == "chars":
+            return "".join(self.chars[i - 1] if 0 < i <= len(self.chars) else "\ufffd" for i in ids)
+        return self.hf.decode(ids)
+
+    def save(self, folder: pathlib.Path) -> None:
+        if self.kind == "chars":
+            (folder / "chars.json").write_text(json.dumps(self.chars))
+        elif self.hf is not None:
+            self.hf.save(str(folder / "tokenizer.json"))
+
+    @classmethod
+    def load(cls, kind: str, folder: pathlib.Path) -> Tokenizer:
+        if kind == "bytes":
+            return cls("bytes")
+        if kind == "chars":
+            return cls("chars", chars=json.loads((folder / "chars.json").read_text()))
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(kind, hf=HFTokenizer.from_file(str(folder / "tokenizer.json")))
+
+    @classmethod
+    def train(cls, kind: str, texts: Any, vocab_size: int | None) -> Tokenizer:
+        """Builds the tokenizer from the train split's ``texts`` (an iterable of strings)."""
+        if kind == "bytes":
+            return cls("bytes")
+        if kind == "chars":
+            return cls("chars", chars=sorted(set().union(*(set(t) for t in texts))))
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if kind != "bpe":  # a tokenizer.json of the user's
+            return cls("file", hf=HFTokenizer.from_file(kind))
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls("bpe", hf=hf)
+
+
+class Windows(IterableDataset):
+    """Batches of ``seq_len + 1``-token windows of a memory-mapped token file: random
+    windows (``shuffle``, a fresh draw each pass) or consecutive ones."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, shuffle: bool, seed: int,
+                 limit: int | None = None) -> None:
+        self.tokens, self.seq_len, self.batch_size, self.shuffle = tokens, seq_len, batch_size, shuffle
+        self.n = (len(tokens) - 1) // seq_len if not shuffle else len(tokens) - seq_len - 1
+        self.batches = max(1, (len(tokens) - 1) // (seq_len * batch_size))
+        if limit is not None:
+            self.batches = min(self.batches, limit)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def batch(self, starts: np.ndarray) -> dict[str, torch.Tensor]:
+        rows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        data = torch.from_numpy(rows)
+        return {"tokens": data[:, :-1], "targets": data[:, 1:]}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(self.batches):
+            if self.shuffle:
+                starts = torch.randint(0, self.n + 1, (self.batch_size,), generator=self.generator).numpy()
+            else:
+                first = i * self.batch_size
+                starts = np.arange(first, min(first + self.batch_size, self.n)) * self.seq_len
+            yield self.batch(starts)
+
+
+class TextCorpus(L.LightningDataModule):
+    """A language model over the user's text files (the module docstring says how).
+
+    Args:
+        paths: glob patterns of the files (``corpus/**/*.txt``, ``data/*.jsonl``).
+        tokenizer: ``bytes``, ``chars``, ``bpe`` or a ``tokenizer.json`` path.
+        vocab_size: the BPE vocabulary to train (``bpe`` only).
+        text_field: the field of a ``.jsonl`` record that holds the text.
+        seq_len: tokens per example.
+        val_fraction, test_fraction: shares of the documents held out.
+        val_batches: the most validation batches a pass reads.
+        batch_size, seed: loader settings.
+        cache_dir: where tokenized corpora are kept.
+    """
+
+    name = "text"
+    kind = "language_model"
+    n_classes = None
+
+    def __init__(self, paths: list[str], tokenizer: str = "bytes", vocab_size: int | None = None,
+                 text_field: str = "text", seq_len: int = 256, val_fraction: float = 0.05, test_fraction: float = 0.05,
+                 val_batches: int = 50, batch_size: int = 32, seed: int = 0, cache_dir: str = "runs/cache") -> None:
+        super().__init__()
+        if isinstance(paths, str):
+            paths = [paths]
+        problems = []
+        if not paths:
+            problems.append("task.data.paths: give at least one glob pattern, e.g. [corpus/**/*.txt]")
+        if tokenizer not in TOKENIZERS and not str(tokenizer).endswith(".json"):
+            problems.append(f"task.data.tokenizer: {tokenizer!r}; valid: {', '.join(TOKENIZERS)} or a tokenizer.json path")
+        if tokenizer == "bpe" and (not isinstance(vocab_size, int) or vocab_size < 260):
+            problems.append(f"task.data.vocab_size: bpe needs an integer >= 260, got {vocab_size!r}")
+        if not isinstance(seq_len, int) or seq_len < 2:
+            problems.append(f"task.data.seq_len must be an integer >= 2, got {seq_len!r}")
+        if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            problems.append(f"task.data.val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be "
+                            "shares in [0, 1) that leave documents to train on, val_fraction > 0")
+        if problems:
+            raise QkvError("; ".join(problems))
+        self.paths, self.tokenizer_name, self.requested_vocab = list(paths), str(tokenizer), vocab_size
+        self.text_field, self.seq_len = text_field, seq_len
+        self.val_fraction, self.test_fraction, self.val_batches = val_fraction, test_fraction, val_batches
+        self.batch_size, self.seed, self.cache_dir = batch_size, seed, pathlib.Path(cache_dir)
+        self.tokens: dict[str, np.ndarray] = {}
+        self.tokenizer: Tokenizer | None = None
+        self.folder: pathlib.Path | None = None
+        self.vocab_size = 256 if tokenizer == "bytes" else 0
+
+    # -- building the cache --------------------------------------------------------------
+
+    def key(self, files: list[pathlib.Path]) -> str:
+        spec = json.dumps([digest_files(files), self.tokenizer_name, self.requested_vocab, self.text_field,
+                           self.val_fraction, self.test_fraction, SEPARATOR])
+        if self.tokenizer_name.endswith(".json"):
+            spec += digest_files([pathlib.Path(self.tokenizer_name)])
+        return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+    def _split_documents(self, files: list[pathlib.Path], split: str) -> Iterator[str]:
+        for path in files:
+            for document_id, text in documents(path, self.text_field):
+                if split_of(document_id, self.val_fraction, self.test_fraction) == split:
+                    yield text
+
+    def _build(self, files: list[pathlib.Path], folder: pathlib.Path) -> None:
+        from tqdm.auto import tqdm
+
+        building = folder.with_name(folder.name + f".building-{os.getpid()}")
+        building.mkdir(parents=True, exist_ok=True)
+        tokenizer = Tokenizer.train(self.tokenizer_name, self._split_documents(files, "train"), self.requested_vocab)
+        tokenizer.save(building)
+        dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+        sizes = {}
+        for split in SPLITS:
+            count = 0
+            with open(building / f"{split}.bin", "wb") as out:
+                texts = self._split_documents(files, split)
+                for text in tqdm(texts, desc=f"tokenizing {split}", unit=" docs", leave=False, disable=None):
+                    ids = np.asarray(tokenizer.encode(text + SEPARATOR), dtype=dtype)
+                    out.write(ids.tobytes())
+                    count += len(ids)
+            sizes[split] = count
+        meta = {"tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name,
+                "tokens": sizes, "files": [str(p) for p in files]}
+        (building / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            building.rename(folder)  # whole or not at all: a sweep's other workers may be building it too
+        except OSError:
+            if not (folder / "meta.json").exists():
+                raise
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokens:
+            return
+        files = find_files(self.paths)
+        folder = self.cache_dir / self.key(files)
+        if not (folder / "meta.json").exists():
+            self._build(files, folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        self.folder, self.vocab_size = folder, meta["vocab_size"]
+        self.tokenizer = Tokenizer.load(meta["tokenizer"], folder)
+        for split in SPLITS:
+            n = meta["tokens"][split]
+            self.tokens[split] = (np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r")
+                                  if n else np.zeros(0, dtype=meta["dtype"]))
+        for split in ("train", "val"):
+            if len(self.tokens[split]) < self.seq_len + 2:
+                raise QkvError(f"task.data: the {split} split holds {len(self.tokens[split])} tokens, fewer than "
+                               f"seq_len + 2 ({self.seq_len + 2}); add text or lower seq_len or the held-out fractions")
+
+    # -- the task contract ---------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(Windows(self.tokens["train"], self.seq_len, self.batch_size, True, self.seed), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        data = Windows(self.tokens["val"], self.seq_len, self.batch_size, False, self.seed, limit=self.val_batches)
+        return DataLoader(data, batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        if len(self.tokens["test"]) < self.seq_len + 2:
+            raise QkvError("task.data.test_fraction: the test split is empty or shorter than one example")
+        return DataLoader(Windows(self.tokens["test"], self.seq_len, self.batch_size, False, self.seed), batch_size=None)
+
+    def sample_batch(self, n: int = 1) -> dict[str, torch.Tensor]:
+        windows = Windows(self.tokens["val"], self.seq_len, n, False, self.seed)
+        return windows.batch(np.arange(min(n, windows.n)) * self.seq_len)
+
+    def trivial_loss(self) -> float:
+        """Validation loss of the train split's (add-one smoothed) token frequencies."""
+        train = np.asarray(self.tokens["train"][: 10_000_000], dtype=np.int64)
+        val = np.asarray(self.tokens["val"][: 1_000_000], dtype=np.int64)
+        counts = np.bincount(train, minlength=self.vocab_size).astype(np.float64) + 1.0
+        return float(-np.log(counts / counts.sum())[val].mean())
+
+    def token_text(self, token: int) -> str:
+        text = self.tokenizer.decode([token]) if self.tokenizer else str(token)
+        return {"\n": "⏎", " ": "␣", "\t": "⇥"}.get(text, text)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of token data this task holds in memory (its splits are mapped, not read)."""
+        return sum(t.nbytes for t in self.tokens.values() if not isinstance(t, np.memmap))
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s} {len(t):,}" for s, t in self.tokens.items())
+        return f"TextCorpus({self.paths}, tokenizer={self.tokenizer_name}, vocab {self.vocab_size}; tokens: {sizes})"
