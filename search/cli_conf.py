@@ -36,15 +36,17 @@ class CommandConf:
     def of(cls, command: str) -> CommandConf:
         path = CONF_DIR / f"{PRIMARY[command]}.yaml"
         data = yaml.safe_load(path.read_text()) or {}
-        groups = {}
+        groups, files = {}, [path]
         for entry in data.get("defaults", []):
             if isinstance(entry, dict):
                 ((group, default),) = entry.items()
                 if not group.startswith("override "):
                     options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
                     groups[group] = (str(default), options)
+            elif isinstance(entry, str) and (CONF_DIR / f"{entry}.yaml").is_file():  # shared settings (_qkv)
+                files.append(CONF_DIR / f"{entry}.yaml")
         settings = {}
-        for line in path.read_text().splitlines():
+        for line in (line for file in files for line in file.read_text().splitlines()):
             match = re.match(r"^([A-Za-z_]\w*):(.*?)(?:\s#\s*(.*))?$", line)
             if match and match.group(1) not in ("defaults", "hydra"):
                 settings[match.group(1)] = (match.group(3) or "").strip()

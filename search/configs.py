@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import pathlib
 import re
@@ -24,7 +25,7 @@ CONF_DIR = str(pathlib.Path(conf.__file__).resolve().parent)
 #: say where things are kept.
 NOT_IN_STUDY_NAMES = ("worker_index", "workers", "gpus", "trials_per_gpu", "run_root", "artifacts", "storage.url",
                       "storage.path",
-                      "storage.heartbeat_s", "storage.grace_s", "max_retries", "study_name")
+                      "storage.heartbeat_s", "storage.grace_s", "max_retries", "study_name", "plugins")
 
 
 def multirun_suffix() -> str:
@@ -53,11 +54,37 @@ def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
         return compose(config_name=name, overrides=overrides or [])
 
 
+def import_plugins(names: Any) -> None:
+    """Imports the user's own modules listed in ``plugins`` (the working directory first on
+    the path), before anything is built: their components register themselves and their
+    classes are found by ``_target_``, with no PYTHONPATH to set.
+
+    Raises:
+        QkvError: an entry that is not a module name, or a module that does not import.
+    """
+    if not names:
+        return
+    if isinstance(names, str):
+        names = [names]
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    for name in names:
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", name):
+            raise QkvError(f"plugins: entries are module names (mycomponents, mypackage.data), got {name!r}")
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise QkvError(f"plugins: cannot import {name!r} ({error}); a plugin is a module importable from the "
+                           f"working directory ({cwd}) or the Python path") from None
+
+
 def run_command(command: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Runs a ``qkv`` command; the project's own errors (:class:`QkvError`: bad input, an
     unusable setting) end with their message and exit status 2 instead of a traceback.
     Anything else is a bug and keeps its traceback. ``QKV_DEBUG=1`` keeps it always."""
     try:
+        import_plugins(cfg.get("plugins"))
         return command(cfg)
     except QkvError as error:
         if os.environ.get("QKV_DEBUG"):

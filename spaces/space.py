@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import graphlib
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +40,9 @@ import optuna
 from qkvsearch.models import ArchConfig, ConfigError, count_parameters, flops_per_token
 from qkvsearch.spaces.expressions import Expression, ExpressionError
 from qkvsearch.spaces.schema import BUDGET_KEYS, MEASURED, Infeasible, Param, SpaceError
+
+#: a registry's message for a name it does not hold (models/registry.py)
+UNREGISTERED = re.compile(r"\.name: unknown [\w-]+ '[^']*'; available: ")
 
 
 class Space:
@@ -97,6 +101,11 @@ class Space:
         try:
             arch = ArchConfig.from_dict(data)
         except ConfigError as error:
+            unregistered = [problem for problem in error.problems if UNREGISTERED.search(problem)]
+            if unregistered:  # a name no sample can fix: the space (or a missing plugin) is wrong
+                raise SpaceError(f"space {self.name}: a choice names a component that is not registered: "
+                                 f"{'; '.join(unregistered)} (a component of your own is registered by a module "
+                                 "listed in plugins=[...])") from None
             vector[-1] = 1.0
             reasons = ["invalid architecture: " + "; ".join(error.problems)]
             return _reject(trial, dict(zip(self.constraint_names, vector, strict=True)), reasons)

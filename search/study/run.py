@@ -123,15 +123,26 @@ def dry_sample(space: Space | FunctionSpace, task: Any, attempts: int = 50) -> N
     """Samples offline until one architecture passes every check; errors when none does."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     reasons: list[str] = []
-    for _ in range(attempts):
+    # every choice of every categorical parameter once first: a choice naming a component
+    # that is not registered is a config error now, not a silently infeasible region later
+    choices = [(p.name, c) for p in getattr(space, "params", []) if p.per_layer is None
+               and isinstance(p.distribution, optuna.distributions.CategoricalDistribution) for c in p.distribution.choices]
+    for name, choice in choices:
+        study.enqueue_trial({name: choice}, skip_if_exists=False)
+    found = False
+    for _ in range(len(choices) + attempts):
+        if found and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+            return
         trial = study.ask()
         try:
             suggest_checked(space, task, trial)
-            return
+            found = True
         except Infeasible as error:
             reasons.append(str(error))
         finally:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    if found:
+        return
     raise QkvError(
         f"space {space.name!r}: none of {attempts} random samples is feasible for this task; "
         f"reasons: {'; '.join(sorted(set(reasons))[:3])}"
@@ -245,7 +256,7 @@ def prepare(cfg: DictConfig) -> Setup:
         seed=cfg.seed, poll_s=float(cfg.storage.heartbeat_s), reap=functools.partial(reap_stale, study, cfg.storage),
         callbacks=lambda trial: [view.callback(trial.number)], memory_limit_gb=cfg.memory_limit_gb,
         peak_tflops=cfg.peak_tflops, compile_backend=cfg.compile_backend if cfg.compile else None,
-        task_data=OmegaConf.to_container(cfg.task.data, resolve=True),
+        task_data=OmegaConf.to_container(cfg.task.data, resolve=True), plugins=list(cfg.get("plugins") or []),
     )
     return Setup(cfg, task, space, study, storage, retry, objective, run_dir, index, view)
 

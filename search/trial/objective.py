@@ -94,6 +94,7 @@ class Objective:
         compile_backend: run each trial's model through ``torch.compile`` with this backend (None: eager).
         task_data: the task's ``task.data`` config, from which the helper ranks of a
             multi-device trial build the same task (``search/trial/ranks.py``).
+        plugins: the user's modules those ranks import first (the ``plugins`` setting).
     """
 
     def __init__(self, *, space: Any, task: Any, run_dir: pathlib.Path, objectives: list[str],
@@ -101,7 +102,8 @@ class Objective:
                  callbacks: Callable[[optuna.Trial], list[Any]] | None = None, store: Any = None, seed: int = 0,
                  poll_s: float = 5.0, reap: Callable[[], None] = lambda: None,
                  memory_limit_gb: float | None = None, peak_tflops: float | None = None,
-                 compile_backend: str | None = None, task_data: dict[str, Any] | None = None) -> None:
+                 compile_backend: str | None = None, task_data: dict[str, Any] | None = None,
+                 plugins: list[str] | None = None) -> None:
         self.space, self.task, self.run_dir = space, task, run_dir
         self.objectives, self.settings, self.optim = objectives, settings, optim
         self.prune = prune
@@ -110,7 +112,7 @@ class Objective:
         self.monitor = objectives[0]
         self.memory_limit_gb, self.peak_tflops = memory_limit_gb, peak_tflops
         self.compile_backend = compile_backend
-        self.task_data = task_data
+        self.task_data, self.plugins = task_data, list(plugins or [])
 
     def sample(self, trial: optuna.Trial) -> ArchConfig:
         """Samples and checks an architecture; records its counts. Raises Infeasible."""
@@ -192,7 +194,7 @@ class Objective:
             trial.set_user_attr("ranks", world)
             spec = {"task_data": self.task_data, "arch": arch.to_dict(), "seed": self.seed + trial.number, "optim": optim,
                     "settings": dataclasses.asdict(self.settings), "compile_backend": self.compile_backend,
-                    "threads": torch.get_num_threads()}
+                    "threads": torch.get_num_threads(), "plugins": self.plugins}
             ranks = helper_ranks(world, spec, folder / "ranks")
         L.seed_everything(self.seed + trial.number, verbose=False)
         lit = LitTransformer(arch, self.task.kind, **optim)

@@ -155,12 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     from hydra.utils import instantiate
 
     from qkvsearch.models import ArchConfig
+    from qkvsearch.search.configs import import_plugins
     from qkvsearch.search.study.settings import LoopSettings
     from qkvsearch.search.trial.lit import LitTransformer, NonFiniteLoss
     from qkvsearch.search.trial.loop import fit
     from qkvsearch.search.trial.objective import quiet_lightning
 
     quiet_lightning()
+    import_plugins(spec.get("plugins"))
     torch.set_num_threads(spec["threads"])
     task = instantiate(spec["task_data"])
     task.setup("fit")
