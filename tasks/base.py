@@ -130,7 +130,7 @@ class TensorTask(L.LightningDataModule):
         self._splits: dict[str, dict[str, torch.Tensor]] | None = None
 
     def build(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Returns ``{"train": tensors, "val": tensors}``."""
+        """Returns ``{"train": tensors, "val": tensors, "test": tensors}``."""
         raise NotImplementedError
 
     @property
@@ -148,6 +148,13 @@ class TensorTask(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         data = Batches(self.splits["val"], self.batch_size, shuffle=False, seed=self.seed, drop_last=False)
+        return DataLoader(data, batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out test split: never trained on, never selected on."""
+        if "test" not in self.splits:
+            raise QkvError(f"task {self.name!r} has no test split")
+        data = Batches(self.splits["test"], self.batch_size, shuffle=False, seed=self.seed, drop_last=False)
         return DataLoader(data, batch_size=None)
 
     def sample_batch(self, n: int = 1) -> dict[str, torch.Tensor]:

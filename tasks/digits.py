@@ -13,7 +13,8 @@ class Digits(TensorTask):
     row as 64 tokens of pixel intensity 0-16; the label is the digit.
 
     Args:
-        val_fraction: share of images held out, chosen by a seeded permutation.
+        val_fraction, test_fraction: shares of images held out for validation and for the
+            test, chosen by a seeded permutation.
     """
 
     name = "digits"
@@ -22,11 +23,12 @@ class Digits(TensorTask):
     seq_len = 64
     n_classes = 10
 
-    def __init__(self, val_fraction: float = 0.2, batch_size: int = 64, seed: int = 0) -> None:
+    def __init__(self, val_fraction: float = 0.2, test_fraction: float = 0.2, batch_size: int = 64, seed: int = 0) -> None:
         super().__init__(batch_size, seed)
-        if not 0 < val_fraction < 1:
-            raise QkvError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        self.val_fraction = val_fraction
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise QkvError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) "
+                           "and leave images to train on")
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
     def build(self) -> dict[str, dict[str, torch.Tensor]]:
         from sklearn.datasets import load_digits  # ships its data; nothing is downloaded
@@ -35,12 +37,10 @@ class Digits(TensorTask):
         tokens = torch.as_tensor(digits.data, dtype=torch.long)  # [n, 64], values 0..16
         labels = torch.as_tensor(digits.target, dtype=torch.long)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-        n_val = int(len(labels) * self.val_fraction)
-        val, train = order[:n_val], order[n_val:]
-        return {
-            "train": {"tokens": tokens[train], "labels": labels[train]},
-            "val": {"tokens": tokens[val], "labels": labels[val]},
-        }
+        n_val, n_test = int(len(labels) * self.val_fraction), int(len(labels) * self.test_fraction)
+        val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
+        return {split: {"tokens": tokens[index], "labels": labels[index]}
+                for split, index in (("train", train), ("val", val), ("test", test))}
 
     def trivial_loss(self) -> float:
         return frequency_loss(self.splits["train"]["labels"], self.splits["val"]["labels"], self.n_classes)

@@ -11,8 +11,9 @@ from qkvsearch.tasks.base import IGNORE, TensorTask
 
 
 class GeneratedTask(TensorTask):
-    """A task whose splits are drawn from one seeded generator: ``n_train`` then ``n_val``
-    examples of ``_generate``."""
+    """A task whose splits are drawn from one seeded generator: ``n_train``, then ``n_val``
+    examples of ``_generate``, then as many for the test split (drawn last, so the train
+    and validation examples are the same as without it)."""
 
     def __init__(self, n_train: int, n_val: int, batch_size: int, seed: int) -> None:
         super().__init__(batch_size, seed)
@@ -25,7 +26,8 @@ class GeneratedTask(TensorTask):
 
     def build(self) -> dict[str, dict[str, torch.Tensor]]:
         generator = torch.Generator().manual_seed(self.seed)
-        return {"train": self._generate(self.n_train, generator), "val": self._generate(self.n_val, generator)}
+        train, val = self._generate(self.n_train, generator), self._generate(self.n_val, generator)
+        return {"train": train, "val": val, "test": self._generate(self.n_val, generator)}
 
 
 class AssociativeRecall(GeneratedTask):

@@ -40,6 +40,8 @@ class StdlibCharLM(TensorTask):
     Args:
         seq_len: characters per example.
         train_chars, val_chars: how much text each split reads.
+        test_chars: how much the test split reads, from the files left after the train
+            split has read its share (so train and validation do not depend on it).
         val_fraction: share of files that go to validation.
         batch_size, seed: loader settings.
         root: the source folder (the running Python's standard library by default).
@@ -50,7 +52,8 @@ class StdlibCharLM(TensorTask):
     vocab_size = 128
 
     def __init__(self, seq_len: int = 64, train_chars: int = 1_000_000, val_chars: int = 100_000,
-                 val_fraction: float = 0.1, batch_size: int = 32, seed: int = 0, root: str | None = None) -> None:
+                 val_fraction: float = 0.1, batch_size: int = 32, seed: int = 0, root: str | None = None,
+                 test_chars: int = 100_000) -> None:
         super().__init__(batch_size, seed)
         if seq_len < 2 or train_chars < seq_len + 1 or val_chars < seq_len + 1 or not 0 < val_fraction < 1:
             raise QkvError(
@@ -58,15 +61,17 @@ class StdlibCharLM(TensorTask):
                 f"({train_chars}, {val_chars}) and 0 < val_fraction < 1 ({val_fraction})"
             )
         self.seq_len, self.train_chars, self.val_chars = seq_len, train_chars, val_chars
-        self.val_fraction, self.root = val_fraction, root
+        self.val_fraction, self.root, self.test_chars = val_fraction, root, test_chars
 
     def _read(self) -> dict[str, torch.Tensor]:
         files = stdlib_files(self.root)
         base = pathlib.Path(self.root or sysconfig.get_paths()["stdlib"])
-        budget = {"train": self.train_chars, "val": self.val_chars}
-        texts: dict[str, list[str]] = {"train": [], "val": []}
+        budget = {"train": self.train_chars, "val": self.val_chars, "test": self.test_chars}
+        texts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
         for path in files:
             split = "val" if is_validation(path, base, self.val_fraction) else "train"
+            if split == "train" and budget["train"] <= 0:
+                split = "test"  # a train file the train split no longer needs
             if budget[split] <= 0:
                 if all(b <= 0 for b in budget.values()):
                     break
@@ -74,7 +79,7 @@ class StdlibCharLM(TensorTask):
             text = path.read_text(encoding="utf-8", errors="replace")[: budget[split]]
             texts[split].append(text)
             budget[split] -= len(text)
-        return {split: encode("\n".join(parts)) for split, parts in texts.items()}
+        return {split: encode("\n".join(parts)) for split, parts in texts.items() if parts or split != "test"}
 
     def build(self) -> dict[str, dict[str, torch.Tensor]]:
         streams = self._read()

@@ -70,10 +70,21 @@ def print_summary(study: optuna.Study, overrides: list[str], console: Console | 
     table.add_column("trial", justify="right")
     for name in objectives:
         table.add_column(name, justify="right")
+    tests = study.user_attrs.get("test_scores") or {}  # held out: never trained or selected on
+    show_acc = any(s.get("test_acc", 0) > 0 for s in tests.values())
+    if tests:
+        table.add_column("test_loss", justify="right")
+        if show_acc:
+            table.add_column("test_acc", justify="right")
     table.add_column("params", justify="right")
     table.add_column("architecture")
     for trial in top_trials(study):
         values = [f"{v:.4g}" for v in trial.values]
+        if tests:
+            test = tests.get(str(trial.number), {})
+            values.append(f"{test['test_loss']:.4g}" if "test_loss" in test else "")
+            if show_acc:
+                values.append(f"{test['test_acc']:.4g}" if "test_acc" in test else "")
         note = f" (same as {trial.user_attrs['duplicate_of']})" if "duplicate_of" in trial.user_attrs else ""
         table.add_row(str(trial.number), *values, f"{trial.user_attrs.get('n_params', 0):,}", _architecture(trial) + note)
     console.print()

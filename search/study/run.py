@@ -49,6 +49,7 @@ from qkvsearch.search.study.workers import (
     reap_stale,
     record_interrupted,
 )
+from qkvsearch.search.trial.evaluate import record_test_scores
 from qkvsearch.search.trial.lit import NonFiniteLoss
 from qkvsearch.search.trial.objective import Objective, quiet_lightning, suggest_checked
 from qkvsearch.spaces import FunctionSpace, Infeasible, Space, load_space
@@ -380,5 +381,6 @@ def sweep(cfg: DictConfig, group: WorkerGroup | None = None, started: bool = Fal
     if group:
         group.wait()
     if not spawned:
+        record_test_scores(setup.study, setup.task, cfg.run_root)  # selected on validation, reported on test
         print_summary(setup.study, next_commands(cfg))
     return setup.study

@@ -21,11 +21,24 @@ SMALL_JOBS = ["hydra/launcher=slurm_gpu", "hydra.launcher.gpus_per_node=null", "
               "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10"]
 
 
-def submit(slurm_env: dict[str, str], *args: str) -> subprocess.Popen:
+@pytest.fixture
+def submit(slurm_env):
+    """Starts ``qkv sweep -m`` on the cluster; a launcher a failed test leaves is killed."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    env = {**os.environ, **slurm_env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    return subprocess.Popen([sys.executable, "-m", "qkvsearch.search.cli", "sweep", "-m", *SMALL_JOBS, *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str) -> subprocess.Popen:
+        env = {**os.environ, **slurm_env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        started.append(subprocess.Popen([sys.executable, "-m", "qkvsearch.search.cli", "sweep", "-m", *SMALL_JOBS, *args],
+                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True, env={**os.environ, **slurm_env})
 
 
 def squeue(slurm_env: dict[str, str]) -> list[list[str]]:
@@ -49,11 +62,11 @@ def load(storage: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(backend))
 
 
-def test_two_slurm_jobs_work_on_one_study_to_exactly_n_trials(tmp_path, slurm_env, postgres_url):
+def test_two_slurm_jobs_work_on_one_study_to_exactly_n_trials(tmp_path, slurm_env, submit, postgres_url):
     # (the journal storage on a shared filesystem: the requeue test below)
     extra, storage = storage_args("postgres", tmp_path, postgres_url)
     name = f"slurm-two-{tmp_path.name[-6:]}"
-    proc = submit(slurm_env, *SHORT, *extra, f"run_root={tmp_path}", "n_trials=4", f"study_name={name}",
+    proc = submit(*SHORT, *extra, f"run_root={tmp_path}", "n_trials=4", f"study_name={name}",
                   "worker_index=0,1")
     seen = set()
     while proc.poll() is None:
@@ -72,9 +85,9 @@ def test_two_slurm_jobs_work_on_one_study_to_exactly_n_trials(tmp_path, slurm_en
         assert (tmp_path / "slurm" / job / f"{job}_0_log.out").exists(), sorted(p.name for p in (tmp_path / "slurm").iterdir())
 
 
-def test_a_cancelled_job_has_its_trial_retried_and_the_study_still_ends_at_n_trials(tmp_path, slurm_env, postgres_url):
+def test_a_cancelled_job_has_its_trial_retried_and_the_study_still_ends_at_n_trials(tmp_path, slurm_env, submit, postgres_url):
     name = f"slurm-cancel-{tmp_path.name[-6:]}"
-    proc = submit(slurm_env, *SHORT, "storage=postgres", f"storage.url={postgres_url}", f"run_root={tmp_path}",
+    proc = submit(*SHORT, "storage=postgres", f"storage.url={postgres_url}", f"run_root={tmp_path}",
                   "n_trials=4", f"study_name={name}", "worker_index=0,1", "trainer.max_steps=200",
                   "trainer.val_check_interval=20")
     cancelled = None
@@ -107,13 +120,13 @@ def test_a_cancelled_job_has_its_trial_retried_and_the_study_still_ends_at_n_tri
     assert len(counted(trials)) == 4 and all(t.state.is_finished() for t in trials)
 
 
-def test_a_job_signalled_before_its_time_limit_records_its_trial_and_is_requeued_to_work_again(tmp_path, slurm_env):
+def test_a_job_signalled_before_its_time_limit_records_its_trial_and_is_requeued_to_work_again(tmp_path, slurm_env, submit):
     # SLURM sends submitit's SIGUSR2 ahead of a job's time limit (or on pre-emption): the
     # sweep records its running trial as interrupted, then submitit requeues the job, and the
     # same job, run again, joins the study and trains the retry
     storage_extra, storage = storage_args("journal", tmp_path, None)
     name = f"slurm-requeue-{tmp_path.name[-6:]}"
-    proc = submit(slurm_env, *SHORT, *storage_extra, f"run_root={tmp_path}", "n_trials=2", f"study_name={name}",
+    proc = submit(*SHORT, *storage_extra, f"run_root={tmp_path}", "n_trials=2", f"study_name={name}",
                   "worker_index=0", "trainer.max_steps=300", "trainer.val_check_interval=20")
     signalled = None
     deadline = time.time() + 240
