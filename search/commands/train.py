@@ -23,6 +23,7 @@ from qkvsearch.search.inspect.selection import best_trial, complete_trial
 from qkvsearch.search.study.run import build_task, task_of_study
 from qkvsearch.search.study.storage import load_named_study
 from qkvsearch.search.trial.callbacks import BestWeights
+from qkvsearch.search.trial.evaluate import score, test_loader
 from qkvsearch.search.trial.lit import LitTransformer, check_compatible
 from qkvsearch.search.trial.objective import quiet_lightning
 
@@ -72,7 +73,9 @@ def train(cfg: DictConfig) -> pathlib.Path:
     out.mkdir(parents=True, exist_ok=True)
     optim = {**OmegaConf.to_container(cfg.optim, resolve=True), "max_steps": cfg.trainer.max_steps}
     lit = LitTransformer(arch, task.kind, **optim)
-    best = BestWeights("val_loss")
+    # the checkpoint is chosen on the task's own metric: accuracy for classification
+    monitor = "val_acc" if task.kind == "classification" else "val_loss"
+    best = BestWeights(monitor, sign=-1.0 if monitor == "val_acc" else 1.0)
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True), max_epochs=-1, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, enable_checkpointing=False, enable_model_summary=False,
@@ -84,14 +87,20 @@ def train(cfg: DictConfig) -> pathlib.Path:
         raise RuntimeError("training ended before its first validation; raise trainer.max_steps")
     (out / "arch.yaml").write_text(yaml.safe_dump(arch.to_dict(), sort_keys=False))
     save_file(best.state, str(out / "model.safetensors"), metadata={"arch_hash": arch.fingerprint()})
+    chosen = -best.best if monitor == "val_acc" else best.best
     summary = {
-        **source, "task": task_name, "val_loss": best.best, "best_step": best.best_step,
+        **source, "task": task_name, "selected_on": monitor, monitor: chosen, "best_step": best.best_step,
         "steps": trainer.global_step, "seconds": time.perf_counter() - start,
         "n_params": count_parameters(arch), "flops_per_token": flops_per_token(arch),
         "trivial_val_loss": task.trivial_loss(), "torch": torch.__version__,
     }
+    loader = test_loader(task)
+    if loader is not None:  # held out: reported, never selected on
+        summary.update(score(arch, task.kind, out / "model.safetensors", loader))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"best val_loss {best.best:.4f} at step {best.best_step} (trivial baseline {summary['trivial_val_loss']:.4f}); written to {out}")
+    tested = (f"; test_loss {summary['test_loss']:.4f}, test_acc {summary['test_acc']:.4f}" if "test_loss" in summary else "")
+    print(f"best {monitor} {chosen:.4f} at step {best.best_step} (trivial baseline val_loss "
+          f"{summary['trivial_val_loss']:.4f}){tested}; written to {out}")
     return out
 
 

@@ -239,6 +239,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*IterableDataset. has .__len__. defined.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+    # a machine with SLURM installed is not a SLURM job: qkv's SLURM jobs come from submitit
+    warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system.*")
     # heartbeats are recorded by the worker loop (ask/tell), not Study.optimize
     warnings.filterwarnings("ignore", message=r"Heartbeat of storage is supposed to be used with Study.optimize")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

@@ -156,6 +156,7 @@ def test_qkv_train_trains_a_study_trial_longer_and_keeps_its_best_weights(tmp_pa
     import json
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trial"] == study.best_trial.number and summary["steps"] == 20
+    assert summary["selected_on"] == "val_loss" and 0 < summary["test_loss"] < 10  # the held-out split, reported
     with pytest.raises(ValueError, match=r"study .nope. not found in .*; studies: recall-tiny"):
         train(compose_conf("train", ["study_name=nope", f"run_root={tmp_path}", f"out_dir={tmp_path / 'x'}"]))
     with pytest.raises(ValueError, match=r"trial 7 does not exist in study 'recall-tiny' \(it has 1 trials\)"):
