@@ -201,6 +201,9 @@ def model_card(chosen: Chosen, weights: str, check: dict[str, Any], extras: list
     arch, trial, study = chosen.arch, chosen.trial, chosen.study
     objectives = study.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(trial.values))]
     metrics = "\n".join(f"| {name} | {value:.6g} |" for name, value in zip(objectives, trial.values, strict=False))
+    test = (study.user_attrs.get("test_scores") or {}).get(str(trial.number), {})
+    metrics += "".join(f"\n| {name} (held-out test split, not selected on) | {test[name]:.6g} |"
+                       for name in ("test_loss", "test_acc") if name in test)
     rows = layer_rows(arch)
     table = "\n".join("| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows)
     versions = _versions()

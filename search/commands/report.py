@@ -86,11 +86,15 @@ def trials_table(study: optuna.Study) -> str:
     """The best trials (or the Pareto front) with their architectures; failures with reasons."""
     names = _objectives(study)
     speed = ["tokens/s", "MFU", "peak memory"]
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in ["trial", *names, "parameters", *speed, "architecture"])
+    tests = study.user_attrs.get("test_scores") or {}  # the held-out split, for the best trials
+    held_out = ["test_loss", "test_acc"] if tests else []
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in ["trial", *names, *held_out, "parameters", *speed, "architecture"])
     rows = []
     for trial in top_trials(study, k=10):
         params = " ".join(f"{k}={v}" for k, v in trial.params.items())
-        values = "".join(f"<td>{v:.4g}</td>" for v in trial.values)
+        test = tests.get(str(trial.number), {})
+        values = "".join(f"<td>{v:.4g}</td>" for v in trial.values) + "".join(
+            f"<td>{test[n]:.4g}</td>" if n in test else "<td>-</td>" for n in held_out)
         rows.append(f"<tr><td>{trial.number}</td>{values}<td>{trial.user_attrs.get('n_params', 0):,}</td>"
                     f"{speed_cells(trial.user_attrs)}<td>{html.escape(params)}</td></tr>")
     table = f"<table><tr>{head}</tr>{''.join(rows)}</table>" if rows else _note("no complete trial yet")

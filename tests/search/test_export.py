@@ -160,6 +160,8 @@ def test_qkv_export_writes_a_checked_folder_and_refuses_bad_requests(tmp_path):
     assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # a normal folder, not mkdtemp's 0700
     assert all((f.stat().st_mode & 0o777) == 0o666 & ~umask for f in out.iterdir())
     assert f"trial {study.best_trial.number}" in card and f"{study.best_trial.user_attrs['n_params']:,}" in card
+    test_loss = study.user_attrs["test_scores"][str(study.best_trial.number)]["test_loss"]
+    assert f"| test_loss (held-out test split, not selected on) | {test_loss:.6g} |" in card
     assert ArchConfig.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text())).fingerprint() == study.best_trial.user_attrs["arch_hash"]
 
     with pytest.raises(ValueError, match=r"output folder .* exists; choose out=... or overwrite=true"):

@@ -57,3 +57,8 @@ def test_a_sweep_reports_its_best_trials_on_the_test_split(tmp_path, capsys):
         assert again == pytest.approx(scores[str(trial.number)])
         assert scores[str(trial.number)]["test_loss"] != pytest.approx(trial.values[0])  # another split, another number
     assert "test_loss" in capsys.readouterr().out
+    from qkvsearch.search.commands.report import trials_table
+
+    table = trials_table(study)
+    assert "<th>test_loss</th><th>test_acc</th>" in table
+    assert f"<td>{scores[str(study.trials[0].number)]['test_loss']:.4g}</td>" in table
