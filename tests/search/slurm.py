@@ -21,6 +21,11 @@ import pytest
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
 
+def _which(name: str) -> str | None:
+    """A program's path, also where ``/usr/sbin`` (the daemons' home) is not on PATH."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -86,7 +91,7 @@ def _kill_from_pid_file(path: str) -> None:
 
 def slurm_cluster() -> Iterator[dict[str, str]]:
     """Starts the cluster; yields the environment that reaches it (``SLURM_CONF``); stops it."""
-    missing = [name for name in (*DAEMONS, "sbatch", "sinfo") if shutil.which(name) is None]
+    missing = [name for name in (*DAEMONS, "sbatch", "sinfo") if _which(name) is None]
     if missing:
         if os.environ.get("QKV_REQUIRE_SERVICES"):
             pytest.fail(f"QKV_REQUIRE_SERVICES is set but SLURM is not installed (missing {', '.join(missing)})")
@@ -105,11 +110,11 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
         f.write(_conf(root, socket.gethostname()))
     env = {**os.environ, "SLURM_CONF": conf}
     try:
-        subprocess.run(["munged", "--force", f"--key-file={key}", f"--socket={root}/munge.socket",
+        subprocess.run([_which("munged"), "--force", f"--key-file={key}", f"--socket={root}/munge.socket",
                         f"--log-file={root}/munged.log", f"--pid-file={root}/munged.pid", f"--seed-file={root}/munged.seed"],
                        check=True, capture_output=True)
-        subprocess.run(["slurmctld", "-f", conf, "-i"], check=True, capture_output=True, env=env)
-        subprocess.run(["slurmd", "-f", conf], check=True, capture_output=True, env=env)
+        subprocess.run([_which("slurmctld"), "-f", conf, "-i"], check=True, capture_output=True, env=env)
+        subprocess.run([_which("slurmd"), "-f", conf], check=True, capture_output=True, env=env)
         for _ in range(300):
             state = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env).stdout.strip()
             if state == "idle":
