@@ -44,12 +44,11 @@ class RandomTokens:
         return self._batches(2)
 
 
-def trial_speed(steps: int, batch: int, compile_backend: str | None, peak: float | None) -> tuple[float, float | None, str]:
-    from qkvsearch.models import ArchConfig, flops_per_token
-    from qkvsearch.search.study.devices import model_flops_utilisation, peak_tflops
+def gpt2_trial(steps: int, batch: int) -> tuple:
+    """A GPT-2-small shaped decoder's trial: architecture, random-token task, module, loop settings."""
+    from qkvsearch.models import ArchConfig
     from qkvsearch.search.study.settings import LoopSettings
     from qkvsearch.search.trial.lit import LitTransformer
-    from qkvsearch.search.trial.loop import fit
 
     arch = ArchConfig.from_dict({
         "kind": "decoder", "vocab_size": 50304, "max_seq_len": 1024, "d_model": 768, "positions": "learned",
@@ -60,6 +59,15 @@ def trial_speed(steps: int, batch: int, compile_backend: str | None, peak: float
     lit = LitTransformer(arch, task.kind, max_steps=steps)
     settings = LoopSettings(max_steps=steps, val_check_interval=steps, limit_val_batches=1, gradient_clip_val=1.0,
                             log_every_n_steps=10, accelerator="gpu", devices=1, precision="bf16-mixed")
+    return arch, task, lit, settings
+
+
+def trial_speed(steps: int, batch: int, compile_backend: str | None, peak: float | None) -> tuple[float, float | None, str]:
+    from qkvsearch.models import flops_per_token
+    from qkvsearch.search.study.devices import model_flops_utilisation, peak_tflops
+    from qkvsearch.search.trial.loop import fit
+
+    arch, task, lit, settings = gpt2_trial(steps, batch)
     warm = fit(lit, task, dataclasses.replace(settings, max_steps=5, val_check_interval=5), [],
                compile_backend=compile_backend)  # compilation and allocator warm-up
     result = fit(lit, task, settings, [], compile_backend=compile_backend)
@@ -73,20 +81,9 @@ def profile_trial(steps: int, batch: int) -> None:
     """Where an eager GPT-2-small trial step's time goes: the top kernels and CPU calls."""
     from torch.profiler import ProfilerActivity, profile
 
-    from qkvsearch.models import ArchConfig
-    from qkvsearch.search.study.settings import LoopSettings
-    from qkvsearch.search.trial.lit import LitTransformer
     from qkvsearch.search.trial.loop import fit
 
-    arch = ArchConfig.from_dict({
-        "kind": "decoder", "vocab_size": 50304, "max_seq_len": 1024, "d_model": 768, "positions": "learned",
-        "norm": "layernorm", "tie_embeddings": True,
-        "decoder": {"n_layers": 12, "attention": {"n_heads": 12, "masks": ["causal"]}, "ffn": {"name": "gelu"}},
-    })
-    task = RandomTokens(arch.vocab_size, 1024, batch)
-    lit = LitTransformer(arch, task.kind, max_steps=steps)
-    settings = LoopSettings(max_steps=steps, val_check_interval=steps, limit_val_batches=1, gradient_clip_val=1.0,
-                            log_every_n_steps=10, accelerator="gpu", devices=1, precision="bf16-mixed")
+    arch, task, lit, settings = gpt2_trial(steps, batch)
     fit(lit, task, dataclasses.replace(settings, max_steps=3, val_check_interval=3), [])
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fit(lit, task, settings, [])

@@ -62,6 +62,21 @@ def load(storage: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(backend))
 
 
+def trial_mid_training(proc: subprocess.Popen, storage: str, name: str) -> optuna.trial.FrozenTrial:
+    """The first running trial of a SLURM job that has reported a validation."""
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            running = load(storage, name).get_trials(states=(State.RUNNING,))
+        except KeyError:
+            running = []
+        started = [t for t in running if t.intermediate_values and "slurm_job_id" in t.user_attrs]
+        if started:
+            return started[0]
+        time.sleep(0.3)
+    raise AssertionError("no trial started")
+
+
 def test_two_slurm_jobs_work_on_one_study_to_exactly_n_trials(tmp_path, slurm_env, submit, postgres_url):
     # (the journal storage on a shared filesystem: the requeue test below)
     extra, storage = storage_args("postgres", tmp_path, postgres_url)
@@ -90,19 +105,8 @@ def test_a_cancelled_job_has_its_trial_retried_and_the_study_still_ends_at_n_tri
     proc = submit(*SHORT, "storage=postgres", f"storage.url={postgres_url}", f"run_root={tmp_path}",
                   "n_trials=3", f"study_name={name}", "worker_index=0,1", "trainer.max_steps=200",
                   "trainer.val_check_interval=20")
-    cancelled = None
-    deadline = time.time() + 240
-    while cancelled is None and time.time() < deadline and proc.poll() is None:
-        try:
-            running = load(postgres_url, name).get_trials(states=(State.RUNNING,))
-        except KeyError:
-            running = []
-        started = [t for t in running if t.intermediate_values and "slurm_job_id" in t.user_attrs]
-        if started:
-            cancelled = started[0]
-            subprocess.run(["scancel", cancelled.user_attrs["slurm_job_id"]], check=True, env={**os.environ, **slurm_env})
-        time.sleep(0.3)
-    assert cancelled is not None, "no trial started"
+    cancelled = trial_mid_training(proc, postgres_url, name)
+    subprocess.run(["scancel", cancelled.user_attrs["slurm_job_id"]], check=True, env={**os.environ, **slurm_env})
     # submitit's launcher learns of a cancelled job from sacct, which needs SLURM's accounting
     # database (a real cluster has one; this one does not): once the queue is empty, the
     # launching process has nothing left to wait for and is stopped here
@@ -128,20 +132,9 @@ def test_a_job_signalled_before_its_time_limit_records_its_trial_and_is_requeued
     name = f"slurm-requeue-{tmp_path.name[-6:]}"
     proc = submit(*SHORT, *storage_extra, f"run_root={tmp_path}", "n_trials=2", f"study_name={name}",
                   "worker_index=0", "trainer.max_steps=300", "trainer.val_check_interval=20")
-    signalled = None
-    deadline = time.time() + 240
-    while signalled is None and time.time() < deadline and proc.poll() is None:
-        try:
-            running = load(storage, name).get_trials(states=(State.RUNNING,))
-        except KeyError:
-            running = []
-        started = [t for t in running if t.intermediate_values and "slurm_job_id" in t.user_attrs]
-        if started:
-            signalled = started[0]
-            subprocess.run(["scancel", "--signal=USR2", signalled.user_attrs["slurm_job_id"]], check=True,
-                           env={**os.environ, **slurm_env})
-        time.sleep(0.3)
-    assert signalled is not None, "no trial started"
+    signalled = trial_mid_training(proc, storage, name)
+    subprocess.run(["scancel", "--signal=USR2", signalled.user_attrs["slurm_job_id"]], check=True,
+                   env={**os.environ, **slurm_env})
     # slurmctld holds a requeued job for 120 s (its BeginTime); an operator's update lets it
     # start now, so the test does not sit out the delay
     job, env = signalled.user_attrs["slurm_job_id"], {**os.environ, **slurm_env}
