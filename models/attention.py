@@ -7,7 +7,9 @@ from the source in one more (:class:`CrossProjection`). Two paths compute the sa
 function: the fused path through ``torch.nn.functional.scaled_dot_product_attention``
 (used unless attention weights are wanted) and the reference path (explicit softmax of
 scaled scores), which can hand the per-head weights to a sink (see
-:func:`models.capture.capture_attention`).
+:func:`models.capture.capture_attention`). Given a :class:`LayerCache`, self-attention
+appends the new keys and values to those of the positions before (decoding one token at a
+time computes each position's keys once).
 """
 
 from __future__ import annotations
@@ -79,6 +81,26 @@ def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return state
 
 
+class LayerCache:
+    """The keys and values one self-attention layer has computed so far, ``[batch, kv_heads, len, d]``
+    (rotated and scaled as the scores use them)."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Positions held."""
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends the new positions' keys and values; returns all of them."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with grouped key/value heads.
 
@@ -128,24 +150,30 @@ class MultiHeadAttention(nn.Module):
         x: torch.Tensor,
         source: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         """Attends from ``x`` to ``source`` (``x`` itself for self-attention).
 
         Args:
             x: ``[batch, q_len, d_model]``.
             source: ``[batch, k_len, d_source]``, or None for self-attention.
-            key_padding_mask: ``[batch, k_len]``, True at real tokens.
+            key_padding_mask: ``[batch, k_len]``, True at real tokens (with a cache: over
+                the cached and the new positions).
+            cache: self-attention only: the earlier positions' keys and values, extended
+                by those of ``x``, whose tokens follow them.
 
         Returns:
             ``[batch, q_len, d_model]``.
         """
         batch, q_len, _ = x.shape
-        k_len = q_len if source is None else source.shape[1]
+        offset = cache.length if cache is not None else 0
         q, k, v = self.project(x, source)
         # q: [batch, heads, q_len, d_k]; k: [batch, kv_heads, k_len, d_k]; v: [..., d_v]
-        q, k = self.positions.rotate(q, k)
+        q, k = self.positions.rotate(q, k, offset)
         q, k, scale = self.scaling(q, k)
-        ctx = MaskContext(q_len, k_len, x.device, key_padding_mask)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        ctx = MaskContext(q_len, k.shape[2], x.device, key_padding_mask, offset)
         dropout = self.dropout if self.training else 0.0
         if self.path == "reference" or self.weights_sink is not None:
             bias = self.positions.score_bias(self.n_heads, ctx, q.dtype)

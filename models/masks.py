@@ -56,6 +56,9 @@ class MaskContext:
     device: torch.device
     #: ``[batch, k_len]``, True at real tokens and False at padding; None when unpadded.
     key_padding_mask: torch.Tensor | None = None
+    #: Positions already decoded (held in a :class:`~models.attention.LayerCache`): query
+    #: ``i`` sits at position ``q_offset + i``; keys always start at position 0.
+    q_offset: int = 0
 
 
 class Mask(nn.Module):
@@ -72,8 +75,8 @@ class Mask(nn.Module):
 
 
 def _offsets(ctx: MaskContext) -> torch.Tensor:
-    """Returns ``query_index - key_index`` as a ``[q_len, k_len]`` tensor."""
-    q = torch.arange(ctx.q_len, device=ctx.device)[:, None]
+    """Returns ``query_position - key_position`` as a ``[q_len, k_len]`` tensor."""
+    q = torch.arange(ctx.q_offset, ctx.q_offset + ctx.q_len, device=ctx.device)[:, None]
     k = torch.arange(ctx.k_len, device=ctx.device)[None, :]
     return q - k
 
@@ -262,7 +265,7 @@ class CombinedMask(nn.Module):
         When ``allow_is_causal`` and the parts amount to the plain causal mask,
         ``is_causal`` is True and ``visible`` None: the fused kernel builds the mask itself.
         """
-        if allow_is_causal and self.causal and ctx.q_len == ctx.k_len:
+        if allow_is_causal and self.causal and ctx.q_len == ctx.k_len and not ctx.q_offset:
             return None, True
         visible, padding = self.fixed_part(ctx), self.padding(ctx)
         if padding is not None:
@@ -271,7 +274,8 @@ class CombinedMask(nn.Module):
 
     def fixed_part(self, ctx: MaskContext) -> torch.Tensor | None:
         """The intersection of the parts that depend on the lengths alone, ``[q_len, k_len]``."""
-        return cached(self._fixed, (ctx.q_len, ctx.k_len, ctx.device), lambda: self._intersect(ctx, fixed=True))
+        key = (ctx.q_len, ctx.k_len, ctx.q_offset, ctx.device)
+        return cached(self._fixed, key, lambda: self._intersect(ctx, fixed=True))
 
     def padding(self, ctx: MaskContext) -> torch.Tensor | None:
         """The intersection of the parts that read the batch (padding), or None."""

@@ -3,7 +3,8 @@
 A position module offers three hooks, each an identity by default, so the Transformer
 and the attention layer call all three and never ask which kind they hold:
 ``embed`` (absolute encodings added to token embeddings), ``rotate`` (applied to
-queries and keys) and ``score_bias`` (added to the attention scores).
+queries and keys) and ``score_bias`` (added to the attention scores). ``offset`` is the
+position of the first token given (non-zero when decoding with a key/value cache).
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ POSITIONS: Registry[PositionsConfig] = Registry("positions")
 class Positions(nn.Module):
     """No position information; the base of every position component."""
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Adds absolute positions to ``x`` of shape ``[batch, seq, d_model]``."""
+    def embed(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Adds absolute positions ``offset ..`` to ``x`` of shape ``[batch, seq, d_model]``."""
         return x
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotates ``q`` and ``k`` of shape ``[batch, heads, seq, d_k]``."""
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotates ``q`` and ``k`` of shape ``[batch, heads, seq, d_k]``, both at positions ``offset ..``."""
         return q, k
 
     def score_bias(
@@ -96,8 +97,9 @@ class Sinusoidal(Positions):
         self.base = base
         self._tables: dict[tuple, torch.Tensor] = {}
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return x + cached(self._tables, (x.shape[1], x.device, x.dtype), lambda: self._table(x.shape[1], x.device, x.dtype))
+    def embed(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        end = offset + x.shape[1]
+        return x + cached(self._tables, (end, x.device, x.dtype), lambda: self._table(end, x.device, x.dtype))[offset:]
 
     def _table(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         position = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None]
@@ -131,14 +133,14 @@ class Learned(Positions):
         self.table = nn.Embedding(max_seq_len, d_model)
         nn.init.normal_(self.table.weight, std=0.02)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        seq_len = x.shape[1]
-        if seq_len > self.table.num_embeddings:
+    def embed(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        end = offset + x.shape[1]
+        if end > self.table.num_embeddings:
             raise ValueError(
-                f"sequence length {seq_len} exceeds max_seq_len ({self.table.num_embeddings}) "
+                f"sequence length {end} exceeds max_seq_len ({self.table.num_embeddings}) "
                 "of the learned positions"
             )
-        return x + self.table.weight[:seq_len]
+        return x + self.table.weight[offset:end]
 
 
 @POSITIONS.register("learned", LearnedConfig)
@@ -170,10 +172,11 @@ class Rotary(Positions):
         self.base = base
         self._angles: dict[tuple, torch.Tensor] = {}
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seq_len, d_k = q.shape[-2], q.shape[-1]
-        key = (seq_len, d_k, q.device, q.dtype)
-        cos, sin = cached(self._angles, key, lambda: self._cos_sin(seq_len, d_k, q.device, q.dtype)).unbind(0)
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        end, d_k = offset + q.shape[-2], q.shape[-1]
+        key = (end, d_k, q.device, q.dtype)
+        angles = cached(self._angles, key, lambda: self._cos_sin(end, d_k, q.device, q.dtype))
+        cos, sin = angles[:, offset:].unbind(0)
         return _rotate_half(q, cos, sin), _rotate_half(k, cos, sin)
 
     def _cos_sin(self, seq_len: int, d_k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -226,11 +229,11 @@ class ALiBi(Positions):
     def score_bias(
         self, n_heads: int, ctx: MaskContext, dtype: torch.dtype, mask: CombinedMask | None = None
     ) -> torch.Tensor | None:
-        key = (n_heads, ctx.q_len, ctx.k_len, ctx.device, dtype, mask.key if mask is not None else None)
+        key = (n_heads, ctx.q_len, ctx.k_len, ctx.q_offset, ctx.device, dtype, mask.key if mask is not None else None)
         return cached(self._biases, key, lambda: self._bias(n_heads, ctx, dtype, mask), limit=8)
 
     def _bias(self, n_heads: int, ctx: MaskContext, dtype: torch.dtype, mask: CombinedMask | None) -> torch.Tensor:
-        q = torch.arange(ctx.q_len, device=ctx.device)
+        q = torch.arange(ctx.q_offset, ctx.q_offset + ctx.q_len, device=ctx.device)
         distance = (q[:, None] - torch.arange(ctx.k_len, device=ctx.device)[None, :]).abs()
         bias = (-alibi_slopes(n_heads).to(ctx.device)[:, None, None] * distance).to(dtype)  # [heads, q, k]
         visible = mask.fixed_part(ctx) if mask is not None else None

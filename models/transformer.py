@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qkvsearch.models.attention import CrossProjection, MultiHeadAttention, SelfProjection
+from qkvsearch.models.attention import CrossProjection, LayerCache, MultiHeadAttention, SelfProjection
 from qkvsearch.models.config import ArchConfig, AttentionConfig, LayerConfig, StackConfig
 from qkvsearch.models.feedforward import FEEDFORWARDS
 from qkvsearch.models.heads import HEADS
@@ -42,9 +42,10 @@ class TransformerLayer(nn.Module):
         padding_mask: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
         memory_padding_mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """Maps ``[batch, seq, d_model]`` to the same shape."""
-        x = self.self_residual(x, lambda h: self.self_attention(h, key_padding_mask=padding_mask))
+        """Maps ``[batch, seq, d_model]`` to the same shape (``cache``: the self-attention's)."""
+        x = self.self_residual(x, lambda h: self.self_attention(h, key_padding_mask=padding_mask, cache=cache))
         if self.cross_attention is not None:
             x = self.cross_residual(x, lambda h: self.cross_attention(h, memory, memory_padding_mask))
         return self.ffn_residual(x, self.feedforward)
@@ -70,12 +71,22 @@ class Stack(nn.Module):
         padding_mask: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
         memory_padding_mask: torch.Tensor | None = None,
+        cache: list[LayerCache] | None = None,
     ) -> torch.Tensor:
-        """Maps ``[batch, seq]`` token ids to ``[batch, seq, d_model]`` hidden states."""
-        x = self.dropout(self.positions.embed(self.embedding(tokens)))
-        for layer in self.layers:
-            x = layer(x, padding_mask, memory, memory_padding_mask)
+        """Maps ``[batch, seq]`` token ids to ``[batch, seq, d_model]`` hidden states.
+
+        ``cache`` (one :class:`LayerCache` per layer, from :meth:`new_cache`) holds the
+        positions before ``tokens``, which are appended to it.
+        """
+        offset = cache[0].length if cache else 0
+        x = self.dropout(self.positions.embed(self.embedding(tokens), offset))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, padding_mask, memory, memory_padding_mask, cache[i] if cache else None)
         return self.final_norm(x)
+
+    def new_cache(self) -> list[LayerCache]:
+        """An empty key/value cache for this stack's layers."""
+        return [LayerCache() for _ in self.layers]
 
 
 class StackModel(nn.Module):
@@ -87,9 +98,15 @@ class StackModel(nn.Module):
         self.stack = stack
         self.head = head
 
-    def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Returns the head's output for ``[batch, seq]`` tokens (padding_mask True at real tokens)."""
-        return self.head(self.stack(tokens, padding_mask), padding_mask)
+    def forward(
+        self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: list[LayerCache] | None = None
+    ) -> torch.Tensor:
+        """Returns the head's output for ``[batch, seq]`` tokens (padding_mask True at real tokens).
+
+        With ``cache`` (``model.stack.new_cache()``), ``tokens`` continue the positions the
+        cache holds: a decoder then computes each position's keys and values once.
+        """
+        return self.head(self.stack(tokens, padding_mask, cache=cache), padding_mask)
 
 
 class EncoderDecoderModel(nn.Module):

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from qkvsearch.models.errors import QkvError
 from qkvsearch.tasks.base import Batches, frequency_loss
-from qkvsearch.tasks.corpus import TOKENIZERS, Tokenizer, find_files
+from qkvsearch.tasks.corpus import find_files
+from qkvsearch.tasks.tokenizer import TOKENIZERS, Tokenizer, train_tokenizer
 
 
 def labelled_rows(path: pathlib.Path, text: str, label: str) -> list[tuple[str, str]]:
@@ -99,7 +100,7 @@ class TextClassification(L.LightningDataModule):
             members["test"] += rows_of[n_val : n_val + n_test]
             members["train"] += rows_of[n_val + n_test :]
         train_texts = [rows[i][0] for i in members["train"]]
-        self.tokenizer = Tokenizer.train(self.tokenizer_name, iter(train_texts), self.requested_vocab)
+        self.tokenizer = train_tokenizer(self.tokenizer_name, iter(train_texts), self.requested_vocab)
         self.vocab_size = self.tokenizer.vocab_size
         for split, index in members.items():
             tokens = torch.zeros(len(index), self.seq_len, dtype=torch.long)

@@ -23,7 +23,6 @@ import json
 import os
 import pathlib
 from collections.abc import Iterator
-from typing import Any
 
 import lightning as L
 import numpy as np
@@ -31,9 +30,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from qkvsearch.models.errors import QkvError
+from qkvsearch.tasks.tokenizer import TOKENIZERS, Tokenizer, train_tokenizer
 
 SPLITS = ("train", "val", "test")
-TOKENIZERS = ("bytes", "chars", "bpe")
 SEPARATOR = "\n\n"  # between documents in a split's token stream
 _READ = 1 << 20
 
@@ -80,73 +79,6 @@ def digest_files(files: list[pathlib.Path]) -> str:
             while chunk := f.read(_READ):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-class Tokenizer:
-    """Text to ids and back, for the three built-in kinds and ``tokenizer.json`` files."""
-
-    def __init__(self, kind: str, chars: list[str] | None = None, hf: Any = None) -> None:
-        self.kind, self.chars, self.hf = kind, chars, hf
-        self.index = {c: i + 1 for i, c in enumerate(chars)} if chars is not None else None
-
-    @property
-    def vocab_size(self) -> int:
-        if self.kind == "bytes":
-            return 256
-        if self.kind == "chars":
-            return len(self.chars) + 1
-        return self.hf.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        if self.kind == "bytes":
-            return list(text.encode("utf-8"))
-        if self.kind == "chars":
-            return [self.index.get(c, 0) for c in text]
-        return self.hf.encode(text).ids
-
-    def decode(self, ids: list[int]) -> str:
-        if self.kind == "bytes":
-            return bytes(ids).decode("utf-8", errors="replace")
-        if self.kind == "chars":
-            return "".join(self.chars[i - 1] if 0 < i <= len(self.chars) else "\ufffd" for i in ids)
-        return self.hf.decode(ids)
-
-    def save(self, folder: pathlib.Path) -> None:
-        if self.kind == "chars":
-            (folder / "chars.json").write_text(json.dumps(self.chars))
-        elif self.hf is not None:
-            self.hf.save(str(folder / "tokenizer.json"))
-
-    @classmethod
-    def load(cls, kind: str, folder: pathlib.Path) -> Tokenizer:
-        if kind == "bytes":
-            return cls("bytes")
-        if kind == "chars":
-            return cls("chars", chars=json.loads((folder / "chars.json").read_text()))
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return cls(kind, hf=HFTokenizer.from_file(str(folder / "tokenizer.json")))
-
-    @classmethod
-    def train(cls, kind: str, texts: Any, vocab_size: int | None) -> Tokenizer:
-        """Builds the tokenizer from the train split's ``texts`` (an iterable of strings)."""
-        if kind == "bytes":
-            return cls("bytes")
-        if kind == "chars":
-            return cls("chars", chars=sorted(set().union(*(set(t) for t in texts))))
-        from tokenizers import Tokenizer as HFTokenizer
-
-        if kind != "bpe":  # a tokenizer.json of the user's
-            return cls("file", hf=HFTokenizer.from_file(kind))
-        from tokenizers import decoders, models, pre_tokenizers, trainers
-
-        hf = HFTokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
-        hf.train_from_iterator(texts, trainer=trainer)
-        return cls("bpe", hf=hf)
 
 
 class Windows(IterableDataset):
@@ -248,7 +180,7 @@ class TextCorpus(L.LightningDataModule):
 
         building = folder.with_name(folder.name + f".building-{os.getpid()}")
         building.mkdir(parents=True, exist_ok=True)
-        tokenizer = Tokenizer.train(self.tokenizer_name, self._split_documents(files, "train"), self.requested_vocab)
+        tokenizer = train_tokenizer(self.tokenizer_name, self._split_documents(files, "train"), self.requested_vocab)
         tokenizer.save(building)
         dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
         sizes = {}

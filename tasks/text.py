@@ -10,8 +10,9 @@ import torch
 
 from qkvsearch.models.errors import QkvError
 from qkvsearch.tasks.base import TensorTask, frequency_loss
+from qkvsearch.tasks.tokenizer import Tokenizer
 
-UNKNOWN = 127  # every non-ASCII character maps here
+UNKNOWN = Tokenizer.ASCII_UNKNOWN  # every non-ASCII character maps here
 
 
 def stdlib_files(root: str | None = None) -> list[pathlib.Path]:
@@ -50,6 +51,7 @@ class StdlibCharLM(TensorTask):
     name = "lm_stdlib"
     kind = "language_model"
     vocab_size = 128
+    tokenizer = Tokenizer("ascii")  # what encode() does, one string at a time (for exports)
 
     def __init__(self, seq_len: int = 64, train_chars: int = 1_000_000, val_chars: int = 100_000,
                  val_fraction: float = 0.1, batch_size: int = 32, seed: int = 0, root: str | None = None,

@@ -1,7 +1,10 @@
 """``qkv export``: a study's chosen trial as a folder that runs without qkvsearch.
 
 The folder holds ``model.py`` (torch only), ``model.safetensors``, ``config.yaml``,
-``README.md`` (a model card) and optionally ONNX and ``torch.export`` programs. Before
+``README.md`` (a model card) and optionally ONNX and ``torch.export`` programs. When the
+study's task reads text, the folder also holds ``text.json`` (the tokenizer's kind, the
+label names) and the tokenizer's own file, and ``model.py`` offers ``encode``, ``decode``
+and ``generate`` or ``predict``. Before
 it reports success, export loads the folder in a fresh Python process where qkvsearch
 cannot be imported and compares outputs and parameter count with the searched model.
 The folder is written beside its target and renamed into place only when every check
@@ -35,10 +38,17 @@ from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
 from qkvsearch.models.describe import COLUMNS, layer_rows
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.configs import run_command
-from qkvsearch.search.export.codegen import ExportError, generate_model_source
+from qkvsearch.search.export import textio
+from qkvsearch.search.export.codegen import (
+    ExportError,
+    decoding_prefix,
+    generate_model_source,
+    text_functions,
+)
 from qkvsearch.search.inspect.artifacts import load_trained, trial_weights
 from qkvsearch.search.inspect.selection import complete_trial, ranked
 from qkvsearch.search.study.storage import check_study_name, load_named_study
+from qkvsearch.tasks.tokenizer import Tokenizer
 
 State = optuna.trial.TrialState
 RULES = ("auto", "best", "smallest_within", "best_under")
@@ -52,7 +62,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"{name} is blocked: the export must run without qkvsearch")
         return None
 sys.meta_path.insert(0, Block())
-folder, inputs_path = sys.argv[1], sys.argv[2]
+folder, inputs_path, text = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 sys.path.insert(0, folder)
 import torch
 import model
@@ -61,8 +71,13 @@ inputs = model.read_safetensors(inputs_path)
 args = [inputs[k] for k in sorted(inputs, key=lambda k: int(k.split("_")[0]))]
 with torch.no_grad():
     out = net(*args)
+written = {}
+if "prompt" in text:
+    written["generated"] = model.generate(text["prompt"], text["max_new_tokens"], temperature=0)
+if "texts" in text:
+    written["predicted"] = model.predict(text["texts"])
 print(json.dumps({"output": out.double().flatten().tolist(), "shape": list(out.shape),
-                  "n_params": sum(p.numel() for p in net.parameters()),
+                  "n_params": sum(p.numel() for p in net.parameters()), "text": written,
                   "modules": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}))
 """
 
@@ -127,6 +142,52 @@ def choose(cfg: Any) -> Chosen:
     return Chosen(study, trial, arch, weights)
 
 
+@dataclasses.dataclass
+class TextSide:
+    """How the export reads and writes text: ``text.json``'s content, the tokenizer, and what
+    the fresh process is asked to write (``check``) with the answer expected (``expected``)."""
+
+    spec: dict[str, Any]
+    tokenizer: Tokenizer
+    check: dict[str, Any]
+    expected: dict[str, Any]
+
+
+def text_side(chosen: Chosen, model: torch.nn.Module) -> tuple[TextSide | None, str]:
+    """The text side of the export when the study's task reads text (else None), with a
+    line for the card saying why there is none where one was expected."""
+    from qkvsearch.search.study.run import task_of_study
+
+    arch = chosen.arch
+    try:
+        task = task_of_study(chosen.study)
+    except (QkvError, OSError) as error:
+        return None, f"no text functions: the study's task could not be rebuilt here ({error})"
+    tokenizer = getattr(task, "tokenizer", None)
+    if not isinstance(tokenizer, Tokenizer):
+        return None, ""  # the task's inputs are not text (digits, the synthetic tasks)
+    spec: dict[str, Any] = {"tokenizer": tokenizer.kind}
+    sample = task.sample_batch(3)
+    names = text_functions(arch)
+    model = model.eval()
+    if "generate" in names:
+        prompt = tokenizer.decode(sample["tokens"][0][:8].tolist())
+        ids = textio.generate_ids(model, tokenizer.encode(prompt), 12, temperature=0, window=arch.max_seq_len,
+                                  prefix=decoding_prefix(arch))
+        check, expected = {"prompt": prompt, "max_new_tokens": 12}, {"generated": tokenizer.decode(ids)}
+    elif "predict" in names:
+        labels, seq_len = list(getattr(task, "label_names", []) or []), int(getattr(task, "seq_len", 0))
+        if len(labels) != arch.head.n_outputs(arch.vocab_size) or seq_len < 1:
+            return None, "no text functions: the task names no labels for the classifier's outputs"
+        spec.update(labels=labels, seq_len=seq_len)
+        texts = [tokenizer.decode(row[mask].tolist()) for row, mask in zip(sample["tokens"], sample["padding_mask"], strict=True)]
+        probs = textio.classify_ids(model, [tokenizer.encode(t) for t in texts], seq_len)
+        check, expected = {"texts": texts}, {"predicted": [labels[i] for i in probs.argmax(-1).tolist()]}
+    else:
+        check, expected = {}, {}
+    return TextSide(spec, tokenizer, check, expected), ""
+
+
 def example_inputs(arch: ArchConfig, seed: int = 0) -> list[torch.Tensor]:
     """Random forward arguments, the second sequence padded at the end."""
     generator = torch.Generator().manual_seed(seed)
@@ -140,8 +201,10 @@ def example_inputs(arch: ArchConfig, seed: int = 0) -> list[torch.Tensor]:
     return [tokens, mask]
 
 
-def check_folder(folder: pathlib.Path, model: torch.nn.Module, arch: ArchConfig, atol: float = 1e-5) -> dict[str, Any]:
-    """Loads the folder in a fresh process without qkvsearch and compares it with ``model``.
+def check_folder(folder: pathlib.Path, model: torch.nn.Module, arch: ArchConfig, atol: float = 1e-5,
+                 text: TextSide | None = None) -> dict[str, Any]:
+    """Loads the folder in a fresh process without qkvsearch and compares it with ``model``
+    (and, with ``text``, the text it generates or the labels it predicts).
 
     Raises:
         ExportError: naming the difference (outputs, shapes, parameter count, imports).
@@ -152,7 +215,8 @@ def check_folder(folder: pathlib.Path, model: torch.nn.Module, arch: ArchConfig,
         save_file({f"{i}_arg": t.contiguous() for i, t in enumerate(inputs)}, str(inputs_path))
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
         result = subprocess.run(
-            [sys.executable, "-I", "-B", "-c", CHECK_SCRIPT, str(folder.resolve()), str(inputs_path)],
+            [sys.executable, "-I", "-B", "-c", CHECK_SCRIPT, str(folder.resolve()), str(inputs_path),
+             json.dumps(text.check if text else {})],
             capture_output=True, text=True, cwd=scratch, env=env, timeout=600,
         )
     if result.returncode:
@@ -173,6 +237,9 @@ def check_folder(folder: pathlib.Path, model: torch.nn.Module, arch: ArchConfig,
         if not difference <= atol * (1 + float(expected.abs().max())):
             problems.append(f"outputs differ by up to {difference:.3g} (tolerance {atol:g})")
         report["max_abs_difference"] = difference
+    for name, value in (text.expected if text else {}).items():
+        if report["text"].get(name) != value:
+            problems.append(f"{name} {report['text'].get(name)!r} differs from the model's {value!r}")
     if problems:
         raise ExportError("the exported model does not match: " + "; ".join(problems))
     return report
@@ -196,7 +263,27 @@ def portable(path: pathlib.Path, run_root: str | pathlib.Path) -> str:
     return path.name
 
 
-def model_card(chosen: Chosen, weights: str, check: dict[str, Any], extras: list[str]) -> str:
+def text_usage(arch: ArchConfig, text: TextSide | None) -> str:
+    """The card's lines on text: a two-line example and what the tokenizer is."""
+    if text is None:
+        return ""
+    names = text_functions(arch)
+    needs = " and `tokenizers`" if text.tokenizer.hf is not None else ""
+    kind = {"bytes": "UTF-8 bytes", "ascii": "ASCII characters (others as 127)", "chars": "one id per character (chars.json)"}
+    lines = [f"\nIt reads text as its task did: {kind.get(text.tokenizer.kind, 'the tokenizer in tokenizer.json')}, "
+             f"{text.tokenizer.vocab_size} ids (torch{needs}).\n\n```python\nimport model\n"]
+    if "generate" in names:
+        prompt = text.check["prompt"]
+        lines.append(f"print(model.generate({prompt!r}, max_new_tokens=200, temperature=0.8, top_k=40))\n```\n")
+    elif "predict" in names:
+        lines.append(f"print(model.predict({text.check['texts'][:2]!r}))  # labels: {', '.join(text.spec['labels'])}\n```\n")
+    else:
+        lines.append("ids = model.encode('some text'); print(model.decode(ids))\n```\n")
+    lines.append(f"\n`model.py` offers {', '.join(f'`{n}`' for n in names)}.\n")
+    return "".join(lines)
+
+
+def model_card(chosen: Chosen, weights: str, check: dict[str, Any], extras: list[str], text: TextSide | None = None) -> str:
     """The folder's README.md (``weights``: where they came from, as :func:`portable` says)."""
     arch, trial, study = chosen.arch, chosen.trial, chosen.study
     objectives = study.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(trial.values))]
@@ -215,7 +302,7 @@ A {arch.kind.replace('_', '-')} Transformer found by qkvsearch. `model.py` depen
 import model                  # with this folder on sys.path
 net = model.load()            # builds the architecture, loads model.safetensors, eval mode
 ```
-
+{text_usage(arch, text)}
 | | |
 | --- | --- |
 | parameters | {count_parameters(arch):,} |
@@ -279,15 +366,19 @@ def export(cfg: DictConfig) -> pathlib.Path:
     try:
         state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(partial / "model.safetensors"), metadata={"arch_hash": chosen.arch.fingerprint()})
-        (partial / "model.py").write_text(generate_model_source(chosen.arch))
+        text, why_no_text = text_side(chosen, model)
+        if text is not None:
+            text.tokenizer.save(partial)
+            (partial / "text.json").write_text(json.dumps(text.spec, indent=1))
+        (partial / "model.py").write_text(generate_model_source(chosen.arch, text=text is not None))
         (partial / "config.yaml").write_text(yaml.safe_dump(chosen.arch.to_dict(), sort_keys=False))
-        check = check_folder(partial, model, chosen.arch)
-        extras = []
+        check = check_folder(partial, model, chosen.arch, text=text)
+        extras = [why_no_text] if why_no_text else []
         if cfg.onnx:
             extras.append(export_onnx(model, chosen.arch, partial))
         if cfg.torch_export:
             extras.append(export_program(model, chosen.arch, partial))
-        (partial / "README.md").write_text(model_card(chosen, portable(weights, cfg.run_root), check, extras))
+        (partial / "README.md").write_text(model_card(chosen, portable(weights, cfg.run_root), check, extras, text))
         umask = os.umask(0)
         os.umask(umask)
         for path in partial.iterdir():  # safetensors writes 0600; an export is meant to be shared

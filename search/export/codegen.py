@@ -6,6 +6,11 @@ from ``models/``, so the exported model computes what the searched one did), a
 small safetensors reader, so it depends on torch alone. Each component config has an
 exporter that turns it into a constructor expression; a custom component registers one
 with :func:`register_exporter`.
+
+Given the task's text spec (its tokenizer's kind, and the label names of a classifier),
+``model.py`` also reads and writes text: ``encode``/``decode`` with the task's own
+:class:`~qkvsearch.tasks.tokenizer.Tokenizer`, ``generate`` for a decoder language model
+(with a key/value cache) and ``predict`` for a classifier, from :mod:`.textio`.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from qkvsearch.models.describe import layer_rows
 from qkvsearch.models.errors import QkvError
 from qkvsearch.models.masks import MaskContext
 from qkvsearch.models.registry import ComponentConfig
+from qkvsearch.search.export import textio
+from qkvsearch.tasks.tokenizer import Tokenizer
 
 
 class ExportError(QkvError):
@@ -215,7 +222,7 @@ def _safetensors_reader() -> str:
     ''')
 
 
-def _docstring(arch: ArchConfig) -> str:
+def _docstring(arch: ArchConfig, text: bool) -> str:
     lines = [
         f"A {arch.kind.replace('_', '-')} Transformer exported by qkvsearch; it depends on torch alone.",
         "",
@@ -231,11 +238,104 @@ def _docstring(arch: ArchConfig) -> str:
                      f"{row['scaling']}, {row['masks']}; {row['ffn']} d_ff {row['d_ff']}{cross}")
     lines += ["", "Usage::", "", "    import model", "    net = model.load()          # trained weights, eval mode",
               "    logits = net(tokens)        # see the forward of the class build() returns"]
+    if text:
+        lines += [f"    # text in and out (text.json beside this file): {', '.join(text_functions(arch))}"]
     return '"""' + "\n".join(lines) + '\n"""'
 
 
-def generate_model_source(arch: ArchConfig) -> str:
-    """Returns the source of a standalone ``model.py`` for ``arch``."""
+def text_functions(arch: ArchConfig) -> list[str]:
+    """What an export of ``arch`` offers for text: encode and decode, with generate (a
+    decoder language model) or predict (a classifier)."""
+    names = ["encode", "decode"]
+    if arch.kind == "decoder" and arch.head.name == "lm":
+        names.append("generate")
+    if arch.head.name == "classifier":
+        names += ["predict", "predict_proba"]
+    return names
+
+
+_TEXT_API = '''
+#: text.json, read on first use: the task's tokenizer kind (and label names of a classifier).
+_TEXT: dict = {}
+_NET: dict = {}
+
+
+def _text() -> dict:
+    if not _TEXT:
+        folder = pathlib.Path(__file__).resolve().parent
+        spec = json.loads((folder / "text.json").read_text())
+        _TEXT.update(spec, tokenizer=Tokenizer.load(spec["tokenizer"], folder))
+    return _TEXT
+
+
+def _net(net: nn.Module | None) -> nn.Module:
+    if net is not None:
+        return net
+    if "net" not in _NET:
+        _NET["net"] = load()
+    return _NET["net"]
+
+
+def encode(text: str) -> list[int]:
+    """The token ids of ``text``, as the model's task made them."""
+    return _text()["tokenizer"].encode(text)
+
+
+def decode(ids: list[int]) -> str:
+    """The text of token ids."""
+    return _text()["tokenizer"].decode([int(i) for i in ids])
+'''
+
+_GENERATE = '''
+
+def generate(prompt: str, max_new_tokens: int = 100, temperature: float = 1.0, top_k: int | None = None,
+             seed: int | None = None, net: nn.Module | None = None) -> str:
+    """The text the model writes after ``prompt``: ``max_new_tokens`` tokens, sampled at
+    ``temperature`` from the ``top_k`` most likely (greedy at temperature 0), with a key/value
+    cache. ``net``: a model from load() (default: this folder's, loaded once)."""
+    new = generate_ids(_net(net), encode(prompt), max_new_tokens, temperature=temperature, top_k=top_k,
+                       seed=seed, window=MAX_SEQ_LEN, prefix=PREFIX)
+    return decode(new)
+'''
+
+_PREDICT = '''
+
+def predict_proba(texts: list[str], net: nn.Module | None = None) -> list[dict[str, float]]:
+    """Each text's probability per label name."""
+    labels = _text()["labels"]
+    probs = classify_ids(_net(net), [encode(t) for t in texts], _text()["seq_len"])
+    return [dict(zip(labels, row, strict=True)) for row in probs.tolist()]
+
+
+def predict(texts: list[str], net: nn.Module | None = None) -> list[str]:
+    """Each text's most likely label name."""
+    return [max(p, key=p.get) for p in predict_proba(texts, net)]
+'''
+
+
+def decoding_prefix(arch: ArchConfig) -> int:
+    """The decoder's longest prefix-LM prefix: positions that a cache cannot decode one by one (0: none)."""
+    decoder = arch.stacks.get("decoder")
+    if decoder is None:
+        return 0
+    return max((m.bidirectional_prefix() for layer in decoder.layers for m in layer.attention.masks), default=0)
+
+
+def _text_source(arch: ArchConfig) -> str:
+    """The text functions of ``model.py`` (read ``text.json`` beside it)."""
+    names = text_functions(arch)
+    parts = ["\n\n#: The most positions the model attends over, and the prefix-LM prefix (0: none).\n"
+             f"MAX_SEQ_LEN = {arch.max_seq_len}\nPREFIX = {decoding_prefix(arch)}\n\n\n", inspect.getsource(Tokenizer), _TEXT_API]
+    if "generate" in names:
+        parts += ["\n\n", inspect.getsource(textio.sample_token), "\n\n", inspect.getsource(textio.generate_ids), _GENERATE]
+    if "predict" in names:
+        parts += ["\n\n", inspect.getsource(textio.classify_ids), _PREDICT]
+    return "".join(parts)
+
+
+def generate_model_source(arch: ArchConfig, text: bool = False) -> str:
+    """Returns the source of a standalone ``model.py`` for ``arch`` (``text``: with the text
+    functions, for a folder that holds ``text.json``)."""
     model = build_model(arch)
     classes = _classes_used(model)
     sources = [inspect.getsource(cls) for cls in classes]
@@ -246,7 +346,7 @@ def generate_model_source(arch: ArchConfig) -> str:
     blocks = [inspect.getsource(h) for h in helper_classes + helper_functions] + sources
     config = repr(arch.to_dict())
     header = (
-        _docstring(arch) + "\n\nfrom __future__ import annotations\n\n"
+        _docstring(arch, text) + "\n\nfrom __future__ import annotations\n\n"
         "import dataclasses\nimport json\nimport math\nimport os\nimport pathlib\n"
         "from collections.abc import Callable, Hashable\nfrom typing import ClassVar\n\n"
         "import torch\nimport torch.nn.functional as F\nfrom torch import nn\n\n"
@@ -255,5 +355,7 @@ def generate_model_source(arch: ArchConfig) -> str:
         "WeightsSink = Callable[[torch.Tensor], None]  # receives attention weights when set\n"
         "Sublayer = Callable[[torch.Tensor], torch.Tensor]\n"
     )
-    text = header + "\n\n" + "\n\n".join(b.rstrip() + "\n" for b in blocks) + "\n\n" + _build_function(arch) + "\n" + _safetensors_reader()
-    return re.sub(r"\n{4,}", "\n\n\n", text)
+    source = header + "\n\n" + "\n\n".join(b.rstrip() + "\n" for b in blocks) + "\n\n" + _build_function(arch) + "\n" + _safetensors_reader()
+    if text:
+        source += _text_source(arch)
+    return re.sub(r"\n{4,}", "\n\n\n", source)
