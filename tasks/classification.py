@@ -1,6 +1,6 @@
 """Classification of the user's own rows: ``qkv sweep task=text_classification``.
 
-The rows of a ``.csv``/``.tsv``/``.jsonl`` file, classified by one of their columns, with the
+The rows of a ``.csv``/``.tsv``/``.jsonl``/``.parquet`` file, classified by one of their columns, with the
 tokenizers of ``task=text`` (``tasks/corpus.py``).
 """
 
@@ -15,13 +15,16 @@ from torch.utils.data import DataLoader
 
 from qkvsearch.models.errors import QkvError
 from qkvsearch.tasks.base import Batches, frequency_loss
-from qkvsearch.tasks.corpus import find_files
+from qkvsearch.tasks.corpus import find_files, parquet_columns
 from qkvsearch.tasks.tokenizer import TOKENIZERS, Tokenizer, train_tokenizer
 
 
 def labelled_rows(path: pathlib.Path, text: str, label: str) -> list[tuple[str, str]]:
-    """``(text, label)`` rows of a ``.csv`` (with a header) or ``.jsonl`` file."""
-    if path.suffix == ".jsonl":
+    """``(text, label)`` rows of a ``.csv``/``.tsv`` (with a header), ``.jsonl`` or ``.parquet`` file."""
+    if path.suffix == ".parquet":
+        columns = {"task.data.text": text, "task.data.label": label}
+        records = [(i + 1, r) for i, r in enumerate(parquet_columns(path, columns))]
+    elif path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             records = [(i + 1, json.loads(line)) for i, line in enumerate(f) if line.strip()]
     elif path.suffix in (".csv", ".tsv"):
@@ -30,7 +33,7 @@ def labelled_rows(path: pathlib.Path, text: str, label: str) -> list[tuple[str, 
         with open(path, encoding="utf-8", newline="") as f:
             records = list(enumerate(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","), start=2))
     else:
-        raise QkvError(f"task.data.path: {path} is neither .csv, .tsv nor .jsonl")
+        raise QkvError(f"task.data.path: {path} is neither .csv, .tsv, .jsonl nor .parquet")
     rows = []
     for line, record in records:
         for field, key in (("text", text), ("label", label)):
@@ -44,7 +47,7 @@ def labelled_rows(path: pathlib.Path, text: str, label: str) -> list[tuple[str, 
 
 
 class TextClassification(L.LightningDataModule):
-    """Classify the texts of a ``.csv``/``.tsv``/``.jsonl`` file by one of its columns.
+    """Classify the texts of a ``.csv``/``.tsv``/``.jsonl``/``.parquet`` file by one of its columns.
 
     Labels are mapped to ids in sorted order (``label_names``); the split into train,
     validation and test is stratified (each label's rows are shared out in the same

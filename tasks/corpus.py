@@ -1,7 +1,7 @@
 """Language modelling on the user's own text files: ``qkv sweep task=text task.data.paths=[...]``.
 
-The files (``.txt`` and other plain text: one document per file; ``.jsonl``: one document
-per line, its ``text_field``) are split into train, validation and test by document, with a
+The files (``.txt`` and other plain text: one document per file; ``.jsonl`` and
+``.parquet``: one document per line or row, its ``text_field``) are split into train, validation and test by document, with a
 stable hash of the document's path (and line), so a split never changes when other files
 come or go. The corpus is tokenized once, with a progress bar, into one flat token file per
 split (uint16, or uint32 for vocabularies over 65,536) under ``cache_dir/<key>``, where the
@@ -49,9 +49,29 @@ def find_files(patterns: list[str]) -> list[pathlib.Path]:
     return sorted(found)
 
 
+def parquet_columns(path: pathlib.Path, columns: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """The rows of a parquet file, read in batches of the ``columns`` asked for (``{field: column}``,
+    the field being the config key that names the column)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise QkvError(f"{path}: reading parquet needs pyarrow (pip install 'qkvsearch[parquet]')") from None
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    for field, column in columns.items():
+        if column not in names:
+            raise QkvError(f"{field}: {path} has no column {column!r} (its columns: {', '.join(names)})")
+    for batch in parquet.iter_batches(batch_size=4096, columns=list(dict.fromkeys(columns.values()))):
+        yield from batch.to_pylist()
+
+
 def documents(path: pathlib.Path, text_field: str) -> Iterator[tuple[str, str]]:
-    """``(id, text)`` of each document in ``path``: the file itself, or each JSON line."""
-    if path.suffix == ".jsonl":
+    """``(id, text)`` of each document in ``path``: the file itself, each JSON line, or each parquet row."""
+    if path.suffix == ".parquet":
+        for number, record in enumerate(parquet_columns(path, {"task.data.text_field": text_field})):
+            if record[text_field] is not None:
+                yield f"{path}:{number}", str(record[text_field])
+    elif path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f):
                 if not line.strip():
@@ -83,15 +103,15 @@ def digest_files(files: list[pathlib.Path]) -> str:
 
 class Windows(IterableDataset):
     """Batches of ``seq_len + 1``-token windows of a memory-mapped token file: random
-    windows (``shuffle``, a fresh draw each pass) or consecutive ones."""
+    windows (``shuffle``, a fresh draw each pass) or consecutive ones (at most ``limit``
+    batches of them, spread evenly over the file)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, shuffle: bool, seed: int,
                  limit: int | None = None) -> None:
         self.tokens, self.seq_len, self.batch_size, self.shuffle = tokens, seq_len, batch_size, shuffle
         self.n = (len(tokens) - 1) // seq_len if not shuffle else len(tokens) - seq_len - 1
-        self.batches = max(1, (len(tokens) - 1) // (seq_len * batch_size))
-        if limit is not None:
-            self.batches = min(self.batches, limit)
+        self.available = max(1, (len(tokens) - 1) // (seq_len * batch_size))
+        self.batches = self.available if limit is None else min(self.available, limit)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -107,7 +127,7 @@ class Windows(IterableDataset):
             if self.shuffle:
                 starts = torch.randint(0, self.n + 1, (self.batch_size,), generator=self.generator).numpy()
             else:
-                first = i * self.batch_size
+                first = (i * self.available // self.batches) * self.batch_size
                 starts = np.arange(first, min(first + self.batch_size, self.n)) * self.seq_len
             yield self.batch(starts)
 
@@ -123,6 +143,7 @@ class TextCorpus(L.LightningDataModule):
         seq_len: tokens per example.
         val_fraction, test_fraction: shares of the documents held out.
         val_batches: the most validation batches a pass reads.
+        test_batches: the most test batches a trial's test score reads (spread over the split).
         batch_size, seed: loader settings.
         cache_dir: where tokenized corpora are kept.
     """
@@ -133,7 +154,7 @@ class TextCorpus(L.LightningDataModule):
 
     def __init__(self, paths: list[str], tokenizer: str = "bytes", vocab_size: int | None = None,
                  text_field: str = "text", seq_len: int = 256, val_fraction: float = 0.05, test_fraction: float = 0.05,
-                 val_batches: int = 50, batch_size: int = 32, seed: int = 0, cache_dir: str = "runs/cache") -> None:
+                 val_batches: int = 50, test_batches: int = 200, batch_size: int = 32, seed: int = 0, cache_dir: str = "runs/cache") -> None:
         super().__init__()
         if isinstance(paths, str):
             paths = [paths]
@@ -154,6 +175,7 @@ class TextCorpus(L.LightningDataModule):
         self.paths, self.tokenizer_name, self.requested_vocab = list(paths), str(tokenizer), vocab_size
         self.text_field, self.seq_len = text_field, seq_len
         self.val_fraction, self.test_fraction, self.val_batches = val_fraction, test_fraction, val_batches
+        self.test_batches = test_batches
         self.batch_size, self.seed, self.cache_dir = batch_size, seed, pathlib.Path(cache_dir)
         self.tokens: dict[str, np.ndarray] = {}
         self.tokenizer: Tokenizer | None = None
@@ -189,7 +211,10 @@ class TextCorpus(L.LightningDataModule):
             with open(building / f"{split}.bin", "wb") as out:
                 texts = self._split_documents(files, split)
                 for text in tqdm(texts, desc=f"tokenizing {split}", unit=" docs", leave=False, disable=None):
-                    ids = np.asarray(tokenizer.encode(text + SEPARATOR), dtype=dtype)
+                    if tokenizer.kind == "bytes":  # the same ids as encode(), without a list of ints
+                        ids = np.frombuffer((text + SEPARATOR).encode("utf-8"), dtype=np.uint8).astype(dtype)
+                    else:
+                        ids = np.asarray(tokenizer.encode(text + SEPARATOR), dtype=dtype)
                     out.write(ids.tobytes())
                     count += len(ids)
             sizes[split] = count
@@ -233,18 +258,24 @@ class TextCorpus(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         if len(self.tokens["test"]) < self.seq_len + 2:
             raise QkvError("task.data.test_fraction: the test split is empty or shorter than one example")
-        return DataLoader(Windows(self.tokens["test"], self.seq_len, self.batch_size, False, self.seed), batch_size=None)
+        data = Windows(self.tokens["test"], self.seq_len, self.batch_size, False, self.seed, limit=self.test_batches)
+        return DataLoader(data, batch_size=None)
 
     def sample_batch(self, n: int = 1) -> dict[str, torch.Tensor]:
         windows = Windows(self.tokens["val"], self.seq_len, n, False, self.seed)
         return windows.batch(np.arange(min(n, windows.n)) * self.seq_len)
 
     def trivial_loss(self) -> float:
-        """Validation loss of the train split's (add-one smoothed) token frequencies."""
-        train = np.asarray(self.tokens["train"][: 10_000_000], dtype=np.int64)
-        val = np.asarray(self.tokens["val"][: 1_000_000], dtype=np.int64)
-        counts = np.bincount(train, minlength=self.vocab_size).astype(np.float64) + 1.0
-        return float(-np.log(counts / counts.sum())[val].mean())
+        """Validation loss of the train split's (add-one smoothed) token frequencies, from up to
+        10 M train and 1 M validation tokens, read a chunk at a time (the splits stay mapped)."""
+        chunk = 1 << 20
+        counts = np.ones(self.vocab_size)
+        train = self.tokens["train"][:10_000_000]
+        for start in range(0, len(train), chunk):
+            counts += np.bincount(train[start : start + chunk], minlength=self.vocab_size)
+        log_p = np.log(counts / counts.sum())
+        val = self.tokens["val"][:1_000_000]
+        return float(-sum(log_p[val[start : start + chunk]].sum() for start in range(0, len(val), chunk)) / len(val))
 
     def token_text(self, token: int) -> str:
         text = self.tokenizer.decode([token]) if self.tokenizer else str(token)

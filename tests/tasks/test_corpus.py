@@ -90,6 +90,22 @@ def test_jsonl_documents_and_their_errors_name_the_field_and_line(tmp_path):
         TextCorpus(paths=[str(path)], seq_len=8, cache_dir=str(tmp_path / "cache2")).setup("fit")
 
 
+def test_parquet_rows_are_documents_read_in_batches_and_a_missing_column_is_named(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    bodies = [" ".join(WORDS[i % 5 :] * 4) for i in range(30)]
+    path = tmp_path / "notes.parquet"
+    pq.write_table(pa.table({"id": list(range(30)), "body": bodies}), path, row_group_size=7)
+    task = TextCorpus(paths=[str(path)], text_field="body", seq_len=8, val_fraction=0.3, cache_dir=str(tmp_path / "cache"))
+    task.setup("fit")
+    texts = [task.tokenizer.decode(task.tokens[s].tolist()) for s in ("train", "val", "test")]
+    documents = [d for text in texts for d in text.split("\n\n") if d]
+    assert sorted(documents) == sorted(bodies)  # every row once, across row groups, in one split
+    with pytest.raises(QkvError, match=r"task.data.text_field: .*notes.parquet has no column 'text' \(its columns: id, body\)"):
+        TextCorpus(paths=[str(path)], seq_len=8, cache_dir=str(tmp_path / "cache2")).setup("fit")
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"paths": ["nowhere/*.txt"]}, r"task.data.paths: 'nowhere/\*.txt' matches no file"),
     ({"tokenizer": "words"}, r"task.data.tokenizer: 'words'; valid: bytes, chars, bpe or a tokenizer.json path"),

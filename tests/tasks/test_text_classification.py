@@ -42,6 +42,26 @@ def test_rows_become_padded_tokens_with_label_ids_and_a_stratified_split(tmp_pat
     assert len(first) == int(real[0]) and any(first.startswith(text) for text in MOODS.values())  # the row's text
 
 
+def test_parquet_rows_split_as_the_same_csv_rows_do(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    csv_path = write_rows(tmp_path / "reviews.csv")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    pq.write_table(pa.table({k: [r[k] for r in rows] for k in ("id", "review", "sentiment")}), tmp_path / "reviews.parquet")
+    tasks = [TextClassification(path=str(tmp_path / name), text="review", label="sentiment", seq_len=24)
+             for name in ("reviews.csv", "reviews.parquet")]
+    for task in tasks:
+        task.setup("fit")
+    assert tasks[0].label_names == tasks[1].label_names == ["meh", "neg", "pos"]
+    for split in ("train", "val", "test"):
+        for key in ("tokens", "labels"):
+            assert torch.equal(tasks[0].splits[split][key], tasks[1].splits[split][key])
+    with pytest.raises(QkvError, match=r"task.data.label: .*reviews.parquet has no column 'label' \(its columns: id, review, sentiment\)"):
+        TextClassification(path=str(tmp_path / "reviews.parquet"), text="review").setup("fit")
+
+
 def test_jsonl_rows_and_missing_columns_are_named(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps({"body": f"text {i}", "tag": "ab"[i % 2]}) for i in range(40)))
