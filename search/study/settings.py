@@ -75,6 +75,9 @@ class LoopSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 found.append(f"trainer.{name} must be an integer >= 1, got {value!r}")
+        if not found and self.max_steps < self.val_check_interval:
+            found.append(f"trainer.max_steps ({self.max_steps}) is below trainer.val_check_interval "
+                         f"({self.val_check_interval}): no trial would ever validate; lower val_check_interval")
         limit = self.limit_val_batches
         if isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0 or (isinstance(limit, float) and limit > 1):
             found.append(f"trainer.limit_val_batches must be a batch count >= 1 or a fraction in (0, 1], got {limit!r}")

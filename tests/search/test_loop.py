@@ -99,6 +99,8 @@ def test_the_pruner_stops_the_loop_at_the_validation_it_prunes(tmp_path):
 
 @pytest.mark.parametrize(("trainer", "message"), [
     ({"max_steps": 0}, r"trainer\.max_steps must be an integer >= 1, got 0"),
+    ({"max_steps": 60, "val_check_interval": 100},
+     r"trainer\.max_steps \(60\) is below trainer\.val_check_interval \(100\): no trial would ever validate"),
     ({"limit_val_batches": 1.5}, r"trainer\.limit_val_batches must be a batch count >= 1 or a fraction in \(0, 1\], got 1.5"),
     ({"gradient_clip_val": -1}, r"trainer\.gradient_clip_val must be null or a number > 0, got -1"),
     ({"devices": "auto"}, r"trainer\.devices must be an integer >= 1 in a sweep trial \(each trial's processes\), got 'auto'"),
