@@ -62,3 +62,12 @@ def test_a_sweep_reports_its_best_trials_on_the_test_split(tmp_path, capsys):
     table = trials_table(study)
     assert "<th>test_loss</th><th>test_acc</th>" in table
     assert f"<td>{scores[str(study.trials[0].number)]['test_loss']:.4g}</td>" in table
+
+
+def test_the_lm_stdlib_tokenizer_an_export_carries_encodes_as_the_task_does():
+    from qkvsearch.tasks.text import StdlibCharLM, encode
+
+    text = "def f(x):\n\treturn x  # é ✓\n"
+    tokenizer = StdlibCharLM.tokenizer
+    assert tokenizer.encode(text) == encode(text).tolist()
+    assert tokenizer.decode(tokenizer.encode("def f(x):\n")) == "def f(x):\n" and tokenizer.vocab_size == 128
