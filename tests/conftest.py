@@ -14,6 +14,9 @@ import qkvsearch.search.configs  # noqa: F401 - registers the resolvers the conf
 
 CONF = str(pathlib.Path(__file__).resolve().parent.parent / "conf")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# sweeps in tests run no finalists (each would add finalists x finalist_seeds full trials)
+# unless a test asks for them; subprocesses and SLURM jobs inherit this
+os.environ.setdefault("QKV_FINALISTS", "0")
 
 
 def compose_conf(config_name: str, overrides: list[str] | None = None) -> DictConfig:

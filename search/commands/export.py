@@ -46,6 +46,7 @@ from qkvsearch.search.export.codegen import (
     text_functions,
 )
 from qkvsearch.search.inspect.artifacts import load_trained, trial_weights
+from qkvsearch.search.inspect.finalists import finalists
 from qkvsearch.search.inspect.selection import complete_trial, ranked
 from qkvsearch.search.study.storage import check_study_name, load_named_study
 from qkvsearch.tasks.tokenizer import Tokenizer
@@ -95,7 +96,8 @@ class Chosen:
 def select_trial(study: optuna.Study, cfg: Any) -> optuna.trial.FrozenTrial:
     """The trial ``cfg`` asks for: a number, or a rule over the complete trials.
 
-    Rules: ``best`` (first objective), ``smallest_within`` (fewest parameters among trials
+    Rules: ``best`` (first objective: the best mean over seeds when the study has
+    finalists, else the best trial), ``smallest_within`` (fewest parameters among trials
     whose first objective is within ``within`` of the best, relative), ``best_under`` (best
     first objective with at most ``max_params`` parameters); ``auto`` is ``best`` for a
     single objective and asks for a rule otherwise.
@@ -115,7 +117,8 @@ def select_trial(study: optuna.Study, cfg: Any) -> optuna.trial.FrozenTrial:
         rule = "best"
     sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
     if rule == "best":
-        return ranks[0]
+        table = finalists(study)  # retrained with more seeds: the mean is the better estimate
+        return table[0].trial if table else ranks[0]
     if rule == "smallest_within":
         if cfg.within is None or cfg.within < 0:
             raise QkvError(f"within: must be a fraction >= 0, got {cfg.within}")
@@ -291,6 +294,9 @@ def model_card(chosen: Chosen, weights: str, check: dict[str, Any], extras: list
     test = (study.user_attrs.get("test_scores") or {}).get(str(trial.number), {})
     metrics += "".join(f"\n| {name} (held-out test split, not selected on) | {test[name]:.6g} |"
                        for name in ("test_loss", "test_acc") if name in test)
+    seeds = next((f for f in finalists(study) if f.trial.number == trial.number), None)
+    if seeds is not None:
+        metrics += f"\n| {objectives[0]}, mean over {len(seeds.values)} seeds (finalist) | {seeds.mean:.6g} ± {seeds.std:.2g} |"
     rows = layer_rows(arch)
     table = "\n".join("| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows)
     versions = _versions()

@@ -1,6 +1,7 @@
 """``qkv report``: one self-contained HTML file about a study (plotly.js inlined, opens offline).
 
-Sections: optimisation history, Pareto front (several objectives), parameter importances,
+Sections: the best trials, the finalists (each retrained with more seeds), proxy trust
+(how well each validation step and zero-cost proxy ranks the final values), optimisation history, Pareto front (several objectives), parameter importances,
 parallel coordinates, intermediate values, the best trials with their architectures, a
 per-layer picture of the best architecture, and its attention weights per layer and head
 on a sample input of its task. A section that cannot be drawn yet (no complete trial,
@@ -24,7 +25,9 @@ from qkvsearch.models import ArchConfig, count_parameters
 from qkvsearch.models.describe import COLUMNS, layer_rows
 from qkvsearch.search.configs import run_command
 from qkvsearch.search.inspect.artifacts import AttentionMap, attention_maps, load_trained, trial_weights
+from qkvsearch.search.inspect.finalists import finalists, verdict
 from qkvsearch.search.inspect.selection import top_trials
+from qkvsearch.search.inspect.trust import proxy_trust, trust_warning
 from qkvsearch.search.study.storage import load_named_study
 
 State = optuna.trial.TrialState
@@ -106,6 +109,39 @@ def trials_table(study: optuna.Study) -> str:
         )
         table += f"<details><summary>{len(others)} pruned or failed trials</summary><ul>{items}</ul></details>"
     return _section("Best trials" if len(names) == 1 else "Pareto-optimal trials", table)
+
+
+def finalists_section(study: optuna.Study) -> str:
+    """The finalists ranked by their mean over seeds, and whether the top two are within noise."""
+    rows = finalists(study)
+    if not rows:
+        return ""
+    name = _objectives(study)[0]
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in ["trial", "seeds", f"mean {name}", "std", "values", "parameters"])
+    body = "".join(
+        f"<tr><td>{r.trial.number}</td><td>{len(r.values)}</td><td>{r.mean:.4f}</td><td>{r.std:.4f}</td>"
+        f"<td>{', '.join(f'{v:.4f}' for v in r.values)}</td><td>{r.trial.user_attrs.get('n_params', 0):,}</td></tr>"
+        for r in rows)
+    return _section("Finalists: each retrained with more seeds", f"<table><tr>{head}</tr>{body}</table>" + _note(verdict(rows)))
+
+
+def trust_section(study: optuna.Study) -> str:
+    """Rank agreement of each validation step and each zero-cost proxy with the final value."""
+    rows = proxy_trust(study)
+    if not any(r.n for r in rows):
+        return ""
+    head = "".join(f"<th>{n}</th>" for n in ("predictor", "finished trials", "Spearman rho", "Kendall tau"))
+
+    def cell(x: float) -> str:
+        return "-" if x != x else f"{x:.2f}"
+
+    body = "".join(f"<tr><td>{html.escape(r.predictor)}</td><td>{r.n}</td><td>{cell(r.spearman)}</td>"
+                   f"<td>{cell(r.kendall)}</td></tr>" for r in rows)
+    warning = trust_warning(rows)
+    text = ("How well the value at each validation step (what a pruner decides on) and each zero-cost proxy rank "
+            "the final values, over the trials that ran to the end.")
+    return _section("Proxy trust", _note(text) + f"<table><tr>{head}</tr>{body}</table>"
+                    + (f'<p class="warning">warning: {html.escape(warning)}</p>' if warning else ""))
 
 
 def layer_table(arch: ArchConfig, runner_up: ArchConfig | None = None) -> str:
@@ -193,7 +229,7 @@ def best_model_sections(study: optuna.Study, task_loader: Callable[[], Any] | No
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2rem;max-width:1200px}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}.note{color:#777}
-td.differs{background:#fff3b0;font-weight:600}"""
+td.differs{background:#fff3b0;font-weight:600}.warning{color:#a15c00;font-weight:600}"""
 
 
 def render(study: optuna.Study, task_loader: Callable[[], Any] | None = None, run_root: str = "runs") -> str:
@@ -204,7 +240,7 @@ def render(study: optuna.Study, task_loader: Callable[[], Any] | None = None, ru
                f"{counts[State.FAIL]} failed, {counts[State.RUNNING]} running. Objectives: "
                + ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(_objectives(study), study.directions, strict=True))
                + f". Task {study.user_attrs.get('task', '?')}, space {study.user_attrs.get('space', '?')}.")
-    sections = [trials_table(study)]
+    sections = [trials_table(study), finalists_section(study), trust_section(study)]
     if counts[State.COMPLETE]:
         sections += history_sections(study) + best_model_sections(study, task_loader, run_root)
     elif trials:

@@ -9,7 +9,9 @@ from rich.text import Text
 
 from qkvsearch.models import ArchConfig
 from qkvsearch.models.describe import layer_rows
+from qkvsearch.search.inspect.finalists import finalists, verdict
 from qkvsearch.search.inspect.selection import top_trials
+from qkvsearch.search.inspect.trust import proxy_trust, trust_warning
 
 State = optuna.trial.TrialState
 
@@ -89,7 +91,45 @@ def print_summary(study: optuna.Study, overrides: list[str], console: Console | 
         table.add_row(str(trial.number), *values, f"{trial.user_attrs.get('n_params', 0):,}", _architecture(trial) + note)
     console.print()
     console.print(table)
+    print_finalists(study, console)
+    print_trust(study, console)
     args = " ".join(overrides)
     console.print(f"dashboard: qkv dashboard {args}")
     console.print(f"report:    qkv report {args}")
     console.print(f"export:    qkv export {args}")
+
+
+def _number(x: float, digits: int = 2) -> str:
+    return "-" if x != x else f"{x:.{digits}f}"  # NaN: too few trials, or a constant
+
+
+def print_finalists(study: optuna.Study, console: Console) -> None:
+    """The finalists, ranked by their mean over seeds, and whether the top two differ."""
+    table_rows = finalists(study)
+    if not table_rows:
+        return
+    name = (study.user_attrs.get("objectives") or ["value"])[0]
+    table = Table(title=f"finalists: {name} over seeds (the search trial and its retrainings)")
+    for column in ("trial", "seeds", f"mean {name}", "std", "values", "params"):
+        table.add_column(column, justify="right" if column != "values" else "left")
+    for row in table_rows:
+        table.add_row(str(row.trial.number), str(len(row.values)), f"{row.mean:.4f}", _number(row.std, 4),
+                      ", ".join(f"{v:.4f}" for v in row.values), f"{row.trial.user_attrs.get('n_params', 0):,}")
+    console.print(table)
+    if line := verdict(table_rows):
+        console.print(line)
+
+
+def print_trust(study: optuna.Study, console: Console) -> None:
+    """How well each validation step and each zero-cost proxy ranks the final values."""
+    rows = proxy_trust(study)
+    if not any(r.n for r in rows):
+        return
+    table = Table(title="proxy trust: rank agreement with the final value, over trials that finished")
+    for column in ("predictor", "trials", "spearman", "kendall"):
+        table.add_column(column, justify="left" if column == "predictor" else "right")
+    for row in rows:
+        table.add_row(row.predictor, str(row.n), _number(row.spearman), _number(row.kendall))
+    console.print(table)
+    if warning := trust_warning(rows):
+        console.print(f"[yellow]warning:[/yellow] {warning}")

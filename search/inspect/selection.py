@@ -10,12 +10,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from qkvsearch.models.errors import QkvError
+from qkvsearch.search.inspect.finalists import is_finalist
 
 
 def ranked(study: optuna.Study) -> list[FrozenTrial]:
-    """The complete trials, best first objective first."""
+    """The complete search trials (not the retrainings of finalists), best first objective first."""
     sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_finalist(t)]
     return sorted(complete, key=lambda t: (sign * t.values[0], t.user_attrs.get("n_params", 0), t.number))
 
 

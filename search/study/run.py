@@ -29,6 +29,7 @@ from qkvsearch.models.errors import QkvError
 from qkvsearch.search import signals
 from qkvsearch.search.errors import Interrupted
 from qkvsearch.search.inspect.artifacts import open_store, study_run_dir
+from qkvsearch.search.inspect.finalists import enqueue_finalists
 from qkvsearch.search.inspect.report_text import print_summary
 from qkvsearch.search.study.devices import VISIBLE
 from qkvsearch.search.study.group import SPAWNED_BY, WorkerGroup, start_workers
@@ -36,10 +37,12 @@ from qkvsearch.search.study.progress import SweepView, print_trial
 from qkvsearch.search.study.settings import LoopSettings, check_sweep, threads_per_worker
 from qkvsearch.search.study.storage import (
     create_or_load_study,
+    load_named_study,
     open_storage,
     slot_lock,
     storage_url,
 )
+from qkvsearch.search.study.warm import WARM_ATTR, warm_start
 from qkvsearch.search.study.workers import (
     RetryLost,
     frozen,
@@ -232,6 +235,19 @@ def describe_study(study: optuna.Study, cfg: DictConfig, space_name: str) -> Non
         study.set_user_attr(key, value)
 
 
+def warm_source(cfg: DictConfig) -> optuna.Study:
+    """The study ``warm_start`` names, in ``warm_start_storage`` or this sweep's storage."""
+    if cfg.warm_start_storage is None:
+        try:
+            return load_named_study(cfg.storage, cfg.warm_start)
+        except QkvError as error:
+            raise QkvError(f"warm_start: {error}") from None
+    try:
+        return optuna.load_study(study_name=cfg.warm_start, storage=cfg.warm_start_storage)
+    except KeyError:
+        raise QkvError(f"warm_start: no study {cfg.warm_start!r} in warm_start_storage {cfg.warm_start_storage}") from None
+
+
 def prepare(cfg: DictConfig) -> Setup:
     """Checks the whole config and opens the study; no trial has run when it returns."""
     directions = check_sweep(cfg)
@@ -245,6 +261,11 @@ def prepare(cfg: DictConfig) -> Setup:
         study = create_or_load_study(storage, cfg.study_name, directions, optuna.samplers.RandomSampler(), pruner)
         describe_study(study, cfg, space.name)
         index = join_study(study, cfg.worker_index)
+        if cfg.warm_start and WARM_ATTR not in study.user_attrs and not study.get_trials(deepcopy=False):
+            record = warm_start(study, warm_source(cfg), cfg.warm_start_k, space, task)
+            skipped = "; ".join(f"trial {n}: {why}" for n, why in record["skipped"].items())
+            print(f"warm start: trials {record['queued']} of study {cfg.warm_start!r} run first"
+                  + (f"; not queued: {skipped}" if skipped else ""), flush=True)
     study.sampler = build_sampler(cfg, space, index)
     study.set_metric_names(list(cfg.objectives))  # named axes in optuna-dashboard
     run_dir = study_run_dir(study, cfg.run_root)
@@ -337,6 +358,25 @@ def run_worker(setup: Setup, live: bool) -> None:
             view.current = {}
 
 
+def run_finalists(setup: Setup) -> None:
+    """Retrains the best distinct architectures with more seeds (``finalists``,
+    ``finalist_seeds``) once the study's trials are done; a single-objective study only."""
+    cfg, study = setup.cfg, setup.study
+    if not cfg.finalists or len(study.directions) > 1:
+        return
+    with slot_lock(cfg.storage, cfg.study_name):
+        queued = enqueue_finalists(study, cfg.finalists, cfg.finalist_seeds)
+    if queued:
+        print(f"finalists: {queued} more trials retrain the {cfg.finalists} best architectures with "
+              f"{cfg.finalist_seeds} more seeds each", flush=True)
+    from rich.console import Console
+
+    console = Console()
+    while (trial := next_trial(study, setup.storage, cfg.storage, 0, cfg.storage.heartbeat_s)) is not None:
+        run_trial(setup, trial)
+        print_trial(console, frozen(study, trial.number), list(cfg.objectives))
+
+
 def next_commands(cfg: DictConfig) -> list[str]:
     """The overrides that point ``qkv dashboard`` and ``qkv export`` at this sweep's storage."""
     extra = [f"study_name={cfg.study_name}"]
@@ -381,6 +421,13 @@ def sweep(cfg: DictConfig, group: WorkerGroup | None = None, started: bool = Fal
     if group:
         group.wait()
     if not spawned:
+        try:
+            with signals.deferred():
+                run_finalists(setup)
+        except (Interrupted, KeyboardInterrupt):
+            print(f"interrupted: the running finalist is failed and queued again; run the same command to resume "
+                  f"{cfg.study_name!r}", file=sys.stderr)
+            raise
         record_test_scores(setup.study, setup.task, cfg.run_root)  # selected on validation, reported on test
         print_summary(setup.study, next_commands(cfg))
     return setup.study

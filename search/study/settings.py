@@ -103,7 +103,8 @@ def check_sweep(cfg: DictConfig) -> list[str]:
 
     directions = check_objectives(list(cfg.objectives))
     check_study_name(cfg.study_name)
-    for key, least in (("n_trials", 1), ("workers", 1), ("max_retries", 0)):
+    for key, least in (("n_trials", 1), ("workers", 1), ("max_retries", 0), ("finalists", 0), ("finalist_seeds", 1),
+                       ("warm_start_k", 1)):
         if not isinstance(cfg[key], int) or cfg[key] < least:
             raise QkvError(f"{key} must be an integer >= {least}, got {cfg[key]!r}")
     if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):

@@ -26,6 +26,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from qkvsearch.search import signals
+from qkvsearch.search.inspect.finalists import FINALIST_OF, FINALIST_SEED, is_finalist
 from qkvsearch.search.study.storage import HEARTBEAT_ATTR, slot_lock
 
 #: User attribute of a retry: the number of the lost trial it runs again.
@@ -37,7 +38,7 @@ WORKERS_JOINED = "workers_joined"
 class RetryLost(optuna.storages.RetryHeartbeatStaleTrialCallback):
     """Queues a lost trial again (same parameters, Optuna's retry lineage), up to
     ``max_retry`` times. The retry starts clean: none of the lost run's results or
-    heartbeats, only ``retry_of``."""
+    heartbeats, only ``retry_of`` (and a finalist's link to the trial it retrains)."""
 
     def __init__(self, max_retry: int) -> None:
         with warnings.catch_warnings():
@@ -46,7 +47,8 @@ class RetryLost(optuna.storages.RetryHeartbeatStaleTrialCallback):
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         clean = copy.copy(trial)
-        clean.user_attrs = {RETRY_OF: trial.number}
+        kept = {k: v for k, v in trial.user_attrs.items() if k in (FINALIST_OF, FINALIST_SEED)}  # a finalist stays one
+        clean.user_attrs = {RETRY_OF: trial.number, **kept}
         clean.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != HEARTBEAT_ATTR}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -65,9 +67,10 @@ def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
 
 
 def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The trials that count towards ``n_trials`` (see the module docstring)."""
+    """The trials that count towards ``n_trials`` (see the module docstring); the retrainings
+    of finalists do not."""
     retried = retried_numbers(trials)
-    return [t for t in trials if t.state != TrialState.FAIL or t.number not in retried]
+    return [t for t in trials if (t.state != TrialState.FAIL or t.number not in retried) and not is_finalist(t)]
 
 
 def join_study(study: optuna.Study, pinned: int | None) -> int:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.inspect.artifacts import attach_architecture, attach_attention, trial_dir, would_be_best
+from qkvsearch.search.inspect.finalists import is_finalist
 from qkvsearch.search.study.devices import estimate_memory, free_memory, model_flops_utilisation, peak_tflops
 from qkvsearch.search.study.settings import LoopSettings
 from qkvsearch.search.study.workers import wait_for_twin
@@ -125,6 +126,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         arch = self.sample(trial)
+        if is_finalist(trial):  # a retraining with another seed: trained in full, never pruned or deduplicated
+            return self._train(trial, arch, prune=False)
         twin = wait_for_twin(trial.study, trial, trial.user_attrs["arch_hash"], self.poll_s, self.reap)
         if twin is not None and twin.state == optuna.trial.TrialState.PRUNED:
             trial.set_user_attr("duplicate_of", twin.number)
@@ -136,13 +139,17 @@ class Objective:
                 if key in duplicate.user_attrs:
                     trial.set_user_attr(key, duplicate.user_attrs[key])
             return list(duplicate.values)
+        return self._train(trial, arch, prune=self.prune)
+
+    def _train(self, trial: optuna.Trial, arch: ArchConfig, prune: bool) -> list[float]:
+        """Trains a sampled architecture and returns the trial's objective values."""
         self._check_memory(trial, arch)
         folder = trial_dir(self.run_dir, trial.number)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "arch.yaml").write_text(yaml.safe_dump(arch.to_dict(), sort_keys=False))
         if self.store is not None:
             attach_architecture(self.store, trial, folder / "arch.yaml")
-        lit, best, result = self._fit(trial, arch, folder)
+        lit, best, result = self._fit(trial, arch, folder, prune)
         if best.state is None:
             raise RuntimeError(f"trial {trial.number} finished without a validation of {self.monitor}")
         save_file(best.state, str(folder / "model.safetensors"), metadata={"arch_hash": trial.user_attrs["arch_hash"]})
@@ -183,7 +190,8 @@ class Objective:
             trial.set_user_attr("pruned_reason", reason)
             raise optuna.TrialPruned(reason)
 
-    def _fit(self, trial: optuna.Trial, arch: ArchConfig, folder: pathlib.Path) -> tuple[LitTransformer, BestWeights, FitResult]:
+    def _fit(self, trial: optuna.Trial, arch: ArchConfig, folder: pathlib.Path,
+             prune: bool) -> tuple[LitTransformer, BestWeights, FitResult]:
         """Trains with the trial loop (Lightning Fabric); the pruning callback may raise TrialPruned."""
         optim = {**self.optim, "max_steps": self.settings.max_steps}
         world = self.settings.world_size
@@ -200,7 +208,7 @@ class Objective:
         lit = LitTransformer(arch, self.task.kind, **optim)
         best = BestWeights(self.monitor, sign=-1.0 if self.monitor == "val_acc" else 1.0)
         callbacks: list[Any] = [best, *self.callbacks(trial)]
-        if self.prune:
+        if prune:
             callbacks.append(OptunaPruning(trial, self.monitor))
         try:
             with ranks:

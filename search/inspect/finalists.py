@@ -1,0 +1,112 @@
+"""Finalists: the study's best distinct architectures, trained again with more seeds.
+
+One trial's validation loss is one draw: another seed (initialisation, data order) moves
+it. When a single-objective sweep's trials are done, the ``finalists`` best distinct
+architectures are each trained ``finalist_seeds`` more times at the full budget, without
+pruning. Each retraining is a trial of its own in the study, linked to the trial it repeats
+by the user attributes ``finalist_of`` and ``finalist_seed``; finalist trials do not count
+towards ``n_trials``, and the study's own rankings (summary, report, test scores, export)
+treat each architecture by the mean over its seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+
+import optuna
+
+State = optuna.trial.TrialState
+FrozenTrial = optuna.trial.FrozenTrial
+
+#: the user attributes of a finalist trial: the trial whose architecture it retrains, and its seed index
+FINALIST_OF, FINALIST_SEED = "finalist_of", "finalist_seed"
+
+
+def is_finalist(trial: FrozenTrial) -> bool:
+    return FINALIST_OF in trial.user_attrs
+
+
+def distinct_best(ranked_trials: list[FrozenTrial], k: int) -> list[FrozenTrial]:
+    """The first ``k`` trials of a ranking with distinct architectures."""
+    seen: set[str] = set()
+    chosen = []
+    for trial in ranked_trials:
+        fingerprint = trial.user_attrs.get("arch_hash", f"trial {trial.number}")
+        if fingerprint in seen or "duplicate_of" in trial.user_attrs:
+            continue
+        seen.add(fingerprint)
+        chosen.append(trial)
+        if len(chosen) == k:
+            break
+    return chosen
+
+
+def enqueue_finalists(study: optuna.Study, k: int, seeds: int) -> int:
+    """Queues the retrainings of the ``k`` best distinct architectures that the study does not
+    hold yet (queued, running or finished; a failed one is queued again); returns how many."""
+    from qkvsearch.search.inspect.selection import ranked
+
+    held = {(t.user_attrs[FINALIST_OF], t.user_attrs[FINALIST_SEED]) for t in study.get_trials(deepcopy=False)
+            if is_finalist(t) and t.state != State.FAIL}
+    queued = 0
+    for original in distinct_best(ranked(study), k):
+        for seed in range(1, seeds + 1):
+            if (original.number, seed) not in held:
+                study.enqueue_trial(original.params, user_attrs={FINALIST_OF: original.number, FINALIST_SEED: seed})
+                queued += 1
+    return queued
+
+
+@dataclasses.dataclass
+class Finalist:
+    """One architecture's values over its seeds: the original trial first."""
+
+    trial: FrozenTrial  # the original search trial
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
+
+    @property
+    def stderr(self) -> float:
+        return self.std / math.sqrt(len(self.values)) if len(self.values) > 1 else math.nan
+
+
+def finalists(study: optuna.Study) -> list[Finalist]:
+    """The architectures that have finalist trials, best mean first (empty when none ran)."""
+    trials = study.get_trials(deepcopy=False)
+    by_number = {t.number: t for t in trials}
+    values: dict[int, list[float]] = {}
+    for trial in trials:
+        if is_finalist(trial) and trial.state == State.COMPLETE:
+            values.setdefault(trial.user_attrs[FINALIST_OF], []).append(trial.values[0])
+    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
+    table = [Finalist(by_number[n], [by_number[n].values[0], *extra]) for n, extra in values.items()
+             if by_number[n].state == State.COMPLETE]
+    return sorted(table, key=lambda f: (sign * f.mean, f.trial.number))
+
+
+def within_noise(first: Finalist, second: Finalist) -> bool:
+    """True when the two means differ by less than two standard errors of their difference."""
+    spread = math.sqrt(first.stderr**2 + second.stderr**2)
+    return not math.isnan(spread) and abs(first.mean - second.mean) < 2 * spread
+
+
+def verdict(table: list[Finalist]) -> str:
+    """One line on whether the top architecture is better than the runner-up or within noise."""
+    if len(table) < 2:
+        return ""
+    first, second = table[0], table[1]
+    if within_noise(first, second):
+        return (f"trials {first.trial.number} and {second.trial.number} are within noise of each other "
+                f"(means {first.mean:.4f} and {second.mean:.4f}, difference under two standard errors): "
+                "prefer the smaller or faster, or train more seeds")
+    return (f"trial {first.trial.number} is ahead of trial {second.trial.number} by more than two standard errors "
+            f"({first.mean:.4f} vs {second.mean:.4f} over {len(first.values)} and {len(second.values)} seeds)")

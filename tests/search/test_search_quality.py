@@ -1,0 +1,122 @@
+"""Finalists retrained with more seeds, proxy trust, and warm starts, on short studies."""
+
+from __future__ import annotations
+
+import io
+
+import optuna
+import pytest
+from rich.console import Console
+
+from qkvsearch.models.errors import QkvError
+from qkvsearch.search.inspect.finalists import FINALIST_OF, FINALIST_SEED, finalists, verdict, within_noise
+from qkvsearch.search.inspect.report_text import print_summary
+from qkvsearch.search.inspect.trust import proxy_trust, trust_warning
+from qkvsearch.search.study.run import sweep
+from qkvsearch.search.study.workers import counted
+from tests.conftest import tiny_sweep_conf
+
+State = optuna.trial.TrialState
+
+
+@pytest.mark.slow
+def test_finalists_retrain_the_best_distinct_architectures_with_more_seeds(tmp_path):
+    from qkvsearch.search.commands.export import select_trial
+    from tests.conftest import compose_conf
+
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=4", "pruner=none", "finalists=2", "finalist_seeds=2", "study_name=fin")
+    study = sweep(cfg)
+    trials = study.get_trials(deepcopy=False)
+    search = [t for t in trials if FINALIST_OF not in t.user_attrs]
+    extra = [t for t in trials if FINALIST_OF in t.user_attrs]
+    assert len(counted(trials)) == 4 == len(search)  # finalists do not count towards n_trials
+    complete = sorted((t for t in search if t.state == State.COMPLETE and "duplicate_of" not in t.user_attrs),
+                      key=lambda t: t.values[0])
+    distinct = []
+    for t in complete:
+        if t.user_attrs["arch_hash"] not in {d.user_attrs["arch_hash"] for d in distinct}:
+            distinct.append(t)
+    top = distinct[:2]
+    assert sorted((t.user_attrs[FINALIST_OF], t.user_attrs[FINALIST_SEED]) for t in extra) == sorted(
+        (o.number, s) for o in top for s in (1, 2))
+    by_number = {t.number: t for t in trials}
+    for t in extra:
+        original = by_number[t.user_attrs[FINALIST_OF]]
+        assert t.state == State.COMPLETE and t.user_attrs["arch_hash"] == original.user_attrs["arch_hash"]
+        assert "duplicate_of" not in t.user_attrs and t.user_attrs["train_tokens"] == original.user_attrs["train_tokens"]
+        assert t.values[0] != original.values[0]  # trained again with another seed, not copied
+    table = finalists(study)
+    assert {f.trial.number for f in table} == {o.number for o in top}
+    assert all(len(f.values) == 3 for f in table) and table[0].mean <= table[1].mean
+    expected = (sum(v for v in [by_number[table[0].trial.number].values[0]] + [
+        t.values[0] for t in extra if t.user_attrs[FINALIST_OF] == table[0].trial.number])) / 3
+    assert table[0].mean == pytest.approx(expected)
+    assert verdict(table)  # says whether the top two differ
+    # export's best is the best mean over seeds; a second run of the sweep adds nothing
+    assert select_trial(study, compose_conf("export", ["rule=best"])).number == table[0].trial.number
+    again = sweep(cfg)
+    assert len(again.get_trials(deepcopy=False)) == len(trials)
+    out = io.StringIO()
+    print_summary(again, [], Console(file=out, width=200))
+    assert "finalists:" in out.getvalue() and "proxy trust" in out.getvalue()
+
+
+def _study_with(finals: list[float], early: dict[int, list[float]], params: list[int]) -> optuna.Study:
+    study = optuna.create_study()
+    for i, final in enumerate(finals):
+        study.add_trial(optuna.trial.create_trial(
+            value=final, intermediate_values={step: values[i] for step, values in early.items()},
+            user_attrs={"n_params": params[i], "flops_per_token": 2 * params[i]}))
+    return study
+
+
+def test_proxy_trust_ranks_each_step_and_proxy_against_the_final_values_and_warns_on_a_coin_toss():
+    finals = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    early = {10: [6.0, 5.0, 4.0, 3.0, 2.0, 1.0],  # exactly the reverse order: rho -1
+             20: [1.5, 2.5, 3.5, 4.5, 5.5, 6.5]}  # the same order: rho 1
+    study = _study_with(finals, early, params=[600, 500, 400, 300, 200, 100])
+    rows = {r.predictor: r for r in proxy_trust(study)}
+    assert list(rows) == ["step 10", "step 20", "n_params", "flops_per_token"]
+    assert rows["step 10"].spearman == pytest.approx(-1) and rows["step 10"].kendall == pytest.approx(-1)
+    assert rows["step 20"].spearman == pytest.approx(1) and rows["step 20"].n == 6
+    assert rows["n_params"].spearman == pytest.approx(-1)  # more parameters, lower loss
+    warning = trust_warning(list(rows.values()))
+    assert "step 10" in warning and "coin toss" in warning and "-1.00 over 6 finished trials" in warning
+    good = _study_with(finals, {10: early[20]}, params=[1] * 6)
+    assert trust_warning(proxy_trust(good)) == ""
+    assert [r.spearman != r.spearman for r in proxy_trust(good)][1:] == [True, True]  # constant proxies: no figure
+
+
+def test_two_finalists_within_noise_are_said_to_be():
+    from qkvsearch.search.inspect.finalists import Finalist
+
+    trial = optuna.trial.create_trial(value=1.0)
+    close = [Finalist(trial, [1.00, 1.10, 0.95]), Finalist(trial, [1.02, 1.08, 0.99])]
+    apart = [Finalist(trial, [1.00, 1.01, 0.99]), Finalist(trial, [2.00, 2.01, 1.99])]
+    assert within_noise(*close) and not within_noise(*apart)
+    assert "within noise" in verdict(close) and "ahead" in verdict(apart)
+
+
+@pytest.mark.slow
+def test_warm_start_queues_the_earlier_best_architectures_that_fit(tmp_path):
+    first = sweep(tiny_sweep_conf(tmp_path, "n_trials=4", "pruner=none", "study_name=small", "space=tiny"))
+    ranked = sorted((t for t in first.trials if t.state == State.COMPLETE and "duplicate_of" not in t.user_attrs),
+                    key=lambda t: t.values[0])
+    best_d = ranked[0].params["d_model"]
+    # a space without the best trial's width: that architecture does not fit and is skipped
+    widths = [w for w in (32, 48, 64) if w != best_d]
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=3", "pruner=none", "study_name=big", "warm_start=small", "warm_start_k=3",
+                          f"space.params.d_model.choices=[{widths[0]},{widths[1]}]")
+    second = sweep(cfg)
+    record = second.user_attrs["warm_started_from"]
+    assert str(ranked[0].number) in record["skipped"] and "outside this space: d_model=" in record["skipped"][str(ranked[0].number)]
+    fitting = [t.number for t in ranked[:3] if t.params["d_model"] != best_d]
+    assert record["queued"] == fitting
+    firsts = sorted(second.trials, key=lambda t: t.number)[: len(fitting)]
+    for trial, number in zip(firsts, fitting, strict=True):
+        assert trial.user_attrs["warm_start_from"] == f"small#{number}"
+        assert trial.params == first.trials[number].params
+        assert trial.user_attrs["arch_hash"] == first.trials[number].user_attrs["arch_hash"]
+    assert len(counted(second.get_trials(deepcopy=False))) == 3
+    with pytest.raises(QkvError, match=r"warm_start: study 'nope' not found"):
+        sweep(tiny_sweep_conf(tmp_path, "n_trials=1", "study_name=other", "warm_start=nope"))
