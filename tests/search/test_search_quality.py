@@ -59,6 +59,10 @@ def test_finalists_retrain_the_best_distinct_architectures_with_more_seeds(tmp_p
     out = io.StringIO()
     print_summary(again, [], Console(file=out, width=200))
     assert "finalists:" in out.getvalue() and "proxy trust" in out.getvalue()
+    from qkvsearch.search.commands.report import render
+
+    page = render(again, run_root=str(tmp_path))
+    assert "Finalists: each retrained with more seeds" in page and "Proxy trust" in page
 
 
 def _study_with(finals: list[float], early: dict[int, list[float]], params: list[int]) -> optuna.Study:
@@ -120,3 +124,19 @@ def test_warm_start_queues_the_earlier_best_architectures_that_fit(tmp_path):
     assert len(counted(second.get_trials(deepcopy=False))) == 3
     with pytest.raises(QkvError, match=r"warm_start: study 'nope' not found"):
         sweep(tiny_sweep_conf(tmp_path, "n_trials=1", "study_name=other", "warm_start=nope"))
+
+
+def test_a_lost_finalist_is_queued_again_as_the_same_finalist(tmp_path):
+    from qkvsearch.search.study.workers import RetryLost
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/s.db", heartbeat_interval=60)
+    study = optuna.create_study(storage=storage, study_name="lost")
+    study.enqueue_trial({"x": 1.0}, user_attrs={FINALIST_OF: 3, FINALIST_SEED: 2})
+    trial = study.ask()
+    trial.suggest_float("x", 0, 2)
+    trial.set_user_attr("train_tokens", 99)  # a result of the lost run: not carried over
+    study.tell(trial, state=State.FAIL)
+    RetryLost(2)(study, study.trials[0])
+    retry = study.trials[-1]
+    assert retry.state == State.WAITING and retry.number == 1
+    assert retry.user_attrs == {"retry_of": 0, FINALIST_OF: 3, FINALIST_SEED: 2}
