@@ -47,7 +47,7 @@ def greedy_without_cache(net: torch.nn.Module, ids: list[int], n: int) -> list[i
     return tokens[len(ids):]
 
 
-@pytest.mark.parametrize(("tokenizer", "extra"), [("bpe", ["task.data.vocab_size=300"]), ("chars", [])])
+@pytest.mark.parametrize(("tokenizer", "extra"), [("bpe", ["task.data.vocab_size=300"])])  # chars: as bytes, chars.json
 def test_an_exported_language_model_generates_text_in_a_fresh_process(tmp_path, tokenizer, extra):
     write_corpus(tmp_path)
     cfg = compose_conf("sweep", ["task=text", f"task.data.paths=[{tmp_path}/corpus/**/*.txt]", "task.data.seq_len=24",
