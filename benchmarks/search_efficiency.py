@@ -27,9 +27,11 @@ import io
 import json
 import math
 import pathlib
+import re
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from typing import Any
 
@@ -88,20 +90,34 @@ def compute_to_reach(costs: list[TrialCost], target: float, weight: str) -> floa
 
 
 def strategy_overrides(strategy: str) -> list[str]:
-    sampler, _, pruner = strategy.partition("+")
-    return [f"sampler={sampler}", f"pruner={pruner or 'none'}"]
+    """``sampler+pruner``, optionally ``:key=value,key=value`` with overrides of their own
+    (``tpe+hyperband:pruner.min_resource=50``)."""
+    choice, _, own = strategy.partition(":")
+    sampler, _, pruner = choice.partition("+")
+    return [f"sampler={sampler}", f"pruner={pruner or 'none'}", *(o for o in own.split(",") if o)]
+
+
+def has_pruner(strategy: str) -> bool:
+    return strategy.partition(":")[0].partition("+")[2] not in ("", "none")
+
+
+#: per strategy, per seed: Spearman rho of each validation step's loss (and of the proxies) with the final loss
+TRUST: dict[str, list[dict[str, float]]] = {}
 
 
 def run_sweep(strategy: str, seed: int, n_trials: int, extra: list[str], root: pathlib.Path) -> list[TrialCost]:
-    """One sweep, in this process, on its own SQLite study; returns its trials' costs."""
+    """One sweep, in this process, on its own SQLite study; returns its trials' costs (and
+    keeps its proxy trust in :data:`TRUST`)."""
     from qkvsearch.search.configs import compose_config
+    from qkvsearch.search.inspect.trust import proxy_trust
     from qkvsearch.search.study.run import sweep
 
-    name = f"{strategy.replace('+', '-')}-s{seed}"
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", strategy) + f"-s{seed}"
     cfg = compose_config("sweep", [*strategy_overrides(strategy), f"seed={seed}", f"n_trials={n_trials}",
                                    f"study_name={name}", f"run_root={root}", "artifacts=null", *extra])
     with contextlib.redirect_stdout(io.StringIO()):
         study = sweep(cfg)
+    TRUST.setdefault(strategy, []).append({r.predictor: r.spearman for r in proxy_trust(study)})
     return trial_costs(study)
 
 
@@ -153,6 +169,20 @@ def print_table(table: dict[str, Any]) -> None:
               f"{statistics.median(row['best']):>14.4f}")
 
 
+def print_trust(strategies: list[str]) -> None:
+    """Median over seeds of each predictor's Spearman rho with the final loss (random search's
+    trials all run to the end, so its rows see every architecture it drew)."""
+    for strategy in strategies:
+        rows = TRUST.get(strategy) or []
+        names = list(dict.fromkeys(name for row in rows for name in row))
+        cells = []
+        for name in names:
+            values = [row[name] for row in rows if name in row and row[name] == row[name]]
+            if values:
+                cells.append(f"{name} {statistics.median(values):+.2f}")
+        print(f"proxy trust ({strategy}, Spearman with the final loss, median over seeds): {', '.join(cells)}")
+
+
 def plot(runs: dict[str, list[list[TrialCost]]], path: pathlib.Path, title: str) -> None:
     import matplotlib
 
@@ -177,7 +207,7 @@ def plot(runs: dict[str, list[list[TrialCost]]], path: pathlib.Path, title: str)
         ax.fill_between(grid[finite] / 1e6, q1[finite], q3[finite], alpha=0.2, color=line.get_color())
     ax.set_xlabel("training tokens spent (millions)")
     ax.set_ylabel("best validation loss so far")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=8)
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pruned-factor", type=float, default=2.0, help="times as many trials with a pruner")
     parser.add_argument("--quick", action="store_true", help="a smaller task and shorter trials (a 2-core CPU)")
     parser.add_argument("--override", nargs="*", default=[], help="more sweep overrides (task=..., space=...)")
+    parser.add_argument("--reuse", help="an earlier run's .json: its strategies' runs are read, not run again "
+                        "(same settings only)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "search_efficiency"))
     args = parser.parse_args(argv)
     if "random" not in args.strategies:
@@ -200,25 +232,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     own_task = any(o.startswith("task=") for o in args.override)
     extra = [*(QUICK_TRAINER + ([] if own_task else QUICK_TASK) if args.quick else []), *args.override]
     runs: dict[str, list[list[TrialCost]]] = {}
+    settings = (f"{'--quick ' if args.quick else ''}{args.seeds} seeds, {args.trials} trials "
+                f"(x{args.pruned_factor:g} pruned), {' '.join(extra) or 'defaults'}")
+    earlier: dict[str, Any] = {}
+    if args.reuse:
+        earlier = json.loads(pathlib.Path(args.reuse).read_text())
+        if earlier["settings"] != settings:
+            parser.error(f"--reuse: {args.reuse} ran with {earlier['settings']!r}, not {settings!r}")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         for seed in range(args.seeds):  # seeds outermost: a cut-short run still compares every strategy
             for strategy in args.strategies:
-                pruned = strategy.partition("+")[2] not in ("", "none")
-                n = round(args.trials * args.pruned_factor) if pruned else args.trials
+                if strategy in earlier.get("runs", {}):
+                    runs.setdefault(strategy, []).append([TrialCost(**c) for c in earlier["runs"][strategy][seed]])
+                    TRUST.setdefault(strategy, []).extend(earlier.get("trust", {}).get(strategy, [])[seed : seed + 1])
+                    continue
+                n = round(args.trials * args.pruned_factor) if has_pruner(strategy) else args.trials
                 runs.setdefault(strategy, []).append(run_sweep(strategy, seed, n, extra, pathlib.Path(scratch)))
                 print(f"  {strategy} seed {seed}: {n} trials, {time.perf_counter() - start:.0f} s", file=sys.stderr)
     table = summarize(runs)
-    settings = (f"{'--quick ' if args.quick else ''}{args.seeds} seeds, {args.trials} trials "
-                f"(x{args.pruned_factor:g} pruned), {' '.join(extra) or 'defaults'}")
     print(f"search efficiency: {settings}; {time.perf_counter() - start:.0f} s")
     print_table(table)
+    print_trust(list(runs))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
-        {"settings": settings, "table": table, "runs": {s: [[dataclasses.asdict(c) for c in costs] for costs in seeds]
+        {"settings": settings, "table": table, "trust": TRUST, "runs": {s: [[dataclasses.asdict(c) for c in costs] for costs in seeds]
                                                          for s, seeds in runs.items()}}, indent=1, default=str))
-    plot(runs, out.with_suffix(".png"), f"qkvsearch search efficiency: {settings}"[:160])
+    plot(runs, out.with_suffix(".png"), f"qkvsearch search efficiency, {time.strftime('%Y-%m-%d')}: {settings}")
     print(f"wrote {out.with_suffix('.png')} and {out.with_suffix('.json')}")
     return {"table": table, "runs": runs}
 
