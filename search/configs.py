@@ -41,8 +41,15 @@ def multirun_suffix() -> str:
     return f"_{text}" if text else ""
 
 
+def steps_times(steps: int, factor: int) -> int:
+    """``steps * factor`` (``${qkv_times:${trainer.val_check_interval},2}`` in a config)."""
+    return int(steps) * int(factor)
+
+
 if not OmegaConf.has_resolver("qkv_multirun_suffix"):
     OmegaConf.register_new_resolver("qkv_multirun_suffix", multirun_suffix)
+if not OmegaConf.has_resolver("qkv_times"):
+    OmegaConf.register_new_resolver("qkv_times", steps_times)
 
 
 def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
