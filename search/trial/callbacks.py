@@ -22,17 +22,21 @@ class OptunaPruning:
     and stops the trial by raising :class:`optuna.TrialPruned` when the pruner says so.
 
     Unlike a callback that only warns, a missing metric is an error: silently not
-    pruning would waste the sweep's budget.
+    pruning would waste the sweep's budget. The validation at ``last_step`` is reported
+    but never pruned: the trial has trained in full by then, and pruning it would only
+    throw its result away (Hyperband's rungs can fall on the last step).
     """
 
-    def __init__(self, trial: optuna.Trial, monitor: str = "val_loss") -> None:
-        self.trial, self.monitor = trial, monitor
+    def __init__(self, trial: optuna.Trial, monitor: str = "val_loss", last_step: int | None = None) -> None:
+        self.trial, self.monitor, self.last_step = trial, monitor, last_step
 
     def on_validation(self, step: int, metrics: dict[str, float], module: torch.nn.Module) -> None:
         if self.monitor not in metrics:
             raise MissingMetricError(f"pruning monitors {self.monitor!r}, but validation gave only {sorted(metrics)}")
         value = float(metrics[self.monitor])
         self.trial.report(value if math.isfinite(value) else float("inf"), step)
+        if self.last_step is not None and step >= self.last_step:
+            return
         if self.trial.should_prune():
             reason = f"pruned by {type(self.trial.study.pruner).__name__} at step {step} ({self.monitor}={value:.4f})"
             self.trial.set_user_attr("pruned_reason", reason)

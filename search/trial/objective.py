@@ -209,7 +209,7 @@ class Objective:
         best = BestWeights(self.monitor, sign=-1.0 if self.monitor == "val_acc" else 1.0)
         callbacks: list[Any] = [best, *self.callbacks(trial)]
         if prune:
-            callbacks.append(OptunaPruning(trial, self.monitor))
+            callbacks.append(OptunaPruning(trial, self.monitor, last_step=self.settings.max_steps))
         try:
             with ranks:
                 result = fit(lit, self.task, self.settings, callbacks, folder, self.compile_backend)

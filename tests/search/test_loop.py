@@ -110,3 +110,20 @@ def test_the_pruner_stops_the_loop_at_the_validation_it_prunes(tmp_path):
 def test_bad_trainer_settings_are_refused_naming_the_field(trainer, message):
     with pytest.raises(QkvError, match=message):
         LoopSettings.from_config({**SETTINGS, **trainer})
+
+
+def test_the_last_validation_is_reported_but_never_pruned(tmp_path):
+    # Hyperband's rungs can fall on the last step (min_resource 200 of 600): pruning there
+    # threw away a trial that had trained in full
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))  # any loss is too high
+    trial = study.ask()
+    task = _task(tmp_path)
+    settings = LoopSettings(**{**SETTINGS, "max_steps": 20})
+    lit = LitTransformer(ArchConfig.from_dict(ARCH), task.kind, max_steps=20)
+    with pytest.raises(optuna.TrialPruned, match="at step 10"):
+        fit(lit, task, settings, [OptunaPruning(trial, "val_loss", last_step=30)])
+    trial = study.ask()
+    lit = LitTransformer(ArchConfig.from_dict(ARCH), task.kind, max_steps=20)
+    only_last = LoopSettings(**{**SETTINGS, "max_steps": 20, "val_check_interval": 20})
+    fit(lit, task, only_last, [OptunaPruning(trial, "val_loss", last_step=20)])  # trains to the end
+    assert list(study.trials[1].intermediate_values) == [20]
