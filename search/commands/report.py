@@ -27,7 +27,7 @@ from qkvsearch.search.configs import run_command
 from qkvsearch.search.inspect.artifacts import AttentionMap, attention_maps, load_trained, trial_weights
 from qkvsearch.search.inspect.finalists import finalists, verdict
 from qkvsearch.search.inspect.selection import top_trials
-from qkvsearch.search.inspect.trust import proxy_trust, trust_warning
+from qkvsearch.search.inspect.trust import first_rung, proxy_trust, trust_warning
 from qkvsearch.search.study.storage import load_named_study
 
 State = optuna.trial.TrialState
@@ -137,7 +137,7 @@ def trust_section(study: optuna.Study) -> str:
 
     body = "".join(f"<tr><td>{html.escape(r.predictor)}</td><td>{r.n}</td><td>{cell(r.spearman)}</td>"
                    f"<td>{cell(r.kendall)}</td></tr>" for r in rows)
-    warning = trust_warning(rows)
+    warning = trust_warning(rows, first_rung(study))
     text = ("How well the value at each validation step (what a pruner decides on) and each zero-cost proxy rank "
             "the final values, over the trials that ran to the end.")
     return _section("Proxy trust", _note(text) + f"<table><tr>{head}</tr>{body}</table>"

@@ -11,7 +11,7 @@ from qkvsearch.models import ArchConfig
 from qkvsearch.models.describe import layer_rows
 from qkvsearch.search.inspect.finalists import finalists, verdict
 from qkvsearch.search.inspect.selection import top_trials
-from qkvsearch.search.inspect.trust import proxy_trust, trust_warning
+from qkvsearch.search.inspect.trust import first_rung, proxy_trust, trust_warning
 
 State = optuna.trial.TrialState
 
@@ -131,5 +131,5 @@ def print_trust(study: optuna.Study, console: Console) -> None:
     for row in rows:
         table.add_row(row.predictor, str(row.n), _number(row.spearman), _number(row.kendall))
     console.print(table)
-    if warning := trust_warning(rows):
+    if warning := trust_warning(rows, first_rung(study)):
         console.print(f"[yellow]warning:[/yellow] {warning}")

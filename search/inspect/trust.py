@@ -60,9 +60,19 @@ def proxy_trust(study: optuna.Study) -> list[Agreement]:
     return rows
 
 
-def trust_warning(rows: list[Agreement]) -> str:
-    """A warning when the first validation step ranks the final values poorly, else ''."""
-    first = next((r for r in rows if r.step is not None and not math.isnan(r.spearman)), None)
+def first_rung(study: optuna.Study) -> int | None:
+    """The earliest step at which the pruner stopped a trial (None: it stopped none)."""
+    steps = [max(t.intermediate_values) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+             if t.intermediate_values and str(t.user_attrs.get("pruned_reason", "")).startswith("pruned by")]
+    return min(steps, default=None)
+
+
+def trust_warning(rows: list[Agreement], rung: int | None = None) -> str:
+    """A warning when the step where pruning starts (``rung``: the pruner's first decision
+    seen, else the first validation) ranks the final values poorly, else ''."""
+    measured = [r for r in rows if r.step is not None and not math.isnan(r.spearman)]
+    first = next((r for r in measured if r.step == rung), None) if rung is not None else None
+    first = first or (measured[0] if measured and rung is None else None)
     if first is None or first.spearman >= WEAK:
         return ""
     return (f"the loss at {first.predictor} ranks the final loss poorly (Spearman rho {first.spearman:.2f} over "

@@ -140,3 +140,16 @@ def test_a_lost_finalist_is_queued_again_as_the_same_finalist(tmp_path):
     retry = study.trials[-1]
     assert retry.state == State.WAITING and retry.number == 1
     assert retry.user_attrs == {"retry_of": 0, FINALIST_OF: 3, FINALIST_SEED: 2}
+
+
+def test_the_warning_is_about_the_step_where_pruning_starts():
+    finals = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    study = _study_with(finals, {10: [6.0, 5.0, 4.0, 3.0, 2.0, 1.0], 20: finals}, params=[1, 2, 3, 4, 5, 6])
+    rows = proxy_trust(study)
+    assert "step 10" in trust_warning(rows, None)  # no trial pruned: the first validation
+    assert trust_warning(rows, 20) == ""  # the pruner starts at step 20, which ranks well
+    study.add_trial(optuna.trial.create_trial(state=State.PRUNED, intermediate_values={10: 9.0, 20: 9.0},
+                                              user_attrs={"pruned_reason": "pruned by HyperbandPruner at step 20"}))
+    from qkvsearch.search.inspect.trust import first_rung
+
+    assert first_rung(study) == 20
