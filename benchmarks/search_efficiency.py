@@ -101,13 +101,10 @@ def has_pruner(strategy: str) -> bool:
     return strategy.partition(":")[0].partition("+")[2] not in ("", "none")
 
 
-#: per strategy, per seed: Spearman rho of each validation step's loss (and of the proxies) with the final loss
-TRUST: dict[str, list[dict[str, float]]] = {}
-
-
-def run_sweep(strategy: str, seed: int, n_trials: int, extra: list[str], root: pathlib.Path) -> list[TrialCost]:
-    """One sweep, in this process, on its own SQLite study; returns its trials' costs (and
-    keeps its proxy trust in :data:`TRUST`)."""
+def run_sweep(strategy: str, seed: int, n_trials: int, extra: list[str],
+              root: pathlib.Path) -> tuple[list[TrialCost], dict[str, float]]:
+    """One sweep, in this process, on its own SQLite study; returns its trials' costs and
+    its proxy trust (Spearman rho of each validation step and proxy with the final loss)."""
     from qkvsearch.search.configs import compose_config
     from qkvsearch.search.inspect.trust import proxy_trust
     from qkvsearch.search.study.run import sweep
@@ -117,8 +114,7 @@ def run_sweep(strategy: str, seed: int, n_trials: int, extra: list[str], root: p
                                    f"study_name={name}", f"run_root={root}", "artifacts=null", *extra])
     with contextlib.redirect_stdout(io.StringIO()):
         study = sweep(cfg)
-    TRUST.setdefault(strategy, []).append({r.predictor: r.spearman for r in proxy_trust(study)})
-    return trial_costs(study)
+    return trial_costs(study), {r.predictor: r.spearman for r in proxy_trust(study)}
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -169,11 +165,10 @@ def print_table(table: dict[str, Any]) -> None:
               f"{statistics.median(row['best']):>14.4f}")
 
 
-def print_trust(strategies: list[str]) -> None:
+def print_trust(trust: dict[str, list[dict[str, float]]]) -> None:
     """Median over seeds of each predictor's Spearman rho with the final loss (random search's
     trials all run to the end, so its rows see every architecture it drew)."""
-    for strategy in strategies:
-        rows = TRUST.get(strategy) or []
+    for strategy, rows in trust.items():
         names = list(dict.fromkeys(name for row in rows for name in row))
         cells = []
         for name in names:
@@ -232,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     own_task = any(o.startswith("task=") for o in args.override)
     extra = [*(QUICK_TRAINER + ([] if own_task else QUICK_TASK) if args.quick else []), *args.override]
     runs: dict[str, list[list[TrialCost]]] = {}
+    trust: dict[str, list[dict[str, float]]] = {strategy: [] for strategy in args.strategies}
     settings = (f"{'--quick ' if args.quick else ''}{args.seeds} seeds, {args.trials} trials "
                 f"(x{args.pruned_factor:g} pruned), {' '.join(extra) or 'defaults'}")
     earlier: dict[str, Any] = {}
@@ -245,19 +241,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for strategy in args.strategies:
                 if strategy in earlier.get("runs", {}):
                     runs.setdefault(strategy, []).append([TrialCost(**c) for c in earlier["runs"][strategy][seed]])
-                    TRUST.setdefault(strategy, []).extend(earlier.get("trust", {}).get(strategy, [])[seed : seed + 1])
+                    trust[strategy] += earlier.get("trust", {}).get(strategy, [])[seed : seed + 1]
                     continue
                 n = round(args.trials * args.pruned_factor) if has_pruner(strategy) else args.trials
-                runs.setdefault(strategy, []).append(run_sweep(strategy, seed, n, extra, pathlib.Path(scratch)))
+                costs, agreement = run_sweep(strategy, seed, n, extra, pathlib.Path(scratch))
+                runs.setdefault(strategy, []).append(costs)
+                trust[strategy].append(agreement)
                 print(f"  {strategy} seed {seed}: {n} trials, {time.perf_counter() - start:.0f} s", file=sys.stderr)
     table = summarize(runs)
     print(f"search efficiency: {settings}; {time.perf_counter() - start:.0f} s")
     print_table(table)
-    print_trust(list(runs))
+    print_trust(trust)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
-        {"settings": settings, "table": table, "trust": TRUST, "runs": {s: [[dataclasses.asdict(c) for c in costs] for costs in seeds]
+        {"settings": settings, "table": table, "trust": trust, "runs": {s: [[dataclasses.asdict(c) for c in costs] for costs in seeds]
                                                          for s, seeds in runs.items()}}, indent=1, default=str))
     plot(runs, out.with_suffix(".png"), f"qkvsearch search efficiency, {time.strftime('%Y-%m-%d')}: {settings}")
     print(f"wrote {out.with_suffix('.png')} and {out.with_suffix('.json')}")

@@ -64,6 +64,14 @@ class Space:
         """The constraints recorded on every trial, in order."""
         return [f"constraint{i}" for i in range(len(self.constraints))] + list(BUDGET_KEYS) + ["valid"]
 
+    def optuna_names(self, param: Any) -> list[str]:
+        """The Optuna names ``param`` may be sampled under: its own, or one per layer up to
+        the most layers its ``per_layer`` parameter allows."""
+        if param.per_layer is None:
+            return [param.optuna_name()]
+        depth = next(p for p in self.params if p.name == param.per_layer).distribution
+        return [param.optuna_name(layer) for layer in range(int(depth.high))]
+
     def sample_values(self, trial: optuna.Trial) -> dict[str, Any]:
         """Samples every parameter whose condition holds and evaluates derived values."""
         values: dict[str, Any] = {}

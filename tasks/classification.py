@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from qkvsearch.models.errors import QkvError
 from qkvsearch.tasks.base import Batches, frequency_loss
 from qkvsearch.tasks.corpus import find_files, parquet_columns
-from qkvsearch.tasks.tokenizer import TOKENIZERS, Tokenizer, train_tokenizer
+from qkvsearch.tasks.tokenizer import Tokenizer, padded_rows, tokenizer_problems, train_tokenizer
 
 
 def labelled_rows(path: pathlib.Path, text: str, label: str) -> list[tuple[str, str]]:
@@ -62,10 +62,8 @@ class TextClassification(L.LightningDataModule):
                  vocab_size: int | None = None, seq_len: int = 128, val_fraction: float = 0.1,
                  test_fraction: float = 0.1, batch_size: int = 32, seed: int = 0) -> None:
         super().__init__()
-        if tokenizer not in TOKENIZERS and not str(tokenizer).endswith(".json"):
-            raise QkvError(f"task.data.tokenizer: {tokenizer!r}; valid: {', '.join(TOKENIZERS)} or a tokenizer.json path")
-        if tokenizer == "bpe" and (not isinstance(vocab_size, int) or vocab_size < 260):
-            raise QkvError(f"task.data.vocab_size: bpe needs an integer >= 260, got {vocab_size!r}")
+        if problems := tokenizer_problems(tokenizer, vocab_size):
+            raise QkvError("; ".join(problems))
         if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise QkvError(f"task.data.val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be "
                            "shares in [0, 1) that leave rows to train on, val_fraction > 0")
@@ -106,12 +104,7 @@ class TextClassification(L.LightningDataModule):
         self.tokenizer = train_tokenizer(self.tokenizer_name, iter(train_texts), self.requested_vocab)
         self.vocab_size = self.tokenizer.vocab_size
         for split, index in members.items():
-            tokens = torch.zeros(len(index), self.seq_len, dtype=torch.long)
-            mask = torch.zeros(len(index), self.seq_len, dtype=torch.bool)
-            for row, i in enumerate(index):
-                encoded = self.tokenizer.encode(rows[i][0])[: self.seq_len] or [0]
-                tokens[row, : len(encoded)] = torch.tensor(encoded)
-                mask[row, : len(encoded)] = True
+            tokens, mask = padded_rows([self.tokenizer.encode(rows[i][0]) for i in index], self.seq_len)
             self.splits[split] = {"tokens": tokens, "padding_mask": mask, "labels": labels[index]}
         if not len(self.splits["val"]["labels"]):
             raise QkvError(f"task.data: too few rows in {path} for a validation split; raise val_fraction or add rows")

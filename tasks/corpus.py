@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 from collections.abc import Iterator
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from qkvsearch.models.errors import QkvError
-from qkvsearch.tasks.tokenizer import TOKENIZERS, Tokenizer, train_tokenizer
+from qkvsearch.tasks.tokenizer import Tokenizer, tokenizer_problems, train_tokenizer
 
 SPLITS = ("train", "val", "test")
 SEPARATOR = "\n\n"  # between documents in a split's token stream
@@ -161,10 +162,7 @@ class TextCorpus(L.LightningDataModule):
         problems = []
         if not paths:
             problems.append("task.data.paths: give at least one glob pattern, e.g. [corpus/**/*.txt]")
-        if tokenizer not in TOKENIZERS and not str(tokenizer).endswith(".json"):
-            problems.append(f"task.data.tokenizer: {tokenizer!r}; valid: {', '.join(TOKENIZERS)} or a tokenizer.json path")
-        if tokenizer == "bpe" and (not isinstance(vocab_size, int) or vocab_size < 260):
-            problems.append(f"task.data.vocab_size: bpe needs an integer >= 260, got {vocab_size!r}")
+        problems += tokenizer_problems(tokenizer, vocab_size)
         if not isinstance(seq_len, int) or seq_len < 2:
             problems.append(f"task.data.seq_len must be an integer >= 2, got {seq_len!r}")
         if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):

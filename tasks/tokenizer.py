@@ -11,6 +11,8 @@ import json
 import pathlib
 from typing import Any
 
+import torch
+
 #: The kinds a task config may name (or the path of a ``tokenizer.json``).
 TOKENIZERS = ("bytes", "chars", "bpe")
 
@@ -68,6 +70,29 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         return cls(kind, hf=HFTokenizer.from_file(str(folder / "tokenizer.json")))
+
+
+def tokenizer_problems(tokenizer: str, vocab_size: Any) -> list[str]:
+    """What is wrong with a task config's ``tokenizer`` and ``vocab_size`` (empty: nothing)."""
+    problems = []
+    if tokenizer not in TOKENIZERS and not str(tokenizer).endswith(".json"):
+        problems.append(f"task.data.tokenizer: {tokenizer!r}; valid: {', '.join(TOKENIZERS)} or a tokenizer.json path")
+    if tokenizer == "bpe" and (not isinstance(vocab_size, int) or vocab_size < 260):
+        problems.append(f"task.data.vocab_size: bpe needs an integer >= 260, got {vocab_size!r}")
+    return problems
+
+
+def padded_rows(rows: list[list[int]], seq_len: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[len(rows), seq_len]`` token ids and padding mask (True at real tokens) of token rows,
+    each cut to ``seq_len`` (an empty row becomes one token 0): how a classification task's
+    texts reach the model, here and in an export."""
+    tokens = torch.zeros(len(rows), seq_len, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rows), seq_len, dtype=torch.bool, device=device)
+    for i, row in enumerate(rows):
+        row = row[:seq_len] or [0]
+        tokens[i, : len(row)] = torch.tensor(row, device=device)
+        mask[i, : len(row)] = True
+    return tokens, mask
 
 
 def train_tokenizer(kind: str, texts: Any, vocab_size: int | None) -> Tokenizer:

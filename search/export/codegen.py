@@ -38,7 +38,7 @@ from qkvsearch.models.errors import QkvError
 from qkvsearch.models.masks import MaskContext
 from qkvsearch.models.registry import ComponentConfig
 from qkvsearch.search.export import textio
-from qkvsearch.tasks.tokenizer import Tokenizer
+from qkvsearch.tasks.tokenizer import Tokenizer, padded_rows
 
 
 class ExportError(QkvError):
@@ -329,7 +329,7 @@ def _text_source(arch: ArchConfig) -> str:
     if "generate" in names:
         parts += ["\n\n", inspect.getsource(textio.sample_token), "\n\n", inspect.getsource(textio.generate_ids), _GENERATE]
     if "predict" in names:
-        parts += ["\n\n", inspect.getsource(textio.classify_ids), _PREDICT]
+        parts += ["\n\n", inspect.getsource(padded_rows), "\n\n", inspect.getsource(textio.classify_ids), _PREDICT]
     return "".join(parts)
 
 

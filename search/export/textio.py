@@ -1,14 +1,16 @@
 """Text in and out of an exported model: the code ``qkv export`` copies into ``model.py``.
 
-These functions take the model and token ids and nothing of qkvsearch, so their source
-runs unchanged in an export (beside :class:`qkvsearch.tasks.tokenizer.Tokenizer`) and
-here, where the export checks a fresh process against them.
+These functions take the model and token ids, and call nothing of qkvsearch but
+:mod:`qkvsearch.tasks.tokenizer` (whose source the export copies too), so they run
+unchanged in an export and here, where the export checks a fresh process against them.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from qkvsearch.tasks.tokenizer import padded_rows
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
@@ -56,11 +58,5 @@ def generate_ids(net: nn.Module, ids: list[int], max_new_tokens: int, *, tempera
 def classify_ids(net: nn.Module, rows: list[list[int]], seq_len: int) -> torch.Tensor:
     """``[len(rows), n_classes]`` class probabilities of token rows, each cut and padded to
     ``seq_len`` with a padding mask (an empty row is one token 0), as the task made them."""
-    rows = [row[:seq_len] or [0] for row in rows]
-    device = next(net.parameters()).device
-    tokens = torch.zeros(len(rows), seq_len, dtype=torch.long, device=device)
-    mask = torch.zeros(len(rows), seq_len, dtype=torch.bool, device=device)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row, device=device)
-        mask[i, : len(row)] = True
+    tokens, mask = padded_rows(rows, seq_len, next(net.parameters()).device)
     return net(tokens, mask).float().softmax(-1)

@@ -17,6 +17,7 @@ import optuna
 from scipy import stats
 
 from qkvsearch.search.inspect.selection import ranked
+from qkvsearch.search.trial.callbacks import PRUNED_BY
 
 #: below this Spearman rho at the first rung, pruning there is close to a coin toss
 WEAK = 0.5
@@ -63,7 +64,7 @@ def proxy_trust(study: optuna.Study) -> list[Agreement]:
 def first_rung(study: optuna.Study) -> int | None:
     """The earliest step at which the pruner stopped a trial (None: it stopped none)."""
     steps = [max(t.intermediate_values) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
-             if t.intermediate_values and str(t.user_attrs.get("pruned_reason", "")).startswith("pruned by")]
+             if t.intermediate_values and str(t.user_attrs.get("pruned_reason", "")).startswith(PRUNED_BY)]
     return min(steps, default=None)
 
 

@@ -183,12 +183,8 @@ def grid_of(space: Space) -> dict[str, list[Any]]:
             values = [d.low + i * d.step for i in range(n)]
         else:
             raise QkvError(f"sampler=grid: parameter {param.name!r} is a continuous or log range; grid needs choices or steps")
-        if param.per_layer:
-            depth = next(p for p in space.params if p.name == param.per_layer).distribution
-            for i in range(depth.high):
-                grid[param.optuna_name(i)] = values
-        else:
-            grid[param.name] = values
+        for name in space.optuna_names(param):
+            grid[name] = values
     return grid
 
 
@@ -341,9 +337,10 @@ def run_trial(setup: Setup, trial: optuna.Trial) -> None:
         tell(setup.study, trial, values)
 
 
-def run_worker(setup: Setup, live: bool) -> None:
-    """Runs trials until the study holds ``n_trials`` counted trials and none runs; prints
-    a line per finished trial, and with ``live`` the counts and the current trial."""
+def run_worker(setup: Setup, live: bool, n_trials: int | None = None) -> None:
+    """Runs trials until the study holds ``n_trials`` (default: the sweep's) counted trials,
+    none is queued and none runs; prints a line per finished trial, and with ``live`` the
+    counts and the current trial."""
     from rich.console import Console
     from rich.live import Live
 
@@ -352,7 +349,8 @@ def run_worker(setup: Setup, live: bool) -> None:
     view = setup.view
     objectives = list(cfg.objectives)
     with Live(view, console=console, refresh_per_second=2, transient=True) if live else contextlib.nullcontext():
-        while (trial := next_trial(setup.study, setup.storage, cfg.storage, cfg.n_trials, cfg.storage.heartbeat_s)) is not None:
+        target = cfg.n_trials if n_trials is None else n_trials
+        while (trial := next_trial(setup.study, setup.storage, cfg.storage, target, cfg.storage.heartbeat_s)) is not None:
             run_trial(setup, trial)
             print_trial(console, frozen(setup.study, trial.number), objectives)
             view.current = {}
@@ -369,12 +367,7 @@ def run_finalists(setup: Setup) -> None:
     if queued:
         print(f"finalists: {queued} more trials retrain the {cfg.finalists} best architectures with "
               f"{cfg.finalist_seeds} more seeds each", flush=True)
-    from rich.console import Console
-
-    console = Console()
-    while (trial := next_trial(study, setup.storage, cfg.storage, 0, cfg.storage.heartbeat_s)) is not None:
-        run_trial(setup, trial)
-        print_trial(console, frozen(study, trial.number), list(cfg.objectives))
+    run_worker(setup, live=False, n_trials=0)  # only the queued trials: finalists (and any retry)
 
 
 def next_commands(cfg: DictConfig) -> list[str]:

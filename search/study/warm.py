@@ -30,15 +30,7 @@ def space_distributions(space: Any) -> dict[str, BaseDistribution] | None:
     (None for a Python function space, whose parameters are known only when it runs)."""
     if not isinstance(space, Space):
         return None
-    found: dict[str, BaseDistribution] = {}
-    for param in space.params:
-        if param.per_layer is None:
-            found[param.optuna_name()] = param.distribution
-        else:
-            depth = next(p for p in space.params if p.name == param.per_layer).distribution
-            for layer in range(int(depth.high)):
-                found[param.optuna_name(layer)] = param.distribution
-    return found
+    return {name: param.distribution for param in space.params for name in space.optuna_names(param)}
 
 
 def outside(value: Any, distribution: BaseDistribution) -> bool:

@@ -17,6 +17,10 @@ class MissingMetricError(KeyError):
     """The monitored metric was not logged, so pruning could not work."""
 
 
+#: how the reason of a trial the pruner stopped begins (proxy trust finds the first rung by it)
+PRUNED_BY = "pruned by"
+
+
 class OptunaPruning:
     """Reports ``monitor`` to the trial after every validation (step: the optimiser step)
     and stops the trial by raising :class:`optuna.TrialPruned` when the pruner says so.
@@ -38,7 +42,7 @@ class OptunaPruning:
         if self.last_step is not None and step >= self.last_step:
             return
         if self.trial.should_prune():
-            reason = f"pruned by {type(self.trial.study.pruner).__name__} at step {step} ({self.monitor}={value:.4f})"
+            reason = f"{PRUNED_BY} {type(self.trial.study.pruner).__name__} at step {step} ({self.monitor}={value:.4f})"
             self.trial.set_user_attr("pruned_reason", reason)
             raise optuna.TrialPruned(reason)
 

@@ -44,7 +44,6 @@ def test_quick_benchmark_counts_the_tokens_each_trial_trained(tmp_path, monkeypa
     per_step = next(iter(task.train_dataloader()))["tokens"].numel()  # tokens one training step reads
     counted = 0
     order = [runs["random"][0], runs["random+hyperband"][0], runs["random"][1], runs["random+hyperband"][1]]
-    pruned_seen = 0
     for study, costs in zip(studies, order, strict=True):
         by_number = {t.number: t for t in study.trials}
         for cost in costs:
@@ -53,7 +52,6 @@ def test_quick_benchmark_counts_the_tokens_each_trial_trained(tmp_path, monkeypa
                 expected_steps = 0  # not trained
             elif trial.state == optuna.trial.TrialState.PRUNED:
                 expected_steps = max(trial.intermediate_values)  # pruned right after this validation
-                pruned_seen += 1
             else:
                 expected_steps = 30
             assert cost.tokens == expected_steps * per_step, (trial.number, trial.state, cost)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 from tests.tasks.test_corpus import WORDS
 
 MB = 1 << 20
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 CAPPED = r"""
 import json, re, resource, sys
@@ -53,7 +55,7 @@ def test_a_corpus_larger_than_the_memory_cap_trains(tmp_path):
     headroom = 96 * MB  # what the process may allocate beyond its imports
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     result = subprocess.run([sys.executable, "-c", CAPPED, str(tmp_path), str(headroom)], capture_output=True, text=True,
-                            env=env, timeout=600, cwd=os.getcwd())
+                            env=env, timeout=600, cwd=ROOT)  # where tests.conftest imports from
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["states"] == ["COMPLETE"]
