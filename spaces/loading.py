@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 
 from qkvsearch.spaces.expressions import Expression, ExpressionError
-from qkvsearch.spaces.schema import BUDGET_KEYS, MEASURED, PARAM_KEYS, SPACE_KEYS, TYPES, Param, SpaceError
+from qkvsearch.spaces.schema import BUDGET_KEYS, MEASURED, OPTIM_KEYS, PARAM_KEYS, SPACE_KEYS, TYPES, Param, SpaceError
 from qkvsearch.spaces.space import Space
 
 _RESERVED = {"layer", *MEASURED}
@@ -39,8 +39,9 @@ def load_space_dict(data: Any, source: str = "space") -> Space:
     if "architecture" not in data or not isinstance(data["architecture"], Mapping):
         raise where.error("architecture", "required: the architecture template as a mapping")
     _check_template(data["architecture"], by_name, scalars, False, where, "architecture")
+    optim = _load_optim(data.get("optim") or {}, by_name, scalars, where)
     description = data.get("description") or ""
-    return Space(name, params, derived, constraints, budget, data["architecture"], str(description))
+    return Space(name, params, derived, constraints, budget, data["architecture"], str(description), optim)
 
 
 class _Where:
@@ -168,6 +169,22 @@ def _load_budget(data: Any, where: _Where) -> dict[str, float]:
             raise where.error(f"budget.{key}", f"must be a positive number or null, got {value!r}")
         budget[key] = value
     return budget
+
+
+def _load_optim(data: Any, params: dict[str, Param], names: set[str], where: _Where) -> dict[str, Any]:
+    """The ``optim`` template: optimiser settings, each a constant or an ``"=EXPR"`` of scalars."""
+    if not isinstance(data, Mapping):
+        raise where.error("optim", f"must be a mapping of optimiser settings, got {data!r}")
+    for key, value in data.items():
+        if key not in OPTIM_KEYS:
+            raise where.error(f"optim.{key}", f"unknown key; valid keys: {', '.join(OPTIM_KEYS)}")
+        if isinstance(value, str) and value.startswith("="):
+            _expression(value[1:], names, where, f"optim.{key}")
+            continue
+        valid, meaning = OPTIM_KEYS[key]
+        if not valid(value):
+            raise where.error(f"optim.{key}", f"must be {meaning} or an \"=EXPR\", got {value!r}")
+    return dict(data)
 
 
 def _check_template(node: Any, params: dict[str, Param], names: set[str], in_layers: bool, where: _Where, key: str) -> None:

@@ -14,6 +14,7 @@ A space is a mapping (one YAML file under ``conf/space/``)::
       d_model: heads * 16
     constraints: ["d_model <= 256"]   # may also read n_params and flops_per_token
     budget: {max_params: 500000, max_flops_per_token: 5.0e6}
+    optim: {lr: "=lr"}            # optimiser settings searched with the architecture
     architecture:                 # an ArchConfig as plain data, where
       d_model: "=d_model"         #   a string "=EXPR" is an expression's value,
       decoder:
@@ -25,6 +26,12 @@ A space is a mapping (one YAML file under ``conf/space/``)::
 Inside ``for_layers`` a per-layer parameter reads as that layer's value and ``layer``
 as the layer's index. Per-layer parameters are named ``NAME.layerI`` in Optuna and exist
 only for ``I < depth``.
+
+``optim`` sets what the trial's optimiser takes (``lr``, ``weight_decay``,
+``warmup_steps``, ``min_lr_ratio``) over the sweep's ``optim`` settings; the rendered
+values are recorded on the trial as its ``optim`` user attribute, so the trial can be
+trained again exactly (``qkv train``, finalists) and two trials are the same candidate only
+when both their architecture and their ``optim`` agree.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import optuna
 
 from qkvsearch.models import ArchConfig, ConfigError, count_parameters, flops_per_token
 from qkvsearch.spaces.expressions import Expression, ExpressionError
-from qkvsearch.spaces.schema import BUDGET_KEYS, MEASURED, Infeasible, Param, SpaceError
+from qkvsearch.spaces.schema import BUDGET_KEYS, MEASURED, OPTIM_KEYS, Infeasible, Param, SpaceError
 
 #: a registry's message for a name it does not hold (models/registry.py)
 UNREGISTERED = re.compile(r"\.name: unknown [\w-]+ '[^']*'; available: ")
@@ -51,8 +58,10 @@ class Space:
     def __init__(
         self, name: str, params: list[Param], derived: dict[str, Expression],
         constraints: list[Expression], budget: dict[str, float], architecture: Any, description: str = "",
+        optim: Mapping[str, Any] | None = None,
     ) -> None:
         self.name, self.description = name, description
+        self.optim = dict(optim or {})
         self.params, self.derived, self.constraints = params, derived, constraints
         self.budget, self.architecture = budget, architecture
         self._derived_order = list(graphlib.TopologicalSorter(
@@ -132,7 +141,22 @@ class Space:
         if failed:
             return _reject(trial, dict(zip(self.constraint_names, vector, strict=True)), failed)
         record_constraints(trial, dict(zip(self.constraint_names, vector, strict=True)))
+        if self.optim:
+            trial.set_user_attr("optim", self.render_optim(values))
         return arch
+
+    def render_optim(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``optim`` settings for sampled ``values``.
+
+        Raises:
+            SpaceError: a setting whose value is not valid (a negative learning rate).
+        """
+        rendered = render(self.optim, values)
+        for key, value in rendered.items():
+            valid, meaning = OPTIM_KEYS[key]
+            if not valid(value):
+                raise SpaceError(f"space {self.name}: optim.{key} = {self.optim[key]!r} gave {value!r}; it must be {meaning}")
+        return rendered
 
     def describe(self) -> list[tuple[str, str, str]]:
         """Returns ``(name, distribution, condition)`` rows for display."""

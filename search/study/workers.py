@@ -154,9 +154,9 @@ def record_interrupted(study: optuna.Study, trial: optuna.Trial, reason: str, re
     retry(study, frozen(study, trial.number))
 
 
-def wait_for_twin(study: optuna.Study, trial: optuna.Trial, fingerprint: str, poll_s: float,
+def wait_for_twin(study: optuna.Study, trial: optuna.Trial, key: str, poll_s: float,
                   reap: Callable[[], None]) -> FrozenTrial | None:
-    """Waits while an earlier trial of the same architecture runs on another worker
+    """Waits while an earlier trial of the same candidate (``candidate_hash``) runs on another worker
     (``reap`` fails it if that worker dies); returns it once finished (None when there is none)."""
     twin = None
     waits = backoff(poll_s)
@@ -165,7 +165,7 @@ def wait_for_twin(study: optuna.Study, trial: optuna.Trial, fingerprint: str, po
             reap()
         running = [
             t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.number < trial.number and t.user_attrs.get("arch_hash") == fingerprint
+            if t.number < trial.number and t.user_attrs.get("candidate_hash", t.user_attrs.get("arch_hash")) == key
         ]
         if not running:
             return None if twin is None else frozen(study, twin)

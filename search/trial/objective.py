@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import pathlib
 import statistics
@@ -32,12 +34,39 @@ from qkvsearch.search.trial.ranks import helper_ranks
 from qkvsearch.spaces import Infeasible
 
 
-def find_duplicate(study: optuna.Study, fingerprint: str, number: int) -> optuna.trial.FrozenTrial | None:
-    """Returns the earliest complete trial that trained the same architecture."""
+def candidate_hash(arch: ArchConfig, optim: dict[str, Any]) -> str:
+    """What makes two trials the same candidate: the architecture and the optimiser
+    settings the space sampled (the architecture's fingerprint alone when it sampled none)."""
+    fingerprint = arch.fingerprint()
+    if not optim:
+        return fingerprint
+    return hashlib.sha256(json.dumps([fingerprint, sorted(optim.items())]).encode()).hexdigest()[:16]
+
+
+def same_candidate(trial: optuna.trial.FrozenTrial, key: str) -> bool:
+    """True when ``trial`` trained the candidate ``key`` (trials made before candidates had
+    their own key carry the architecture's)."""
+    return trial.user_attrs.get("candidate_hash", trial.user_attrs.get("arch_hash")) == key
+
+
+def find_duplicate(study: optuna.Study, key: str, number: int) -> optuna.trial.FrozenTrial | None:
+    """Returns the earliest complete trial that trained the same candidate."""
     for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if other.number != number and other.user_attrs.get("arch_hash") == fingerprint:
+        if other.number != number and same_candidate(other, key):
             return other
     return None
+
+
+class Clock:
+    """Seconds since the trial's training began at each validation (training and
+    validation both count): what a tabulated benchmark reads as each step's cost."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.at: dict[str, float] = {}
+
+    def on_validation(self, step: int, metrics: dict[str, float], module: torch.nn.Module) -> None:
+        self.at[str(step)] = round(time.perf_counter() - self.start, 4)
 
 
 def measure_latency_ms(model: torch.nn.Module, example: list[torch.Tensor], device: torch.device, repeats: int = 10) -> float:
@@ -119,6 +148,7 @@ class Objective:
         """Samples and checks an architecture; records its counts. Raises Infeasible."""
         arch = suggest_checked(self.space, self.task, trial)
         trial.set_user_attr("arch_hash", arch.fingerprint())
+        trial.set_user_attr("candidate_hash", candidate_hash(arch, trial.user_attrs.get("optim", {})))
         trial.set_user_attr("n_params", count_parameters(arch))
         trial.set_user_attr("flops_per_token", flops_per_token(arch))
         trial.set_user_attr("arch", arch.to_dict())
@@ -128,11 +158,12 @@ class Objective:
         arch = self.sample(trial)
         if is_finalist(trial):  # a retraining with another seed: trained in full, never pruned or deduplicated
             return self._train(trial, arch, prune=False)
-        twin = wait_for_twin(trial.study, trial, trial.user_attrs["arch_hash"], self.poll_s, self.reap)
+        key = trial.user_attrs["candidate_hash"]
+        twin = wait_for_twin(trial.study, trial, key, self.poll_s, self.reap)
         if twin is not None and twin.state == optuna.trial.TrialState.PRUNED:
             trial.set_user_attr("duplicate_of", twin.number)
             raise optuna.TrialPruned(f"the same architecture as trial {twin.number}, which was pruned while this waited")
-        duplicate = find_duplicate(trial.study, trial.user_attrs["arch_hash"], trial.number)
+        duplicate = find_duplicate(trial.study, key, trial.number)
         if duplicate is not None:
             trial.set_user_attr("duplicate_of", duplicate.number)
             for key in ("best_step", "device", "latency_ms"):
@@ -193,7 +224,7 @@ class Objective:
     def _fit(self, trial: optuna.Trial, arch: ArchConfig, folder: pathlib.Path,
              prune: bool) -> tuple[LitTransformer, BestWeights, FitResult]:
         """Trains with the trial loop (Lightning Fabric); the pruning callback may raise TrialPruned."""
-        optim = {**self.optim, "max_steps": self.settings.max_steps}
+        optim = {**self.optim, **trial.user_attrs.get("optim", {}), "max_steps": self.settings.max_steps}
         world = self.settings.world_size
         ranks = contextlib.nullcontext()
         if world > 1:
@@ -207,7 +238,8 @@ class Objective:
         L.seed_everything(self.seed + trial.number, verbose=False)
         lit = LitTransformer(arch, self.task.kind, **optim)
         best = BestWeights(self.monitor, sign=-1.0 if self.monitor == "val_acc" else 1.0)
-        callbacks: list[Any] = [best, *self.callbacks(trial)]
+        clock = Clock()
+        callbacks: list[Any] = [best, clock, *self.callbacks(trial)]
         if prune:
             callbacks.append(OptunaPruning(trial, self.monitor, last_step=self.settings.max_steps))
         try:
@@ -215,6 +247,7 @@ class Objective:
                 result = fit(lit, self.task, self.settings, callbacks, folder, self.compile_backend)
         finally:  # a pruned trial's compute counts too
             trial.set_user_attr("train_tokens", lit.tokens_seen)
+            trial.set_user_attr("seconds_at", clock.at)
         record_speed(trial, result, self.peak_tflops)
         return lit, best, result
 
