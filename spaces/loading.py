@@ -9,7 +9,16 @@ from typing import Any
 import optuna
 
 from qkvsearch.spaces.expressions import Expression, ExpressionError
-from qkvsearch.spaces.schema import BUDGET_KEYS, MEASURED, OPTIM_KEYS, PARAM_KEYS, SPACE_KEYS, TYPES, Param, SpaceError
+from qkvsearch.spaces.schema import (
+    BUDGET_KEYS,
+    MEASURED,
+    OPTIM_KEYS,
+    PARAM_KEYS,
+    SPACE_KEYS,
+    TYPES,
+    Param,
+    SpaceError,
+)
 from qkvsearch.spaces.space import Space
 
 _RESERVED = {"layer", *MEASURED}
