@@ -36,8 +36,8 @@ SWEEP = ["space=bench", "sampler=grid", "pruner=none", "finalists=0", "artifacts
 
 def grid_size() -> int:
     """How many configurations the bench space holds (its grid)."""
-    from qkvsearch.search.configs import compose_config
-    from qkvsearch.search.study.run import build_space, build_task, grid_of
+    from qkvsearch.search.base.configs import compose_config
+    from qkvsearch.search.study.prepare import build_space, build_task, grid_of
 
     cfg = compose_config("sweep", ["space=bench"])
     grid = grid_of(build_space(cfg, build_task(cfg)))

@@ -47,7 +47,7 @@ class RandomTokens:
 def gpt2_trial(steps: int, batch: int) -> tuple:
     """A GPT-2-small shaped decoder's trial: architecture, random-token task, module, loop settings."""
     from qkvsearch.models import ArchConfig
-    from qkvsearch.search.study.settings import LoopSettings
+    from qkvsearch.search.base.settings import LoopSettings
     from qkvsearch.search.trial.lit import LitTransformer
 
     arch = ArchConfig.from_dict({
@@ -64,7 +64,7 @@ def gpt2_trial(steps: int, batch: int) -> tuple:
 
 def trial_speed(steps: int, batch: int, compile_backend: str | None, peak: float | None) -> tuple[float, float | None, str]:
     from qkvsearch.models import flops_per_token
-    from qkvsearch.search.study.devices import model_flops_utilisation, peak_tflops
+    from qkvsearch.search.trial.hardware import model_flops_utilisation, peak_tflops
     from qkvsearch.search.trial.loop import fit
 
     arch, task, lit, settings = gpt2_trial(steps, batch)
@@ -130,7 +130,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
         return
-    from qkvsearch.search.trial.objective import quiet_lightning
+    from qkvsearch.search.trial.lit import quiet_lightning
 
     quiet_lightning()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")

@@ -103,15 +103,16 @@ def has_pruner(strategy: str) -> bool:
 
 def run_sweep(strategy: str, seed: int, n_trials: int, extra: list[str],
               root: pathlib.Path) -> tuple[list[TrialCost], dict[str, float]]:
-    """One sweep, in this process, on its own SQLite study; returns its trials' costs and
-    its proxy trust (Spearman rho of each validation step and proxy with the final loss)."""
-    from qkvsearch.search.configs import compose_config
+    """One sweep, in this process, on its own SQLite study (the search alone: no finalists);
+    returns its trials' costs and its proxy trust (Spearman rho of each validation step and
+    proxy with the final loss)."""
+    from qkvsearch.search.base.configs import compose_config
     from qkvsearch.search.inspect.trust import proxy_trust
-    from qkvsearch.search.study.run import sweep
+    from qkvsearch.search.study.sweep import sweep
 
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", strategy) + f"-s{seed}"
     cfg = compose_config("sweep", [*strategy_overrides(strategy), f"seed={seed}", f"n_trials={n_trials}",
-                                   f"study_name={name}", f"run_root={root}", "artifacts=null", *extra])
+                                   f"study_name={name}", f"run_root={root}", "artifacts=null", "finalists=0", *extra])
     with contextlib.redirect_stdout(io.StringIO()):
         study = sweep(cfg)
     return trial_costs(study), {r.predictor: r.spearman for r in proxy_trust(study)}

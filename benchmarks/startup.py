@@ -27,7 +27,7 @@ ROWS = {
     "qkv sweeep (a typo)": [*QKV, "sweeep"],
     "qkv sweep n_trails=5 (a typo)": [*QKV, "sweep", "n_trails=5"],
     "imports before extra workers start (launch)": [sys.executable, "-c", "import qkvsearch.search.commands.sweep"],
-    "a worker's imports (qkvsearch.search.study.run)": [sys.executable, "-c", "import qkvsearch.search.study.run"],
+    "a worker's imports (qkvsearch.search.study.sweep)": [sys.executable, "-c", "import qkvsearch.search.study.sweep"],
     "  of which torch": [sys.executable, "-c", "import torch"],
     "  of which torch + Lightning": [sys.executable, "-c", "import torch, lightning"],
 }

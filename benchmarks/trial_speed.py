@@ -44,14 +44,15 @@ def timed(fn) -> tuple[float, float]:
 
 def trial_run(cfg, params: dict) -> tuple[float, float]:
     """Wall and CPU seconds of one trial, from after ask to after tell."""
-    from qkvsearch.search.study.run import prepare, run_trial
+    from qkvsearch.search.study.prepare import prepare
+    from qkvsearch.search.study.search import run_trial
     from qkvsearch.search.study.workers import next_trial
 
-    setup = prepare(cfg)
-    setup.study.enqueue_trial(params)
-    trial = next_trial(setup.study, setup.storage, cfg.storage, cfg.n_trials, cfg.storage.heartbeat_s)
-    seconds = timed(lambda: run_trial(setup, trial))
-    frozen = setup.study.trials[-1]
+    worker = prepare(cfg).worker
+    worker.study.enqueue_trial(params)
+    trial = next_trial(worker.study, worker.storage, cfg.storage, cfg.n_trials, cfg.storage.heartbeat_s)
+    seconds = timed(lambda: run_trial(worker, trial))
+    frozen = worker.study.trials[-1]
     if frozen.state.name != "COMPLETE":
         raise RuntimeError(f"the benchmark trial ended {frozen.state.name}: {frozen.user_attrs}")
     return seconds
@@ -59,7 +60,7 @@ def trial_run(cfg, params: dict) -> tuple[float, float]:
 
 def plain_run(cfg, params: dict, folder: pathlib.Path) -> tuple[float, float]:
     """Wall and CPU seconds of the same work in a bare loop."""
-    from qkvsearch.search.study.run import build_space, build_task
+    from qkvsearch.search.study.prepare import build_space, build_task
     from qkvsearch.search.trial.lit import LitTransformer
 
     task = build_task(cfg)
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from qkvsearch.search.trial.objective import quiet_lightning
+    from qkvsearch.search.trial.lit import quiet_lightning
 
     quiet_lightning()
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -1,53 +1,52 @@
 """The configurable Transformer: attention components, blocks, models, analytic counts.
 
-This package depends on torch alone.
+This package depends on torch alone. Its names load on first use (PEP 562), so importing
+``qkvsearch.models.errors`` (the error base every layer shares) imports no torch: the
+command line answers ``--help`` and refuses bad input before torch is loaded.
 """
 
-from qkvsearch.models.attention import MultiHeadAttention
-from qkvsearch.models.capture import capture_attention, set_attention_path
-from qkvsearch.models.config import ArchConfig, AttentionConfig, LayerConfig, StackConfig
-from qkvsearch.models.counting import count_parameters, flops_per_token
-from qkvsearch.models.feedforward import FEEDFORWARDS
-from qkvsearch.models.heads import HEADS
-from qkvsearch.models.masks import MASKS
-from qkvsearch.models.norms import NORMS, PLACEMENTS
-from qkvsearch.models.positions import POSITIONS
-from qkvsearch.models.registry import ConfigError, Registry
-from qkvsearch.models.scaling import SCALINGS
-from qkvsearch.models.transformer import EncoderDecoderModel, StackModel, build_model
+from __future__ import annotations
 
-#: Every component registry, by the config field that chooses from it.
-REGISTRIES: dict[str, Registry] = {
-    "scaling": SCALINGS,
-    "masks": MASKS,
-    "positions": POSITIONS,
-    "ffn": FEEDFORWARDS,
-    "norm": NORMS,
-    "norm_placement": PLACEMENTS,
-    "head": HEADS,
+import importlib
+from typing import Any
+
+#: Each public name and the module that defines it.
+_WHERE = {
+    "MultiHeadAttention": "attention",
+    "capture_attention": "capture",
+    "set_attention_path": "capture",
+    "ArchConfig": "config",
+    "AttentionConfig": "config",
+    "LayerConfig": "config",
+    "StackConfig": "config",
+    "count_parameters": "counting",
+    "flops_per_token": "counting",
+    "FEEDFORWARDS": "feedforward",
+    "HEADS": "heads",
+    "MASKS": "masks",
+    "NORMS": "norms",
+    "PLACEMENTS": "norms",
+    "POSITIONS": "positions",
+    "ConfigError": "registry",
+    "Registry": "registry",
+    "SCALINGS": "scaling",
+    "REGISTRIES": "components",
+    "EncoderDecoderModel": "transformer",
+    "StackModel": "transformer",
+    "build_model": "transformer",
 }
 
-__all__ = [
-    "FEEDFORWARDS",
-    "HEADS",
-    "MASKS",
-    "NORMS",
-    "PLACEMENTS",
-    "POSITIONS",
-    "REGISTRIES",
-    "SCALINGS",
-    "ArchConfig",
-    "AttentionConfig",
-    "ConfigError",
-    "EncoderDecoderModel",
-    "LayerConfig",
-    "MultiHeadAttention",
-    "Registry",
-    "StackConfig",
-    "StackModel",
-    "build_model",
-    "capture_attention",
-    "count_parameters",
-    "flops_per_token",
-    "set_attention_path",
-]
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

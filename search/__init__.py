@@ -1,11 +1,16 @@
-"""The sweep, grouped by concern; imports flow one way, commands -> study -> trial -> models:
+"""The sweep, in layers that import one way only (import-linter contracts in pyproject.toml):
 
-- ``commands``: the Hydra apps of ``qkv`` (sweep, train, export, report, dashboard, space);
-- ``study``: storage and locks, worker processes, devices, retries, settings, live progress;
-- ``trial``: the objective, the LightningModule, the trial loop (Fabric) and its callbacks;
-- ``inspect``: artifacts, trial selection, the text summary;
-- ``export``: standalone code for an architecture.
+    cli -> commands -> study -> trial -> (inspect | export) -> base
 
-``cli`` (the ``qkv`` entry point), ``cli_conf`` (help and suggestions from the YAML),
-``configs`` (Hydra composition) and ``errors`` serve them all.
+- ``cli``, ``cli_conf``: the ``qkv`` entry point, and help and suggestions read from the YAML;
+- ``commands``: the Hydra apps (sweep, train, export, report, dashboard, space);
+- ``study``: storage and locks, workers and their group, devices, the sweep's stages
+  (``prepare``, ``search``, ``finalists``; ``sweep`` runs them), warm start, replay;
+- ``trial``: the objective, its backends (Fabric), the trial loop and its callbacks,
+  duplicates, multi-device ranks, hardware figures, test scores;
+- ``inspect``: reading a study back: selection, finalists, proxy trust, artifacts, summary;
+- ``export``: one module per export format behind one interface;
+- ``base``: settings, attribute keys, errors, signals, shared process facts, configs, weights.
+
+Below ``search`` sit ``tasks -> spaces -> models``.
 """

@@ -7,8 +7,8 @@ import os
 import signal
 import sys
 
-from qkvsearch.search import signals
-from qkvsearch.search.errors import Interrupted
+from qkvsearch.search.base import signals
+from qkvsearch.search.base.errors import Interrupted
 
 COMMANDS = {
     "sweep": ("qkvsearch.search.commands.sweep", "search architectures: an Optuna study of Lightning-trained trials"),
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     # Idle OpenMP threads sleep instead of spinning, so workers and other programs sharing the
     # cores do not stall each other (set before torch is imported; a user's setting wins).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from qkvsearch.search.study.group import die_with_parent
+    from qkvsearch.search.base.env import die_with_parent
 
     die_with_parent()  # an extra worker of `qkv sweep workers=N` ends with the process that started it
     rest = argv[1:]

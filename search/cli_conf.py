@@ -11,13 +11,12 @@ import re
 
 import yaml
 
+from qkvsearch.search.base.env import CONFIG_DIR_FLAGS, VALUE_FLAGS
+
 CONF_DIR = pathlib.Path(__file__).resolve().parent.parent / "conf"
 #: The primary config of each command.
 PRIMARY = {"sweep": "sweep", "train": "train", "export": "export", "dashboard": "dashboard", "report": "report",
            "space": "space_show"}
-#: Hydra's own flags that take a value (they are not overrides).
-HYDRA_VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--cfg", "-c",
-                     "--package", "-p", "--info", "-i", "--experimental-rerun")
 
 
 class UnknownName(ValueError):
@@ -73,13 +72,13 @@ class CommandConf:
         Raises:
             UnknownName: naming the key or option and what is valid.
         """
-        extra_conf = any(a.split("=")[0] in ("--config-dir", "-cd", "--config-path", "-cp") for a in args)
+        extra_conf = any(a.split("=")[0] in CONFIG_DIR_FLAGS for a in args)
         skip = False
         for arg in args:
             if skip:
                 skip = False
                 continue
-            if arg in HYDRA_VALUE_FLAGS:
+            if arg in VALUE_FLAGS:
                 skip = True
                 continue
             if arg.startswith(("-", "+", "~")) or "=" not in arg:

@@ -39,6 +39,14 @@ IGNORE = -100
 KINDS = ("language_model", "classification", "seq2seq")
 
 
+def model_inputs(kind: str, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """A model's forward arguments for a task batch, padding masks included."""
+    if kind == "seq2seq":
+        return [batch[k] for k in ("src", "tgt_in", "src_padding_mask", "tgt_padding_mask")]
+    mask = batch.get("padding_mask")
+    return [batch["tokens"]] + ([mask] if mask is not None else [])
+
+
 @runtime_checkable
 class Task(Protocol):
     """The task contract (the module docstring says what each member means)."""

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import qkvsearch.search.configs  # noqa: F401 - registers the resolvers the configs use
+import qkvsearch.search.base.configs  # noqa: F401 - registers the resolvers the configs use
 
 CONF = str(pathlib.Path(__file__).resolve().parent.parent / "conf")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-# sweeps in tests run no finalists (each would add finalists x finalist_seeds full trials)
-# unless a test asks for them; subprocesses and SLURM jobs inherit this
-os.environ.setdefault("QKV_FINALISTS", "0")
+#: Sweeps in tests run no finalists (each would add finalists x finalist_seeds full trials):
+#: compose_conf puts this first (a test's own ``finalists=2`` wins), a process's command
+#: line ends with it (after Hydra's flags, which must come before overrides).
+TEST_SWEEP = ["finalists=0"]
+#: ``qkv sweep`` as a test starts it in a process of its own: ``[*SWEEP_CMD, *args, *TEST_SWEEP]``.
+SWEEP_CMD = [sys.executable, "-m", "qkvsearch.search.cli", "sweep"]
 
 
 def compose_conf(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     """Composes ``conf/<config_name>.yaml`` with overrides, as the command line would."""
+    defaults = TEST_SWEEP if config_name == "sweep" else []
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)
+        return compose(config_name=config_name, overrides=[*defaults, *(overrides or [])], return_hydra_config=False)
 
 
 def tiny_sweep_conf(tmp_path: pathlib.Path, *overrides: str) -> DictConfig:

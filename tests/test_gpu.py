@@ -22,7 +22,7 @@ def test_fused_and_reference_paths_agree_on_cuda(scaling, masks, positions):
 
 
 def test_a_gpu_trial_trains_and_validates_in_bf16(tmp_path):
-    from qkvsearch.search.study.settings import LoopSettings
+    from qkvsearch.search.base.settings import LoopSettings
     from qkvsearch.search.trial.lit import LitTransformer
     from qkvsearch.search.trial.loop import fit
     from tests.search.test_loop import ARCH, _task
@@ -42,7 +42,7 @@ def test_a_gpu_trial_trains_and_validates_in_bf16(tmp_path):
 def test_a_sweep_trains_its_trials_on_the_gpu(tmp_path):
     import optuna
 
-    from qkvsearch.search.study.run import sweep
+    from qkvsearch.search.study.sweep import sweep
     from tests.conftest import tiny_sweep_conf
 
     cfg = tiny_sweep_conf(tmp_path, "trainer=gpu", "trainer.max_steps=30", "trainer.val_check_interval=10",
@@ -54,7 +54,7 @@ def test_a_sweep_trains_its_trials_on_the_gpu(tmp_path):
 
 @pytest.mark.slow
 def test_a_gpu_sweep_uses_bf16_compiles_and_records_its_speed(tmp_path):
-    from qkvsearch.search.study.run import sweep
+    from qkvsearch.search.study.sweep import sweep
     from tests.conftest import tiny_sweep_conf
 
     study = sweep(tiny_sweep_conf(tmp_path, "trainer=gpu", "trainer.max_steps=30", "trainer.val_check_interval=10",
@@ -71,15 +71,15 @@ def test_a_gpu_sweep_uses_bf16_compiles_and_records_its_speed(tmp_path):
 def test_workers_auto_starts_one_worker_per_gpu(tmp_path):
     import os
     import subprocess
-    import sys
 
     import optuna
 
+    from tests.conftest import SWEEP_CMD, TEST_SWEEP
     from tests.search.faults import SHORT
 
-    out = subprocess.run([sys.executable, "-m", "qkvsearch.search.cli", "sweep", *SHORT, "trainer=gpu",
+    out = subprocess.run([*SWEEP_CMD, *SHORT, "trainer=gpu",
                           "trainer.max_steps=20", "trainer.val_check_interval=10", "workers=auto",
-                          f"run_root={tmp_path}", f"n_trials={2 * torch.cuda.device_count()}", "study_name=per_gpu"],
+                          f"run_root={tmp_path}", f"n_trials={2 * torch.cuda.device_count()}", "study_name=per_gpu", *TEST_SWEEP],
                          capture_output=True, text=True, timeout=600, env={**os.environ})
     assert out.returncode == 0, out.stderr[-3000:]
     study = optuna.load_study(study_name="per_gpu", storage=f"sqlite:///{tmp_path}/studies.db")

@@ -15,8 +15,8 @@ import optuna
 from omegaconf import DictConfig
 
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.configs import run_command
-from qkvsearch.search.errors import Interrupted
+from qkvsearch.search.base.configs import run_command
+from qkvsearch.search.base.errors import Interrupted
 from qkvsearch.search.inspect.artifacts import open_store
 from qkvsearch.search.study.storage import open_storage, storage_url
 

@@ -23,11 +23,14 @@ from omegaconf import DictConfig
 
 from qkvsearch.models import ArchConfig, count_parameters
 from qkvsearch.models.describe import COLUMNS, layer_rows
-from qkvsearch.search.configs import run_command
-from qkvsearch.search.inspect.artifacts import AttentionMap, attention_maps, load_trained, trial_weights
+from qkvsearch.search.base.configs import run_command
+from qkvsearch.search.base.keys import ARCH, N_PARAMS, TASK, TEST_SCORES, reason
+from qkvsearch.search.base.weights import load_trained
+from qkvsearch.search.inspect.artifacts import AttentionMap, attention_maps, trial_weights
 from qkvsearch.search.inspect.finalists import finalists, verdict
-from qkvsearch.search.inspect.selection import top_trials
+from qkvsearch.search.inspect.selection import objective_names, top_trials
 from qkvsearch.search.inspect.trust import first_rung, proxy_trust, trust_warning
+from qkvsearch.search.study.prepare import task_of_study
 from qkvsearch.search.study.storage import load_named_study
 
 State = optuna.trial.TrialState
@@ -53,14 +56,10 @@ def _plot(make: Callable[[], go.Figure]) -> str:
         return _note(f"not drawn: {error}")
 
 
-def _objectives(study: optuna.Study) -> list[str]:
-    return list(study.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(study.directions))])
-
-
 def history_sections(study: optuna.Study) -> list[str]:
     """Optuna's own plots of the study."""
     vis = optuna.visualization
-    names = _objectives(study)
+    names = objective_names(study)
     multi = len(names) > 1
     first = {"target": lambda t: t.values[0], "target_name": names[0]} if multi else {"target_name": names[0]}
     out = [_section("Optimisation history", _plot(lambda: vis.plot_optimization_history(study, **first)))]
@@ -87,9 +86,9 @@ def speed_cells(attrs: dict[str, Any]) -> str:
 
 def trials_table(study: optuna.Study) -> str:
     """The best trials (or the Pareto front) with their architectures; failures with reasons."""
-    names = _objectives(study)
+    names = objective_names(study)
     speed = ["tokens/s", "MFU", "peak memory"]
-    tests = study.user_attrs.get("test_scores") or {}  # the held-out split, for the best trials
+    tests = study.user_attrs.get(TEST_SCORES) or {}  # the held-out split, for the best trials
     held_out = ["test_loss", "test_acc"] if tests else []
     head = "".join(f"<th>{html.escape(n)}</th>" for n in ["trial", *names, *held_out, "parameters", *speed, "architecture"])
     rows = []
@@ -98,13 +97,13 @@ def trials_table(study: optuna.Study) -> str:
         test = tests.get(str(trial.number), {})
         values = "".join(f"<td>{v:.4g}</td>" for v in trial.values) + "".join(
             f"<td>{test[n]:.4g}</td>" if n in test else "<td>-</td>" for n in held_out)
-        rows.append(f"<tr><td>{trial.number}</td>{values}<td>{trial.user_attrs.get('n_params', 0):,}</td>"
+        rows.append(f"<tr><td>{trial.number}</td>{values}<td>{trial.user_attrs.get(N_PARAMS, 0):,}</td>"
                     f"{speed_cells(trial.user_attrs)}<td>{html.escape(params)}</td></tr>")
     table = f"<table><tr>{head}</tr>{''.join(rows)}</table>" if rows else _note("no complete trial yet")
     others = [t for t in study.get_trials(deepcopy=False) if t.state in (State.FAIL, State.PRUNED)]
     if others:
         items = "".join(
-            f"<li>trial {t.number} {t.state.name.lower()}: {html.escape(str(t.user_attrs.get('fail_reason') or t.user_attrs.get('pruned_reason') or ''))}</li>"
+            f"<li>trial {t.number} {t.state.name.lower()}: {html.escape(reason(t))}</li>"
             for t in others[:50]
         )
         table += f"<details><summary>{len(others)} pruned or failed trials</summary><ul>{items}</ul></details>"
@@ -116,11 +115,11 @@ def finalists_section(study: optuna.Study) -> str:
     rows = finalists(study)
     if not rows:
         return ""
-    name = _objectives(study)[0]
+    name = objective_names(study)[0]
     head = "".join(f"<th>{html.escape(n)}</th>" for n in ["trial", "seeds", f"mean {name}", "std", "values", "parameters"])
     body = "".join(
         f"<tr><td>{r.trial.number}</td><td>{len(r.values)}</td><td>{r.mean:.4f}</td><td>{r.std:.4f}</td>"
-        f"<td>{', '.join(f'{v:.4f}' for v in r.values)}</td><td>{r.trial.user_attrs.get('n_params', 0):,}</td></tr>"
+        f"<td>{', '.join(f'{v:.4f}' for v in r.values)}</td><td>{r.trial.user_attrs.get(N_PARAMS, 0):,}</td></tr>"
         for r in rows)
     return _section("Finalists: each retrained with more seeds", f"<table><tr>{head}</tr>{body}</table>" + _note(verdict(rows)))
 
@@ -212,11 +211,11 @@ def best_model_sections(study: optuna.Study, task_loader: Callable[[], Any] | No
     if not best:
         return [_section("Best architecture", _note("no complete trial yet"))]
     trial = best[0]
-    arch = ArchConfig.from_dict(trial.user_attrs["arch"])
-    runner_up = ArchConfig.from_dict(best[1].user_attrs["arch"]) if len(best) > 1 and len(study.directions) == 1 else None
+    arch = ArchConfig.from_dict(trial.user_attrs[ARCH])
+    runner_up = ArchConfig.from_dict(best[1].user_attrs[ARCH]) if len(best) > 1 and len(study.directions) == 1 else None
     out = [_section(f"Best architecture (trial {trial.number})", layer_table(arch, runner_up))]
     weights = trial_weights(study, trial, run_root)
-    task_name = study.user_attrs.get("task")
+    task_name = study.user_attrs.get(TASK)
     if not weights.is_file() or task_loader is None or task_name is None:
         out.append(_section("Attention weights", _note(f"not drawn: no weights at {weights} or no task recorded")))
         return out
@@ -238,7 +237,7 @@ def render(study: optuna.Study, task_loader: Callable[[], Any] | None = None, ru
     counts = {s: sum(t.state == s for t in trials) for s in (State.COMPLETE, State.PRUNED, State.FAIL, State.RUNNING)}
     summary = (f"{len(trials)} trials: {counts[State.COMPLETE]} complete, {counts[State.PRUNED]} pruned, "
                f"{counts[State.FAIL]} failed, {counts[State.RUNNING]} running. Objectives: "
-               + ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(_objectives(study), study.directions, strict=True))
+               + ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(objective_names(study), study.directions, strict=True))
                + f". Task {study.user_attrs.get('task', '?')}, space {study.user_attrs.get('space', '?')}.")
     sections = [trials_table(study), finalists_section(study), trust_section(study)]
     if counts[State.COMPLETE]:
@@ -255,8 +254,6 @@ def render(study: optuna.Study, task_loader: Callable[[], Any] | None = None, ru
 
 def report(cfg: DictConfig) -> pathlib.Path:
     """Writes the report of ``cfg.study_name`` (default: the latest study) and returns its path."""
-    from qkvsearch.search.study.run import task_of_study
-
     study = load_named_study(cfg.storage, cfg.study_name)
     name = study.study_name
 

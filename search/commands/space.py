@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from qkvsearch.models import count_parameters, flops_per_token
-from qkvsearch.search.configs import run_command
-from qkvsearch.search.study.run import build_space, build_task
+from qkvsearch.search.base.configs import run_command
+from qkvsearch.search.study.prepare import build_space, build_task
 from qkvsearch.search.trial.objective import suggest_checked
 from qkvsearch.spaces import FunctionSpace, Infeasible, Space
 

@@ -11,7 +11,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from qkvsearch.search.configs import run_command
+from qkvsearch.search.base.configs import run_command
 from qkvsearch.search.study.group import start_workers
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def run(cfg: DictConfig) -> None:
     started = time.perf_counter()
     group = start_workers(cfg)
     try:
-        from qkvsearch.search.study.run import sweep
+        from qkvsearch.search.study.sweep import sweep
     except BaseException:
         if group:
             group.interrupt()

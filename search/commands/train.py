@@ -14,25 +14,27 @@ import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.configs import run_command
-from qkvsearch.search.inspect.selection import best_trial, complete_trial
-from qkvsearch.search.study.run import build_task, task_of_study
+from qkvsearch.search.base.configs import run_command
+from qkvsearch.search.base.keys import ARCH, OPTIM, TASK
+from qkvsearch.search.base.settings import sign_of
+from qkvsearch.search.base.weights import save_weights
+from qkvsearch.search.inspect.choose import select_trial
+from qkvsearch.search.study.prepare import build_task, task_of_study
 from qkvsearch.search.study.storage import load_named_study
 from qkvsearch.search.trial.callbacks import BestWeights
 from qkvsearch.search.trial.evaluate import score, test_loader
-from qkvsearch.search.trial.lit import LitTransformer, check_compatible
-from qkvsearch.search.trial.objective import quiet_lightning
+from qkvsearch.search.trial.lit import LitTransformer, check_compatible, quiet_lightning
 
 
 def load_arch(cfg: DictConfig) -> tuple[ArchConfig, dict[str, Any], optuna.Study | None]:
-    """The architecture to train, where it came from, and its study (None for a file).
+    """The architecture to train, where it came from (with a study's trial, the optimiser
+    settings its space sampled, under ``optim``), and its study (None for a file).
 
     Raises:
-        ValueError: neither or both of ``arch`` and ``study_name`` given, a missing file,
+        QkvError: neither or both of ``arch`` and ``study_name`` given, a missing file,
             or a study or trial that does not exist or never completed.
     """
     if (cfg.arch is None) == (cfg.study_name is None):
@@ -43,8 +45,9 @@ def load_arch(cfg: DictConfig) -> tuple[ArchConfig, dict[str, Any], optuna.Study
             raise QkvError(f"arch: no file at {path}")
         return ArchConfig.from_dict(yaml.safe_load(path.read_text())), {"arch_file": str(path.resolve())}, None
     study = load_named_study(cfg.storage, cfg.study_name)
-    trial = find_trial(study, cfg.trial)
-    return ArchConfig.from_dict(trial.user_attrs["arch"]), {"study": cfg.study_name, "trial": trial.number}, study
+    trial = select_trial(study, cfg.trial)  # a number, or the best (by its mean over seeds where finalists ran)
+    source = {"study": cfg.study_name, "trial": trial.number, "optim": trial.user_attrs.get(OPTIM, {})}
+    return ArchConfig.from_dict(trial.user_attrs[ARCH]), source, study
 
 
 def task_overridden() -> bool:
@@ -52,11 +55,6 @@ def task_overridden() -> bool:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.initialized() and any(o.startswith(("task=", "task.")) for o in HydraConfig.get().overrides.task)
-
-
-def find_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
-    """A complete trial of a study: trial ``number``, or the best of a single-objective study."""
-    return best_trial(study) if number is None else complete_trial(study, number)
 
 
 def train(cfg: DictConfig) -> pathlib.Path:
@@ -67,15 +65,16 @@ def train(cfg: DictConfig) -> pathlib.Path:
     # a study's trial trains on the task the study was made with, unless the command line chooses one
     from_study = study is not None and not task_overridden()
     task = task_of_study(study) if from_study else build_task(cfg)
-    task_name = study.user_attrs.get("task", cfg.task.name) if from_study else cfg.task.name
+    task_name = study.user_attrs.get(TASK, cfg.task.name) if from_study else cfg.task.name
     check_compatible(arch, task)
     out = pathlib.Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    optim = {**OmegaConf.to_container(cfg.optim, resolve=True), "max_steps": cfg.trainer.max_steps}
+    # the trial's sampled settings (its learning rate) win over the command's defaults
+    optim = {**OmegaConf.to_container(cfg.optim, resolve=True), **source.get("optim", {}), "max_steps": cfg.trainer.max_steps}
     lit = LitTransformer(arch, task.kind, **optim)
     # the checkpoint is chosen on the task's own metric: accuracy for classification
     monitor = "val_acc" if task.kind == "classification" else "val_loss"
-    best = BestWeights(monitor, sign=-1.0 if monitor == "val_acc" else 1.0)
+    best = BestWeights(monitor, sign=sign_of(monitor))
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True), max_epochs=-1, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, enable_checkpointing=False, enable_model_summary=False,
@@ -86,8 +85,8 @@ def train(cfg: DictConfig) -> pathlib.Path:
     if best.state is None:
         raise RuntimeError("training ended before its first validation; raise trainer.max_steps")
     (out / "arch.yaml").write_text(yaml.safe_dump(arch.to_dict(), sort_keys=False))
-    save_file(best.state, str(out / "model.safetensors"), metadata={"arch_hash": arch.fingerprint()})
-    chosen = -best.best if monitor == "val_acc" else best.best
+    save_weights(best.state, out / "model.safetensors", arch.fingerprint())
+    chosen = sign_of(monitor) * best.best
     summary = {
         **source, "task": task_name, "selected_on": monitor, monitor: chosen, "best_step": best.best_step,
         "steps": trainer.global_step, "seconds": time.perf_counter() - start,

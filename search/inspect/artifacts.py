@@ -17,10 +17,10 @@ import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-from qkvsearch.models import ArchConfig, build_model, capture_attention
-from qkvsearch.models.attention import upgrade_state_dict
-from qkvsearch.models.errors import QkvError
-from qkvsearch.search.trial.lit import model_inputs
+from qkvsearch.models import capture_attention
+from qkvsearch.search.base.keys import DUPLICATE_OF
+from qkvsearch.search.inspect.selection import direction_sign
+from qkvsearch.tasks.base import model_inputs
 
 ATTENTION_FILE = "attention.png"
 
@@ -35,7 +35,7 @@ def open_store(path: str | pathlib.Path) -> FileSystemArtifactStore:
 def would_be_best(study: optuna.Study, values: list[float]) -> bool:
     """True when a trial with ``values`` would be the best (or on the Pareto front) once told."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    signs = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in study.directions]
+    signs = [direction_sign(study, i) for i in range(len(study.directions))]
     mine = [s * v for s, v in zip(signs, values, strict=True)]
     for other in complete:
         theirs = [s * v for s, v in zip(signs, other.values, strict=True)]
@@ -153,28 +153,4 @@ def trial_dir(run_dir: pathlib.Path, number: int) -> pathlib.Path:
 
 def trial_weights(study: optuna.Study, trial: optuna.trial.FrozenTrial, run_root: str | pathlib.Path) -> pathlib.Path:
     """The file of a trial's best weights (a duplicate's are its original's)."""
-    return trial_dir(study_run_dir(study, run_root), trial.user_attrs.get("duplicate_of", trial.number)) / "model.safetensors"
-
-
-def load_trained(arch: ArchConfig, weights: pathlib.Path) -> torch.nn.Module:
-    """The model with saved weights (no pickle), after checking that the file's
-    ``arch_hash`` is this architecture's.
-
-    Raises:
-        ValueError: the file is missing, or holds weights of another architecture.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    if not pathlib.Path(weights).is_file():
-        raise QkvError(f"no weights at {weights}")
-    with safe_open(str(weights), framework="pt") as handle:
-        recorded = (handle.metadata() or {}).get("arch_hash")
-    if recorded != arch.fingerprint():
-        raise QkvError(
-            f"{weights} holds weights of architecture {recorded or 'unknown'}, not of this trial's "
-            f"({arch.fingerprint()}); the trial folder belongs to another study or was overwritten"
-        )
-    model = build_model(arch)
-    model.load_state_dict(upgrade_state_dict(load_file(str(weights))))  # files from before the fused projections load too
-    return model.eval()
+    return trial_dir(study_run_dir(study, run_root), trial.user_attrs.get(DUPLICATE_OF, trial.number)) / "model.safetensors"

@@ -17,24 +17,19 @@ import statistics
 
 import optuna
 
+from qkvsearch.search.base.keys import ARCH_HASH, DUPLICATE_OF, FINALIST_OF, FINALIST_SEED, is_finalist
+from qkvsearch.search.inspect.selection import direction_sign, ranked
+
 State = optuna.trial.TrialState
 FrozenTrial = optuna.trial.FrozenTrial
-
-#: the user attributes of a finalist trial: the trial whose architecture it retrains, and its seed index
-FINALIST_OF, FINALIST_SEED = "finalist_of", "finalist_seed"
-
-
-def is_finalist(trial: FrozenTrial) -> bool:
-    return FINALIST_OF in trial.user_attrs
-
 
 def distinct_best(ranked_trials: list[FrozenTrial], k: int) -> list[FrozenTrial]:
     """The first ``k`` trials of a ranking with distinct architectures."""
     seen: set[str] = set()
     chosen = []
     for trial in ranked_trials:
-        fingerprint = trial.user_attrs.get("arch_hash", f"trial {trial.number}")
-        if fingerprint in seen or "duplicate_of" in trial.user_attrs:
+        fingerprint = trial.user_attrs.get(ARCH_HASH, f"trial {trial.number}")
+        if fingerprint in seen or DUPLICATE_OF in trial.user_attrs:
             continue
         seen.add(fingerprint)
         chosen.append(trial)
@@ -46,8 +41,6 @@ def distinct_best(ranked_trials: list[FrozenTrial], k: int) -> list[FrozenTrial]
 def enqueue_finalists(study: optuna.Study, k: int, seeds: int) -> int:
     """Queues the retrainings of the ``k`` best distinct architectures that the study does not
     hold yet (queued, running or finished; a failed one is queued again); returns how many."""
-    from qkvsearch.search.inspect.selection import ranked
-
     held = {(t.user_attrs[FINALIST_OF], t.user_attrs[FINALIST_SEED]) for t in study.get_trials(deepcopy=False)
             if is_finalist(t) and t.state != State.FAIL}
     queued = 0
@@ -87,7 +80,7 @@ def finalists(study: optuna.Study) -> list[Finalist]:
     for trial in trials:
         if is_finalist(trial) and trial.state == State.COMPLETE:
             values.setdefault(trial.user_attrs[FINALIST_OF], []).append(trial.values[0])
-    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
+    sign = direction_sign(study)
     table = [Finalist(by_number[n], [by_number[n].values[0], *extra]) for n, extra in values.items()
              if by_number[n].state == State.COMPLETE]
     return sorted(table, key=lambda f: (sign * f.mean, f.trial.number))

@@ -9,8 +9,9 @@ from rich.text import Text
 
 from qkvsearch.models import ArchConfig
 from qkvsearch.models.describe import layer_rows
+from qkvsearch.search.base.keys import ARCH, DUPLICATE_OF, N_PARAMS, TEST_SCORES
 from qkvsearch.search.inspect.finalists import finalists, verdict
-from qkvsearch.search.inspect.selection import top_trials
+from qkvsearch.search.inspect.selection import counted, objective_names, top_trials
 from qkvsearch.search.inspect.trust import first_rung, proxy_trust, trust_warning
 
 State = optuna.trial.TrialState
@@ -19,8 +20,6 @@ State = optuna.trial.TrialState
 def progress_line(study: optuna.Study, n_trials: int) -> Text:
     """``trials 5/12 | complete 3 | pruned 1 | failed 1 | retried 1 | running 1 | best 1.234``:
     what counts towards ``n_trials``; lost trials that were queued again show as retried."""
-    from qkvsearch.search.study.workers import counted
-
     trials = study.get_trials(deepcopy=False)
     kept = counted(trials)
     by_state = {s: sum(t.state == s for t in kept) for s in (State.COMPLETE, State.PRUNED, State.FAIL, State.RUNNING)}
@@ -48,7 +47,7 @@ def best_text(study: optuna.Study) -> str:
 def _architecture(trial: optuna.trial.FrozenTrial) -> str:
     """A compact description of the trial's architecture (from :func:`layer_rows`), runs
     of identical layers written once with their count."""
-    arch = ArchConfig.from_dict(trial.user_attrs["arch"])
+    arch = ArchConfig.from_dict(trial.user_attrs[ARCH])
     parts = [f"d_model {arch.d_model}, {arch.positions.name}"]
     runs: list[tuple[str, str, int]] = []
     for row in layer_rows(arch):
@@ -67,12 +66,12 @@ def print_summary(study: optuna.Study, overrides: list[str], console: Console | 
     """Prints the best trials with their architectures, then the commands (with
     ``overrides``) that open the dashboard and export the best."""
     console = console or Console()
-    objectives = list(study.user_attrs.get("objectives") or [f"value{i}" for i in range(len(study.directions))])
+    objectives = objective_names(study)
     table = Table(title=f"study {study.study_name}: " + ("Pareto front" if len(objectives) > 1 else "best trials"))
     table.add_column("trial", justify="right")
     for name in objectives:
         table.add_column(name, justify="right")
-    tests = study.user_attrs.get("test_scores") or {}  # held out: never trained or selected on
+    tests = study.user_attrs.get(TEST_SCORES) or {}  # held out: never trained or selected on
     show_acc = any(s.get("test_acc", 0) > 0 for s in tests.values())
     if tests:
         table.add_column("test_loss", justify="right")
@@ -87,8 +86,8 @@ def print_summary(study: optuna.Study, overrides: list[str], console: Console | 
             values.append(f"{test['test_loss']:.4g}" if "test_loss" in test else "")
             if show_acc:
                 values.append(f"{test['test_acc']:.4g}" if "test_acc" in test else "")
-        note = f" (same as {trial.user_attrs['duplicate_of']})" if "duplicate_of" in trial.user_attrs else ""
-        table.add_row(str(trial.number), *values, f"{trial.user_attrs.get('n_params', 0):,}", _architecture(trial) + note)
+        note = f" (same as {trial.user_attrs[DUPLICATE_OF]})" if DUPLICATE_OF in trial.user_attrs else ""
+        table.add_row(str(trial.number), *values, f"{trial.user_attrs.get(N_PARAMS, 0):,}", _architecture(trial) + note)
     console.print()
     console.print(table)
     print_finalists(study, console)
@@ -108,13 +107,13 @@ def print_finalists(study: optuna.Study, console: Console) -> None:
     table_rows = finalists(study)
     if not table_rows:
         return
-    name = (study.user_attrs.get("objectives") or ["value"])[0]
+    name = objective_names(study)[0]
     table = Table(title=f"finalists: {name} over seeds (the search trial and its retrainings)")
     for column in ("trial", "seeds", f"mean {name}", "std", "values", "params"):
         table.add_column(column, justify="right" if column != "values" else "left")
     for row in table_rows:
         table.add_row(str(row.trial.number), str(len(row.values)), f"{row.mean:.4f}", _number(row.std, 4),
-                      ", ".join(f"{v:.4f}" for v in row.values), f"{row.trial.user_attrs.get('n_params', 0):,}")
+                      ", ".join(f"{v:.4f}" for v in row.values), f"{row.trial.user_attrs.get(N_PARAMS, 0):,}")
     console.print(table)
     if line := verdict(table_rows):
         console.print(line)

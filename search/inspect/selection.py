@@ -6,18 +6,51 @@ then by the earlier trial.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.inspect.finalists import is_finalist
+from qkvsearch.search.base.keys import BASELINE, N_PARAMS, OBJECTIVES, is_finalist, reason
+
+
+def direction_sign(study: optuna.Study, index: int = 0) -> float:
+    """+1 when the study minimises objective ``index``, -1 when it maximises it."""
+    return 1.0 if study.directions[index] == optuna.study.StudyDirection.MINIMIZE else -1.0
+
+
+def objective_names(study: optuna.Study) -> list[str]:
+    """The study's objective names (``value0``, ... for a study that records none)."""
+    return list(study.user_attrs.get(OBJECTIVES) or [f"value{i}" for i in range(len(study.directions))])
+
+
+def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of the failed trials that have a retry queued, running or finished."""
+    return {number for t in trials for number in t.system_attrs.get("retry_history", ())}
+
+
+def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that count towards ``n_trials``: complete, pruned, running and queued
+    trials, and failed trials that were not retried; the retrainings of finalists and the
+    study's baseline do not."""
+    retried = retried_numbers(trials)
+    return [t for t in trials if (t.state != TrialState.FAIL or t.number not in retried) and not is_finalist(t)
+            and BASELINE not in t.user_attrs]
+
+
+def frozen(study: optuna.Study, number: int) -> FrozenTrial:
+    """The stored state of trial ``number``."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
 def ranked(study: optuna.Study) -> list[FrozenTrial]:
-    """The complete search trials (not the retrainings of finalists), best first objective first."""
-    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_finalist(t)]
-    return sorted(complete, key=lambda t: (sign * t.values[0], t.user_attrs.get("n_params", 0), t.number))
+    """The complete search trials (not the retrainings of finalists, nor the baseline), best
+    first objective first."""
+    sign = direction_sign(study)
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if not is_finalist(t) and BASELINE not in t.user_attrs]
+    return sorted(complete, key=lambda t: (sign * t.values[0], t.user_attrs.get(N_PARAMS, 0), t.number))
 
 
 def top_trials(study: optuna.Study, k: int = 5) -> list[FrozenTrial]:
@@ -25,20 +58,6 @@ def top_trials(study: optuna.Study, k: int = 5) -> list[FrozenTrial]:
     if len(study.directions) > 1:
         return sorted(study.best_trials, key=lambda t: (t.values, t.number))
     return ranked(study)[:k]
-
-
-def best_trial(study: optuna.Study) -> FrozenTrial:
-    """The best complete trial of a single-objective study.
-
-    Raises:
-        QkvError: several objectives (there is no single best), or no complete trial.
-    """
-    if len(study.directions) > 1:
-        raise QkvError(f"study {study.study_name!r} has several objectives: choose a trial=N from its Pareto front")
-    best = ranked(study)
-    if not best:
-        raise QkvError(f"study {study.study_name!r} has no complete trial")
-    return best[0]
 
 
 def complete_trial(study: optuna.Study, number: int) -> FrozenTrial:
@@ -52,6 +71,7 @@ def complete_trial(study: optuna.Study, number: int) -> FrozenTrial:
     if not match:
         raise QkvError(f"trial {number} does not exist in study {study.study_name!r} (it has {len(trials)} trials)")
     if match[0].state != TrialState.COMPLETE:
-        reason = match[0].user_attrs.get("pruned_reason") or match[0].user_attrs.get("fail_reason") or ""
-        raise QkvError(f"trial {number} of study {study.study_name!r} is {match[0].state.name}, not COMPLETE {reason}".rstrip())
+        raise QkvError(f"trial {number} of study {study.study_name!r} is {match[0].state.name}, not COMPLETE "
+                       f"{reason(match[0])}".rstrip())
     return match[0]
+

@@ -16,8 +16,8 @@ import math
 import optuna
 from scipy import stats
 
+from qkvsearch.search.base.keys import DUPLICATE_OF, FLOPS_PER_TOKEN, N_PARAMS, PRUNED_BY, PRUNED_REASON
 from qkvsearch.search.inspect.selection import ranked
-from qkvsearch.search.trial.callbacks import PRUNED_BY
 
 #: below this Spearman rho at the first rung, pruning there is close to a coin toss
 WEAK = 0.5
@@ -48,14 +48,14 @@ def proxy_trust(study: optuna.Study) -> list[Agreement]:
     empty for a study with several objectives."""
     if len(study.directions) > 1:
         return []
-    finished = [t for t in ranked(study) if "duplicate_of" not in t.user_attrs]
+    finished = [t for t in ranked(study) if DUPLICATE_OF not in t.user_attrs]
     rows = []
     steps = sorted({step for t in finished for step in t.intermediate_values})
     for step in steps:
         having = [t for t in finished if step in t.intermediate_values]
         rows.append(_agreement(f"step {step}", step, [t.intermediate_values[step] for t in having],
                                [t.values[0] for t in having]))
-    for proxy in ("n_params", "flops_per_token"):
+    for proxy in (N_PARAMS, FLOPS_PER_TOKEN):
         having = [t for t in finished if proxy in t.user_attrs]
         rows.append(_agreement(proxy, None, [float(t.user_attrs[proxy]) for t in having], [t.values[0] for t in having]))
     return rows
@@ -64,7 +64,7 @@ def proxy_trust(study: optuna.Study) -> list[Agreement]:
 def first_rung(study: optuna.Study) -> int | None:
     """The earliest step at which the pruner stopped a trial (None: it stopped none)."""
     steps = [max(t.intermediate_values) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
-             if t.intermediate_values and str(t.user_attrs.get("pruned_reason", "")).startswith(PRUNED_BY)]
+             if t.intermediate_values and str(t.user_attrs.get(PRUNED_REASON, "")).startswith(PRUNED_BY)]
     return min(steps, default=None)
 
 

@@ -11,7 +11,6 @@ error is reported at once, with the end of its log, and fails the sweep.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import os
 import pathlib
@@ -21,22 +20,7 @@ import sys
 import threading
 from typing import Any
 
-#: Set in an extra worker's environment to the pid of the process that started it.
-SPAWNED_BY = "QKV_SPAWNED_BY"
-#: Hydra's own flags that take a value and must reach the extra workers too.
-HYDRA_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """In an extra worker: SIGTERM when the process that started it dies (Linux)."""
-    parent = os.environ.get(SPAWNED_BY)
-    if parent is None or not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != int(parent):  # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+from qkvsearch.search.base.env import CONFIG_FLAGS, SPAWNED_BY, VISIBLE, tail
 
 
 def worker_command(argv: list[str], job_overrides: list[str], workers: int) -> list[str]:
@@ -44,19 +28,12 @@ def worker_command(argv: list[str], job_overrides: list[str], workers: int) -> l
     overrides (never ``-m``: a multirun job's workers run that one job)."""
     flags: list[str] = []
     for i, arg in enumerate(argv):
-        if arg in HYDRA_FLAGS and i + 1 < len(argv):
+        if arg in CONFIG_FLAGS and i + 1 < len(argv):
             flags += [arg, argv[i + 1]]
-        elif arg.startswith(tuple(f"{flag}=" for flag in HYDRA_FLAGS)):
+        elif arg.startswith(tuple(f"{flag}=" for flag in CONFIG_FLAGS)):
             flags.append(arg)
     overrides = [o for o in job_overrides if not o.startswith(("worker_index=", "workers="))]
     return [sys.executable, "-m", "qkvsearch.search.cli", "sweep", *flags, *overrides, f"workers={workers}"]
-
-
-def tail(path: pathlib.Path, lines: int = 20) -> str:
-    """The last ``lines`` lines of a log file."""
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return "(no log)"
 
 
 @dataclasses.dataclass
@@ -88,7 +65,7 @@ class WorkerGroup:
         for index in range(1, cfg.workers):
             log_path = log_dir / f"worker-{index}.log"
             device = devices[index] if devices else None
-            own_env = env if device is None else {**env, "CUDA_VISIBLE_DEVICES": device}
+            own_env = env if device is None else {**env, VISIBLE: device}
             with open(log_path, "w") as output:
                 procs.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                               env=own_env, start_new_session=True))
@@ -144,8 +121,8 @@ def start_workers(cfg: Any) -> WorkerGroup | None:
     checks the settings and starts the extra workers (each pinned to its own). Nothing in
     an extra worker. (Imported here, not at the top: the CLI imports this module for every
     command, and the settings' modules import torch.)"""
-    from qkvsearch.search.study.devices import VISIBLE, plan_workers
-    from qkvsearch.search.study.settings import check_sweep
+    from qkvsearch.search.base.settings import check_sweep
+    from qkvsearch.search.study.devices import plan_workers
 
     if SPAWNED_BY in os.environ:
         return None

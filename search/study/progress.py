@@ -10,8 +10,9 @@ import optuna
 from rich.console import Console, Group
 from rich.text import Text
 
+from qkvsearch.search.base.keys import DUPLICATE_OF, FAIL_REASON, PRUNED_REASON, RETRY_OF
 from qkvsearch.search.inspect.report_text import progress_line
-from qkvsearch.search.study.workers import counted
+from qkvsearch.search.inspect.selection import counted
 
 State = optuna.trial.TrialState
 
@@ -75,16 +76,16 @@ class SweepView:
 def trial_line(trial: optuna.trial.FrozenTrial, objectives: list[str]) -> str:
     """One line about a finished trial: its outcome, values or reason, and time."""
     seconds = trial.user_attrs.get("wall_time_s", 0.0)
-    retry = f" (retry of {trial.user_attrs['retry_of']})" if "retry_of" in trial.user_attrs else ""
+    retry = f" (retry of {trial.user_attrs[RETRY_OF]})" if RETRY_OF in trial.user_attrs else ""
     head = f"trial {trial.number}{retry}: "
     if trial.state == State.COMPLETE:
         values = ", ".join(f"{name} {value:.4g}" for name, value in zip(objectives, trial.values, strict=False))
-        same = f", same architecture as trial {trial.user_attrs['duplicate_of']}" if "duplicate_of" in trial.user_attrs else ""
+        same = f", same candidate as trial {trial.user_attrs[DUPLICATE_OF]}" if DUPLICATE_OF in trial.user_attrs else ""
         return f"{head}complete, {values}{same} ({seconds:.1f} s)"
     if trial.state == State.PRUNED:
-        return f"{head}pruned: {trial.user_attrs.get('pruned_reason', 'pruned')} ({seconds:.1f} s)"
+        return f"{head}pruned: {trial.user_attrs.get(PRUNED_REASON, 'pruned')} ({seconds:.1f} s)"
     if trial.state == State.FAIL:
-        return f"{head}failed: {str(trial.user_attrs.get('fail_reason', 'its worker died')).splitlines()[0][:200]}"
+        return f"{head}failed: {str(trial.user_attrs.get(FAIL_REASON, 'its worker died')).splitlines()[0][:200]}"
     return f"{head}{trial.state.name.lower()}"
 
 

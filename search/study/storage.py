@@ -13,7 +13,6 @@ import datetime
 import fcntl
 import hashlib
 import pathlib
-import re
 import sys
 import time
 import warnings
@@ -31,12 +30,11 @@ from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
 from qkvsearch.models.errors import QkvError
+from qkvsearch.search.base.settings import check_study_name
 
 STORAGE_KINDS = ("rdb", "journal")
 #: Trial system attribute that carries a journal trial's last heartbeat (seconds since the epoch).
 HEARTBEAT_ATTR = "qkv:heartbeat"
-#: A study name: letters, digits and ``. _ - = , +``; no separators, no ``..``.
-STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=,+-]{0,119}")
 
 StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 
@@ -45,23 +43,10 @@ class StorageError(QkvError):
     """The storage cannot be opened or reached."""
 
 
-def check_study_name(name: Any) -> str:
-    """Returns ``name`` when it is a plain name that stays inside the folders it names.
-
-    Raises:
-        ValueError: a number, a path, ``..`` or characters outside ``[A-Za-z0-9_.=,+-]``.
-    """
-    if not isinstance(name, str):
-        raise QkvError(
-            f"study_name: {name!r} is a {type(name).__name__}, not a name (Hydra reads a bare number as a number); "
-            f"start it with a letter, e.g. study_name=run{name}"
-        )
-    if not STUDY_NAME.fullmatch(name) or ".." in name:
-        raise QkvError(
-            f"study_name: {name!r} is not a plain name; use up to 120 letters, digits and '. _ - = , +', "
-            "starting with a letter, digit or '_' (no '/', no '..', not an absolute path)"
-        )
-    return name
+def is_heartbeat_enabled(storage: BaseStorage) -> bool:
+    """True for a storage that records heartbeats of running trials (ours always do; an
+    in-memory storage, as a replay uses, does not)."""
+    return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
 
 
 def storage_url(cfg: Any) -> str:

@@ -7,7 +7,8 @@ this space also has must be one of this space's values, and the architecture it 
 pass this task's checks (a parameter this space lacks is dropped; one the earlier space
 lacked is sampled). The sampler then learns from these trials like any other; they count
 towards ``n_trials``. The study records what was queued and why the rest were not
-(``warm_started_from``).
+(``warm_started_from``), and which queued architectures could be
+checked only when they run (a parameter the earlier space lacked is drawn by the sampler).
 """
 
 from __future__ import annotations
@@ -18,11 +19,36 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 
 from qkvsearch.models.errors import QkvError
+from qkvsearch.search.base.keys import WARM_STARTED_FROM
 from qkvsearch.search.inspect.finalists import distinct_best
 from qkvsearch.search.inspect.selection import ranked
+from qkvsearch.search.trial.objective import suggest_checked
 from qkvsearch.spaces import Infeasible, Space
 
-WARM_ATTR = "warm_started_from"
+
+class Lacking(Exception):
+    """The earlier study's values lack a parameter this space samples (named in ``args[0]``)."""
+
+
+class ValuesTrial:
+    """Just enough of a trial for a space to sample from given values: each ``suggest_*``
+    answers from ``params`` and raises :class:`Lacking` for a name it does not hold."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params, self.user_attrs = params, {}
+
+    def _value(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if name not in self.params:
+            raise Lacking(name)
+        return self.params[name]
+
+    suggest_categorical = suggest_int = suggest_float = _value
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self.user_attrs[key] = value
+
+    def set_constraint(self, name: str, value: float) -> None:
+        pass
 
 
 def space_distributions(space: Any) -> dict[str, BaseDistribution] | None:
@@ -46,13 +72,11 @@ def outside(value: Any, distribution: BaseDistribution) -> bool:
 def warm_start(study: optuna.Study, source: optuna.Study, k: int, space: Any, task: Any) -> dict[str, Any]:
     """Queues ``source``'s ``k`` best distinct architectures that fit ``space`` and ``task``
     in ``study``; returns (and records in the study) what was queued and what was not."""
-    from qkvsearch.search.trial.objective import suggest_checked
-
     if len(source.directions) != len(study.directions):
         raise QkvError(f"warm_start: study {source.study_name!r} has {len(source.directions)} objectives, "
                        f"this one {len(study.directions)}")
     distributions = space_distributions(space)
-    queued, skipped = [], {}
+    queued, skipped, unchecked = [], {}, {}
     for trial in distinct_best(ranked(source), k):
         params = dict(trial.params)
         if distributions is not None:
@@ -63,14 +87,14 @@ def warm_start(study: optuna.Study, source: optuna.Study, k: int, space: Any, ta
                 continue
             params = {name: value for name, value in params.items() if name in distributions}
             try:  # the architecture these values give must pass this task's checks
-                suggest_checked(space, task, optuna.trial.FixedTrial(params))
+                suggest_checked(space, task, ValuesTrial(params))
             except Infeasible as error:
                 skipped[str(trial.number)] = f"infeasible here: {error}"
                 continue
-            except ValueError:
-                pass  # a parameter the earlier space lacked: the sampler draws it
-        study.enqueue_trial(params, user_attrs={"warm_start_from": f"{source.study_name}#{trial.number}"})
+            except Lacking as missing:  # a parameter the earlier space lacked: the sampler draws it when it runs
+                unchecked[str(trial.number)] = f"{missing.args[0]} is drawn by the sampler; checked when it runs"
+        study.enqueue_trial(params, user_attrs={WARM_STARTED_FROM: f"{source.study_name}#{trial.number}"})
         queued.append(trial.number)
-    record = {"study": source.study_name, "queued": queued, "skipped": skipped}
-    study.set_user_attr(WARM_ATTR, record)
+    record = {"study": source.study_name, "queued": queued, "skipped": skipped, "unchecked": unchecked}
+    study.set_user_attr(WARM_STARTED_FROM, record)
     return record

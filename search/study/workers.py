@@ -18,21 +18,18 @@ import copy
 import signal
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from qkvsearch.search import signals
-from qkvsearch.search.inspect.finalists import FINALIST_OF, FINALIST_SEED, is_finalist
-from qkvsearch.search.study.storage import HEARTBEAT_ATTR, slot_lock
-
-#: User attribute of a retry: the number of the lost trial it runs again.
-RETRY_OF = "retry_of"
-#: Study user attribute counting the processes that have joined the study.
-WORKERS_JOINED = "workers_joined"
+from qkvsearch.search.base import signals
+from qkvsearch.search.base.keys import FAIL_REASON, FINALIST_OF, FINALIST_SEED, RETRY_OF, WORKERS_JOINED
+from qkvsearch.search.base.signals import backoff
+from qkvsearch.search.inspect.selection import counted, frozen
+from qkvsearch.search.study.storage import HEARTBEAT_ATTR, is_heartbeat_enabled, slot_lock
 
 
 class RetryLost(optuna.storages.RetryHeartbeatStaleTrialCallback):
@@ -61,18 +58,6 @@ def trial_id(trial: optuna.Trial) -> int:
     return trial._trial_id
 
 
-def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
-    """Numbers of the failed trials that have a retry queued, running or finished."""
-    return {number for t in trials for number in t.system_attrs.get("retry_history", ())}
-
-
-def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The trials that count towards ``n_trials`` (see the module docstring); the retrainings
-    of finalists do not."""
-    retried = retried_numbers(trials)
-    return [t for t in trials if (t.state != TrialState.FAIL or t.number not in retried) and not is_finalist(t)]
-
-
 def join_study(study: optuna.Study, pinned: int | None) -> int:
     """This process's worker index: ``pinned`` when the user set one, else the next free
     index of the study (0 for the first process, so a lone run is reproducible). Call it
@@ -89,39 +74,46 @@ def reap_stale(study: optuna.Study, storage_cfg: Any) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def backoff(most: float, first: float = 0.5) -> Iterator[float]:
-    """Waits between looks at the study: ``first`` seconds, then twice as long each time up
-    to ``most``. A wait that ends soon ends within a second; a long one costs the storage
-    one read per ``most`` seconds."""
-    wait = min(first, most)
-    while True:
-        yield wait
-        wait = min(2 * wait, most)
+#: :func:`take_slot`'s answer when other workers' trials run and none may start: look again later
+WAIT = "wait"
+
+
+def take_slot(study: optuna.Study, n_trials: int) -> optuna.Trial | str | None:
+    """One look at the study (the caller holds the slot lock): a queued trial (a retry or a
+    finalist) first, else a new trial while the study counts fewer than ``n_trials``;
+    :data:`WAIT` while other trials run (one may fail and be queued again); None once
+    the study is done."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials) or len(counted(trials)) < n_trials:
+        return study.ask()
+    return WAIT if any(t.state == TrialState.RUNNING for t in trials) else None
 
 
 def next_trial(study: optuna.Study, storage: BaseStorage, storage_cfg: Any, n_trials: int,
                poll_s: float) -> optuna.Trial | None:
-    """Starts the next trial (a queued retry first), or returns None once the study holds
-    ``n_trials`` counted trials and none runs. Waits while other workers' trials run (one of
-    them may fail and be queued again), looking again as :func:`backoff` says."""
+    """Starts the next trial (see :func:`take_slot`), failing dead workers' trials first, or
+    returns None once the study is done; waits as :func:`backoff` says while other workers'
+    trials run."""
     waits = backoff(poll_s)
     while True:
         signals.check()  # a Ctrl-C between trials stops here, before the study is written to
         with slot_lock(storage_cfg, study.study_name):
             optuna.storages.fail_stale_trials(study)  # under the lock: each lost trial is retried once
-            trials = study.get_trials(deepcopy=False)
-            if any(t.state == TrialState.WAITING for t in trials) or len(counted(trials)) < n_trials:
-                trial = study.ask()
-                storage.record_heartbeat(trial_id(trial))  # type: ignore[attr-defined]
-                return trial
-            if not any(t.state == TrialState.RUNNING for t in trials):
-                return None
+            slot = take_slot(study, n_trials)
+            if slot != WAIT:
+                if slot is not None and is_heartbeat_enabled(storage):
+                    storage.record_heartbeat(trial_id(slot))  # type: ignore[attr-defined]
+                return slot
         signals.pause(next(waits))
 
 
 @contextlib.contextmanager
 def heartbeat(storage: BaseStorage, trial: optuna.Trial) -> Iterator[None]:
-    """Records the trial's heartbeat every ``heartbeat_s`` seconds while it runs."""
+    """Records the trial's heartbeat every ``heartbeat_s`` seconds while it runs (nothing on a
+    storage without heartbeats, such as the in-memory one a replay uses)."""
+    if not is_heartbeat_enabled(storage):
+        yield
+        return
     interval = storage.get_heartbeat_interval()  # type: ignore[attr-defined]
     stop = threading.Event()
 
@@ -139,37 +131,11 @@ def heartbeat(storage: BaseStorage, trial: optuna.Trial) -> Iterator[None]:
         thread.join()
 
 
-def frozen(study: optuna.Study, number: int) -> FrozenTrial:
-    """The stored state of trial ``number``."""
-    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-
-
 def record_interrupted(study: optuna.Study, trial: optuna.Trial, reason: str, retry: RetryLost) -> None:
     """Fails an interrupted trial and queues its retry, deaf to further signals meanwhile
     (a second Ctrl-C must not cut the record short)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-    trial.set_user_attr("fail_reason", f"interrupted ({reason}); queued again for the next worker")
+    trial.set_user_attr(FAIL_REASON, f"interrupted ({reason}); queued again for the next worker")
     study.tell(trial, state=TrialState.FAIL)
     retry(study, frozen(study, trial.number))
-
-
-def wait_for_twin(study: optuna.Study, trial: optuna.Trial, key: str, poll_s: float,
-                  reap: Callable[[], None]) -> FrozenTrial | None:
-    """Waits while an earlier trial of the same candidate (``candidate_hash``) runs on another worker
-    (``reap`` fails it if that worker dies); returns it once finished (None when there is none)."""
-    twin = None
-    waits = backoff(poll_s)
-    while True:
-        if twin is not None:
-            reap()
-        running = [
-            t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.number < trial.number and t.user_attrs.get("candidate_hash", t.user_attrs.get("arch_hash")) == key
-        ]
-        if not running:
-            return None if twin is None else frozen(study, twin)
-        if twin is None:  # recorded once (an earlier check read 'waited_for: 0' as unset and wrote it every poll)
-            trial.set_user_attr("waited_for", running[0].number)
-        twin = running[0].number
-        signals.pause(next(waits))

@@ -12,13 +12,12 @@ import lightning as L
 import optuna
 import torch
 
+from qkvsearch.search.base.keys import PRUNED_BY, PRUNED_REASON
+
 
 class MissingMetricError(KeyError):
     """The monitored metric was not logged, so pruning could not work."""
 
-
-#: how the reason of a trial the pruner stopped begins (proxy trust finds the first rung by it)
-PRUNED_BY = "pruned by"
 
 
 class OptunaPruning:
@@ -43,7 +42,7 @@ class OptunaPruning:
             return
         if self.trial.should_prune():
             reason = f"{PRUNED_BY} {type(self.trial.study.pruner).__name__} at step {step} ({self.monitor}={value:.4f})"
-            self.trial.set_user_attr("pruned_reason", reason)
+            self.trial.set_user_attr(PRUNED_REASON, reason)
             raise optuna.TrialPruned(reason)
 
 

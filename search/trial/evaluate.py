@@ -10,13 +10,11 @@ import torch
 
 from qkvsearch.models import ArchConfig
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.inspect.artifacts import load_trained, trial_weights
+from qkvsearch.search.base.keys import ARCH, TEST_SCORES
+from qkvsearch.search.base.weights import load_trained
+from qkvsearch.search.inspect.artifacts import trial_weights
 from qkvsearch.search.inspect.selection import top_trials
 from qkvsearch.search.trial.lit import LitTransformer
-
-#: the study user attribute holding ``{trial number: {"test_loss": .., "test_acc": ..}}``
-#: (a finished trial's own attributes cannot change)
-TEST_SCORES = "test_scores"
 
 
 def test_loader(task: Any) -> Any | None:
@@ -57,12 +55,12 @@ def record_test_scores(study: optuna.Study, task: Any, run_root: str | pathlib.P
     added = False
     for trial in top_trials(study, k):
         key = str(trial.number)
-        if key in scores or "arch" not in trial.user_attrs:
+        if key in scores or ARCH not in trial.user_attrs:
             continue
         weights = trial_weights(study, trial, run_root)
         if not weights.is_file():
             continue
-        scores[key] = score(ArchConfig.from_dict(trial.user_attrs["arch"]), task.kind, weights, loader)
+        scores[key] = score(ArchConfig.from_dict(trial.user_attrs[ARCH]), task.kind, weights, loader)
         added = True
     if added:
         study.set_user_attr(TEST_SCORES, {**(study.user_attrs.get(TEST_SCORES) or {}), **scores})

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import optuna
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,14 +50,6 @@ STEPS: dict[str, Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tens
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     """The input tokens a batch trains on (source and target sides of seq2seq both count)."""
     return sum(v.numel() for k, v in batch.items() if k in ("tokens", "src", "tgt_in"))
-
-
-def model_inputs(kind: str, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """A model's forward arguments for a task batch, padding masks included."""
-    if kind == "seq2seq":
-        return [batch[k] for k in ("src", "tgt_in", "src_padding_mask", "tgt_padding_mask")]
-    mask = batch.get("padding_mask")
-    return [batch["tokens"]] + ([mask] if mask is not None else [])
 
 
 def check_compatible(arch: ArchConfig, task: Any) -> None:
@@ -181,3 +176,20 @@ class LitTransformer(L.LightningModule):
             return (step + 1) / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def quiet_lightning() -> None:
+    """Keeps Lightning's per-trial start-up chatter, and warnings about choices made here
+    on purpose, out of the sweep's output."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # batches are whole tensors sliced in the main process; no loader workers are wanted
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*IterableDataset. has .__len__. defined.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+    # a machine with SLURM installed is not a SLURM job: qkv's SLURM jobs come from submitit
+    warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system.*")
+    # heartbeats are recorded by the worker loop (ask/tell), not Study.optimize
+    warnings.filterwarnings("ignore", message=r"Heartbeat of storage is supposed to be used with Study.optimize")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

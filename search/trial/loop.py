@@ -28,8 +28,8 @@ import optuna
 import torch
 
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search import signals
-from qkvsearch.search.study.settings import LoopSettings
+from qkvsearch.search.base import signals
+from qkvsearch.search.base.settings import LoopSettings
 from qkvsearch.search.trial.lit import LitTransformer, NonFiniteLoss, batch_tokens
 
 
@@ -116,6 +116,110 @@ def _is_compile_error(error: BaseException) -> bool:
     return isinstance(error, TorchDynamoException)
 
 
+class _Run:
+    """One trial's training on Fabric: the set-up model, optimiser, schedule and loaders,
+    and what the loop has counted so far."""
+
+    def __init__(self, lit: LitTransformer, task: Any, settings: LoopSettings, fabric: Any,
+                 compile_backend: str | None) -> None:
+        self.lit, self.settings, self.fabric = lit, settings, fabric
+        if fabric.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what runs in fp32
+        self.fallback = compile_model(lit, compile_backend) if compile_backend else None
+        task.setup("fit")
+        optimizers = lit.configure_optimizers()
+        self.scheduler = optimizers["lr_scheduler"]["scheduler"]
+        self.model, self.optimizer = fabric.setup(lit, optimizers["optimizer"])
+        # through DDP's hooks where a strategy wraps the model; the precision plugin's autocast is
+        # entered around each call below, since Fabric enters it only in a wrapped forward
+        self.model.mark_forward_method("loss")
+        self.val_loader = task.val_dataloader()
+        limit = settings.limit_val_batches
+        self.n_val = limit if isinstance(limit, int) else max(1, int(limit * len(self.val_loader)))
+        self.move = fabric.device.type != "cpu"  # batches are made on the CPU: nothing to move there
+        self.world = fabric.world_size
+        batches = _forever(task.train_dataloader())
+        if self.world > 1:  # every rank draws the same order (same seed): each trains on every world-th batch
+            batches = itertools.islice(batches, fabric.global_rank, None, self.world)
+        self.batches = batches
+        self.tokens, self.metrics, self.in_validation = 0, {}, 0.0
+        # whether any loss so far was NaN or infinite, kept on the device: reading it waits for
+        # the device, so it is read only where the loop reads anyway (logging, validation)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=fabric.device)
+        self.cuda = fabric.device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(fabric.device)
+        lit.train()
+        self.start = time.perf_counter()
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.fabric.autocast():
+            loss = self.model.loss(batch)
+        self.fabric.backward(loss)
+        return loss
+
+    def step(self, step: int) -> torch.Tensor:
+        """One optimiser step; the first step retries eagerly when compiling it fails."""
+        batch = self.fabric.to_device(next(self.batches)) if self.move else next(self.batches)
+        try:
+            loss = self._loss(batch)
+        except Exception as error:
+            if step > 1 or self.lit.runner is self.lit.model or not _is_compile_error(error):
+                raise
+            self.fallback = _why(error)
+            self.lit.set_runner(None)  # the first step again, eagerly
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._loss(batch)
+        if self.settings.gradient_clip_val is not None:
+            self.fabric.clip_gradients(self.model, self.optimizer, max_norm=self.settings.gradient_clip_val,
+                                       error_if_nonfinite=False)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.tokens += batch_tokens(batch)
+        self.nonfinite |= ~torch.isfinite(loss.detach())
+        return loss
+
+    def check_and_log(self, step: int, loss: torch.Tensor) -> None:
+        """Reads the loss back (only here): stops on a non-finite one, logs it every ``log_every_n_steps``."""
+        value = float(loss.detach())
+        if self.world > 1:  # one rank's NaN stops them all, at the same step
+            self.nonfinite = self.fabric.all_reduce(self.nonfinite.float(), reduce_op="sum") > 0
+        if self.nonfinite:
+            raise NonFiniteLoss(f"training loss became {value if not math.isfinite(value) else 'non-finite'} "
+                                f"by step {step} (checked every {self.settings.log_every_n_steps} steps and at validations)")
+        if step % self.settings.log_every_n_steps == 0:
+            self.fabric.log("train_loss", value, step=step)
+
+    def validate(self, step: int) -> None:
+        """Validates, logs and calls the callbacks; a pruning decision (rank 0's) stops every rank."""
+        began = time.perf_counter()
+        self.metrics = validate(self.lit, itertools.islice(self.val_loader, self.n_val), self.fabric, self.move)
+        self.in_validation += time.perf_counter() - began
+        self.fabric.log_dict(self.metrics, step=step)
+        pruned = None
+        try:
+            self.fabric.call("on_validation", step=step, metrics=self.metrics, module=self.lit)
+        except optuna.TrialPruned as error:
+            if self.world == 1:
+                raise
+            pruned = str(error)
+        if self.world > 1 and (pruned := self.fabric.broadcast(pruned, src=0)) is not None:
+            raise optuna.TrialPruned(pruned)
+
+    def result(self) -> FitResult:
+        device = self.fabric.device
+        if self.cuda:
+            torch.cuda.synchronize(device)
+        return FitResult(
+            tokens=self.tokens * self.world, metrics=self.metrics, device=str(device),  # every rank trained as many
+            device_name=torch.cuda.get_device_name(device) if self.cuda else platform.processor() or platform.machine(),
+            train_seconds=time.perf_counter() - self.start - self.in_validation,
+            peak_memory_bytes=torch.cuda.max_memory_allocated(device) if self.cuda else None,
+            compiled=self.lit.runner is not self.lit.model, compile_fallback=self.fallback, world_size=self.world,
+        )
+
+
 def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[Any],
         folder: pathlib.Path | None = None, compile_backend: str | None = None) -> FitResult:
     """Trains ``lit`` on ``task`` for ``settings.max_steps`` steps, validating every
@@ -124,93 +228,19 @@ def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[
     through ``torch.compile``; if compiling fails (at once or in the first step) it trains
     eagerly and the result says why."""
     fabric = make_fabric(settings, folder, callbacks)
-    if fabric.device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what runs in fp32
-    fallback = compile_model(lit, compile_backend) if compile_backend else None
-    task.setup("fit")
-    optimizers = lit.configure_optimizers()
-    scheduler = optimizers["lr_scheduler"]["scheduler"]
-    model, optimizer = fabric.setup(lit, optimizers["optimizer"])
-    # through DDP's hooks where a strategy wraps the model; the precision plugin's autocast is
-    # entered around each call below, since Fabric enters it only in a wrapped forward
-    model.mark_forward_method("loss")
-    val_loader = task.val_dataloader()
-    limit = settings.limit_val_batches
-    n_val = limit if isinstance(limit, int) else max(1, int(limit * len(val_loader)))
-    clip, log_every = settings.gradient_clip_val, settings.log_every_n_steps
-    move = fabric.device.type != "cpu"  # batches are made on the CPU: nothing to move there
-    batches = _forever(task.train_dataloader())
-    world = fabric.world_size
-    if world > 1:  # every rank draws the same order (same seed): each trains on every world-th batch
-        batches = itertools.islice(batches, fabric.global_rank, None, world)
-    tokens, metrics = 0, {}
-    # whether any loss so far was NaN or infinite, kept on the device: reading it waits for
-    # the device, so it is read only where the loop reads anyway (logging, validation)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=fabric.device)
-    cuda = fabric.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(fabric.device)
-    lit.train()
-    start, in_validation = time.perf_counter(), 0.0
+    run = _Run(lit, task, settings, fabric, compile_backend)
     try:
         for step in range(1, settings.max_steps + 1):
-            batch = fabric.to_device(next(batches)) if move else next(batches)
-            try:
-                with fabric.autocast():
-                    loss = model.loss(batch)
-                fabric.backward(loss)
-            except Exception as error:
-                if step > 1 or lit.runner is lit.model or not _is_compile_error(error):
-                    raise
-                fallback = _why(error)
-                lit.set_runner(None)  # the first step again, eagerly
-                optimizer.zero_grad(set_to_none=True)
-                with fabric.autocast():
-                    loss = model.loss(batch)
-                fabric.backward(loss)
-            if clip is not None:
-                fabric.clip_gradients(model, optimizer, max_norm=clip, error_if_nonfinite=False)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens += batch_tokens(batch)
-            nonfinite |= ~torch.isfinite(loss.detach())
+            loss = run.step(step)
             validating = step % settings.val_check_interval == 0
-            if step % log_every == 0 or validating or step == settings.max_steps:
-                value = float(loss.detach())
-                if world > 1:  # one rank's NaN stops them all, at the same step
-                    nonfinite = fabric.all_reduce(nonfinite.float(), reduce_op="sum") > 0
-                if nonfinite:
-                    raise NonFiniteLoss(f"training loss became {value if not math.isfinite(value) else 'non-finite'} "
-                                        f"by step {step} (checked every {log_every} steps and at validations)")
-                if step % log_every == 0:
-                    fabric.log("train_loss", value, step=step)
+            if step % settings.log_every_n_steps == 0 or validating or step == settings.max_steps:
+                run.check_and_log(step, loss)
             fabric.call("on_train_step", step=step, max_steps=settings.max_steps, loss=loss.detach())
             signals.check()  # a Ctrl-C in a sweep stops the trial here, between steps
             if validating:
-                began = time.perf_counter()
-                metrics = validate(lit, itertools.islice(val_loader, n_val), fabric, move)
-                in_validation += time.perf_counter() - began
-                fabric.log_dict(metrics, step=step)
-                pruned = None
-                try:
-                    fabric.call("on_validation", step=step, metrics=metrics, module=lit)
-                except optuna.TrialPruned as error:
-                    if world == 1:
-                        raise
-                    pruned = str(error)
-                if world > 1 and (pruned := fabric.broadcast(pruned, src=0)) is not None:
-                    raise optuna.TrialPruned(pruned)  # rank 0's decision, on every rank
+                run.validate(step)
     finally:
-        lit.tokens_seen = tokens * world  # read for a pruned or failed trial too
+        lit.tokens_seen = run.tokens * run.world  # read for a pruned or failed trial too
         for logger in fabric.loggers:
             logger.finalize("success")
-    if cuda:
-        torch.cuda.synchronize(fabric.device)
-    return FitResult(
-        tokens=tokens * world, metrics=metrics, device=str(fabric.device),  # every rank trained as many tokens
-        device_name=torch.cuda.get_device_name(fabric.device) if cuda else platform.processor() or platform.machine(),
-        train_seconds=time.perf_counter() - start - in_validation,
-        peak_memory_bytes=torch.cuda.max_memory_allocated(fabric.device) if cuda else None,
-        compiled=lit.runner is not lit.model, compile_fallback=fallback, world_size=world,
-    )
+    return run.result()

@@ -29,6 +29,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from qkvsearch.search.base.env import tail
+
 #: what torch.distributed and Lightning read to join a group that was started from outside
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK")
 
@@ -43,20 +45,13 @@ class RankFailed(RuntimeError):
     """A helper rank of a multi-device trial failed."""
 
 
-def _tail(path: pathlib.Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def _failed(procs: list[tuple[int, subprocess.Popen, pathlib.Path]], wait_s: float) -> RankFailed | None:
     """The first helper that exited with an error (waiting up to ``wait_s`` for each)."""
     for rank, proc, log in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=wait_s)
         if proc.returncode not in (None, 0):
-            return RankFailed(f"rank {rank} exited with status {proc.returncode}; its log ({log}) ends:\n{_tail(log)}")
+            return RankFailed(f"rank {rank} exited with status {proc.returncode}; its log ({log}) ends:\n{tail(log, 15)}")
     return None
 
 
@@ -83,9 +78,9 @@ def helper_ranks(world: int, spec: dict[str, Any], folder: pathlib.Path) -> Iter
     process rank 0 for the block, and afterwards checks and ends them."""
     import torch.distributed as dist
 
-    from qkvsearch.search import signals
-    from qkvsearch.search.study.group import SPAWNED_BY
-    from qkvsearch.search.study.settings import LoopSettings
+    from qkvsearch.search.base import signals
+    from qkvsearch.search.base.env import SPAWNED_BY
+    from qkvsearch.search.base.settings import LoopSettings
 
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.json"
@@ -109,7 +104,7 @@ def helper_ranks(world: int, spec: dict[str, Any], folder: pathlib.Path) -> Iter
             while not store.check([f"ready{rank}"]):
                 if proc.poll() is not None:
                     raise RankFailed(f"rank {rank} exited with status {proc.returncode} before it joined; "
-                                     f"its log ({log}) ends:\n{_tail(log)}")
+                                     f"its log ({log}) ends:\n{tail(log, 15)}")
                 signals.pause(0.05)
         join(store, 0, world, LoopSettings(**spec["settings"]))
         try:
@@ -144,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     """A helper rank: builds the trial's task and model as rank 0 did and trains with it."""
     argv = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when the trial stops
-    from qkvsearch.search.study.group import die_with_parent
+    from qkvsearch.search.base.env import die_with_parent
 
     die_with_parent()
     spec = json.loads(pathlib.Path(argv[0]).read_text())
@@ -155,11 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     from hydra.utils import instantiate
 
     from qkvsearch.models import ArchConfig
-    from qkvsearch.search.configs import import_plugins
-    from qkvsearch.search.study.settings import LoopSettings
-    from qkvsearch.search.trial.lit import LitTransformer, NonFiniteLoss
+    from qkvsearch.search.base.configs import import_plugins
+    from qkvsearch.search.base.settings import LoopSettings
+    from qkvsearch.search.trial.lit import LitTransformer, NonFiniteLoss, quiet_lightning
     from qkvsearch.search.trial.loop import fit
-    from qkvsearch.search.trial.objective import quiet_lightning
 
     quiet_lightning()
     import_plugins(spec.get("plugins"))

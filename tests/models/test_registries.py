@@ -82,7 +82,7 @@ def test_every_registered_component_exports_itself(kind, name):
     import sys
     import types
 
-    from qkvsearch.search.commands.export import example_inputs
+    from qkvsearch.search.export.check import example_inputs
     from qkvsearch.search.export.codegen import generate_model_source
 
     arch = next(a for a in (_valid(d) for d in _candidates(kind, name)) if a is not None)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 import optuna
+
+from tests.conftest import SWEEP_CMD, TEST_SWEEP
 
 State = optuna.trial.TrialState
 #: Short trials on the recall task, seconds each on this machine; no pruning, so a trial
@@ -28,7 +29,7 @@ def qkv(*args: str, log: pathlib.Path | None = None, new_session: bool = False, 
     if log is not None:
         kwargs.setdefault("stdout", open(log, "ab"))  # noqa: SIM115 - the child owns it
         kwargs.setdefault("stderr", subprocess.STDOUT)
-    return subprocess.Popen([sys.executable, "-m", "qkvsearch.search.cli", "sweep", *args], env=env,
+    return subprocess.Popen([*SWEEP_CMD, *args, *TEST_SWEEP], env=env,
                             start_new_session=new_session, **kwargs)
 
 

@@ -9,17 +9,19 @@ import pytest
 import yaml
 
 from qkvsearch.search.cli import COMMANDS
+from tests.conftest import TEST_SWEEP
 
 
 def _qkv(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qkvsearch.search.cli", *args], capture_output=True, text=True, timeout=120)
 
 
-def test_help_lists_every_command():
+def test_help_lists_every_command_once_with_its_summary():
     result = _qkv("--help")
     assert result.returncode == 0
-    for name in COMMANDS:
-        assert name in result.stdout
+    listed = result.stdout.split("commands:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    rows = {line.split()[0]: " ".join(line.split()[1:]) for line in listed}
+    assert len(listed) == len(COMMANDS) and rows == {name: summary for name, (_, summary) in COMMANDS.items()}
 
 
 def test_an_unknown_command_is_refused_with_the_list():
@@ -38,7 +40,7 @@ def test_cfg_job_prints_the_composed_config_with_overrides():
 
 @pytest.mark.slow
 def test_multirun_runs_one_sweep_per_value(tmp_path):
-    result = _qkv("sweep", "-m", "task=recall", "task.data.n_train=256", "task.data.n_val=64", "trainer.max_steps=10",
+    result = _qkv("sweep", "-m", *TEST_SWEEP, "task=recall", "task.data.n_train=256", "task.data.n_val=64", "trainer.max_steps=10",
                   "trainer.val_check_interval=5", "trainer.limit_val_batches=1", "n_trials=1", f"run_root={tmp_path}",
                   "space=tiny", "seed=0,1", "study_name=multi${seed}")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -50,7 +52,7 @@ def test_multirun_runs_one_sweep_per_value(tmp_path):
 
 @pytest.mark.slow
 def test_a_multirun_makes_one_study_per_job_by_default(tmp_path):
-    result = _qkv("sweep", "-m", "task=recall", "task.data.n_train=256", "task.data.n_val=64", "trainer.max_steps=10",
+    result = _qkv("sweep", "-m", *TEST_SWEEP, "task=recall", "task.data.n_train=256", "task.data.n_val=64", "trainer.max_steps=10",
                   "trainer.val_check_interval=5", "trainer.limit_val_batches=1", "n_trials=1", f"run_root={tmp_path}",
                   "seed=0,1")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -126,7 +128,7 @@ def test_commands_make_idle_openmp_threads_sleep_unless_the_user_chose():
 
 
 def test_threads_per_worker_is_a_setting():
-    from qkvsearch.search.study.run import check_sweep, threads_per_worker
+    from qkvsearch.search.base.settings import check_sweep, threads_per_worker
     from tests.conftest import compose_conf
 
     assert threads_per_worker(compose_conf("sweep", ["threads=3"])) == 3

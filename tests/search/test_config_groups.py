@@ -11,11 +11,13 @@ import pytest
 import torch
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from qkvsearch.search.base.settings import LoopSettings, check_objectives
 from qkvsearch.search.commands.train import train
-from qkvsearch.search.study.run import build_sampler, build_space, build_task, sweep
-from qkvsearch.search.study.settings import check_objectives
+from qkvsearch.search.study.prepare import build_sampler, build_space, build_task
 from qkvsearch.search.study.storage import StorageError, open_storage
+from qkvsearch.search.study.sweep import sweep
 from qkvsearch.search.trial.lit import check_compatible
 from tests.conftest import CONF, compose_conf, tiny_sweep_conf
 
@@ -24,7 +26,7 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (pathlib.Path(CONF) / group).glob("*.yaml"))
 
 
-TASK_FOR_SPACE = {"tiny": "lm_stdlib", "decoder": "recall", "encoder": "digits", "encoder_decoder": "reverse"}
+TASK_FOR_SPACE = {"tiny": "lm_stdlib", "bench": "lm_stdlib", "decoder": "recall", "encoder": "digits", "encoder_decoder": "reverse"}
 
 
 @pytest.mark.parametrize("space", _options("space"))
@@ -45,7 +47,7 @@ def test_every_space_composes_with_its_task_and_every_sampler_instantiates(space
 
 
 def test_the_grid_sampler_enumerates_choices_steps_and_per_layer_parameters():
-    from qkvsearch.search.study.run import grid_of
+    from qkvsearch.search.study.prepare import grid_of
     from qkvsearch.spaces import load_space
 
     space = load_space({
@@ -80,9 +82,37 @@ def test_every_task_builds_batches_of_its_declared_sizes(task, tmp_path):
 
 
 @pytest.mark.parametrize("pruner", _options("pruner"))
-def test_every_pruner_instantiates(pruner):
+def test_every_pruner_stops_a_hopeless_trial_and_keeps_a_good_one(pruner):
+    """Each pruner config, on the trainer's validation steps, after 30 trials that each beat the
+    ones before (enough for every Hyperband bracket; none of them is stopped): a trial far worse
+    at every validation is stopped before the last one (by `none` never; `threshold` keeps
+    finite values by default, so its hopeless trials are NaN), and one better than all is not."""
     cfg = compose_conf("sweep", [f"pruner={pruner}"])
-    assert isinstance(instantiate(cfg.pruner), optuna.pruners.BasePruner)
+    last, every = cfg.trainer.max_steps, cfg.trainer.val_check_interval
+    steps = range(every, last + 1, every)
+    x = optuna.distributions.FloatDistribution(0, 1)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), pruner=instantiate(cfg.pruner))
+
+    def stopped_at(value_at) -> int | None:
+        trial = study.ask({"x": x})
+        for step in steps:
+            trial.report(value_at(step), step)
+            if step < last and trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                return step
+        study.tell(trial, value_at(last))
+        return None
+
+    for i in range(30):  # each better than the ones before: the best so far is never stopped
+        assert stopped_at(lambda step, i=i: 3.0 - 0.01 * i - step / 1e4) is None
+    # Hyperband assigns each trial a bracket, and a bracket whose first rung is the last step
+    # never stops a trial: of several hopeless trials, those in the other brackets are stopped
+    hopeless = [stopped_at(lambda step: float("nan") if pruner == "threshold" else 9.0) for _ in range(6)]
+    stopped = [step for step in hopeless if step is not None]
+    assert (not stopped) == (pruner == "none")
+    if pruner == "hyperband":  # the first rung is the second validation (conf/pruner/hyperband.yaml)
+        assert min(stopped) == 2 * every
+    assert stopped_at(lambda step: 1.0 - step / 1e4) is None
 
 
 @pytest.mark.parametrize("trainer", _options("trainer"))
@@ -91,7 +121,10 @@ def test_every_trainer_config_makes_a_lightning_trainer(trainer):
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     built = L.Trainer(**cfg.trainer, logger=False, enable_checkpointing=False)
-    assert built.max_steps == cfg.trainer.max_steps
+    loop = LoopSettings.from_config(OmegaConf.to_container(cfg.trainer, resolve=True))  # what a sweep trial reads
+    for name in ("max_steps", "val_check_interval", "limit_val_batches", "gradient_clip_val", "log_every_n_steps"):
+        assert getattr(built, name) == getattr(loop, name) == cfg.trainer[name], name
+    assert type(built.accelerator).__name__.lower().startswith({"cpu": "cpu", "gpu": "cuda", "auto": ""}[cfg.trainer.accelerator])
 
 
 @pytest.mark.parametrize("storage", [s for s in _options("storage") if s != "postgres"])

@@ -13,7 +13,8 @@ import time
 import optuna
 import pytest
 
-from qkvsearch.search.study.run import build_task, sweep
+from qkvsearch.search.study.prepare import build_task
+from qkvsearch.search.study.sweep import sweep
 from qkvsearch.search.trial.lit import batch_tokens
 from tests.conftest import tiny_sweep_conf
 

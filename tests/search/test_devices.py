@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import optuna
 import pytest
 
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.study.devices import plan_workers
-from tests.conftest import compose_conf
+from tests.conftest import SWEEP_CMD, TEST_SWEEP, compose_conf
 from tests.search.faults import SHORT
 
 
@@ -56,8 +55,8 @@ def test_bad_device_settings_name_the_field(overrides, message):
 @pytest.mark.slow
 def test_each_worker_sees_only_its_own_gpu_and_its_trials_say_which(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "qkvsearch.search.cli", "sweep", *SHORT, "trainer.max_steps=150", "workers=2",
-         "gpus=[5,7]", "trainer.accelerator=cpu", f"run_root={tmp_path}", "n_trials=4", "study_name=pinned"],
+        [*SWEEP_CMD, *SHORT, "trainer.max_steps=150", "workers=2",
+         "gpus=[5,7]", "trainer.accelerator=cpu", f"run_root={tmp_path}", "n_trials=4", "study_name=pinned", *TEST_SWEEP],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -71,7 +70,7 @@ def test_each_worker_sees_only_its_own_gpu_and_its_trials_say_which(tmp_path):
 
 
 def test_a_trial_records_its_device_speed_and_model_flop_utilisation(tmp_path):
-    from qkvsearch.search.study.run import sweep
+    from qkvsearch.search.study.sweep import sweep
     from tests.conftest import tiny_sweep_conf
 
     study = sweep(tiny_sweep_conf(tmp_path, "n_trials=1", "pruner=none", "peak_tflops=0.5"))
@@ -85,7 +84,7 @@ def test_a_trial_records_its_device_speed_and_model_flop_utilisation(tmp_path):
 
 
 def test_a_compiler_that_fails_leaves_the_trial_eager_with_the_reason(tmp_path):
-    from qkvsearch.search.study.run import sweep
+    from qkvsearch.search.study.sweep import sweep
     from tests.conftest import tiny_sweep_conf
 
     study = sweep(tiny_sweep_conf(tmp_path, "n_trials=1", "pruner=none", "compile=true", "compile_backend=no_such_backend"))

@@ -8,13 +8,15 @@ import os
 import optuna
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from qkvsearch.models import MASKS, POSITIONS, SCALINGS, ArchConfig, build_model
-from qkvsearch.search.commands.export import check_folder, export, select_trial
-from qkvsearch.search.export.codegen import ExportError, generate_model_source
+from qkvsearch.search.commands.export import export
+from qkvsearch.search.export import ExportError
+from qkvsearch.search.export.check import check_folder
+from qkvsearch.search.export.codegen import generate_model_source
 from qkvsearch.search.inspect.artifacts import trial_weights
-from qkvsearch.search.study.run import sweep
+from qkvsearch.search.inspect.choose import select_trial
+from qkvsearch.search.study.sweep import sweep
 from tests.conftest import compose_conf, tiny_sweep_conf
 
 
@@ -118,8 +120,8 @@ def _study_with(values: list[tuple[float, float]], params: list[int]) -> optuna.
     return study
 
 
-def _select(study, **cfg):
-    return select_trial(study, OmegaConf.create({"trial": None, "rule": "auto", "within": 0.05, "max_params": None, **cfg}))
+def _select(study, **rule):
+    return select_trial(study, **{"trial": None, "rule": "auto", "within": 0.05, "max_params": None, **rule})
 
 
 def test_pareto_selection_rules_pick_the_right_trials():
@@ -185,11 +187,13 @@ def test_qkv_export_writes_a_checked_folder_and_refuses_bad_requests(tmp_path):
 @pytest.mark.slow
 def test_onnx_export_matches_the_model(tmp_path):
     pytest.importorskip("onnxruntime")
-    from qkvsearch.search.commands.export import export_onnx
+    from qkvsearch.search.export import ExportJob, Provenance
+    from qkvsearch.search.export.onnx import Onnx
 
     arch = _arch("decoder-rotary-heterogeneous")
     model = build_model(arch).eval()
-    note = export_onnx(model, arch, tmp_path)
+    job = ExportJob(arch, model, Provenance("s", 0, ["val_loss"], [1.0], "t", "sp", "v", "w"))
+    (note,) = Onnx().write(job, tmp_path)
     assert (tmp_path / "model.onnx").is_file() and "outputs within" in note
 
 

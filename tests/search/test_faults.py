@@ -15,8 +15,9 @@ import time
 import optuna
 import pytest
 
+from qkvsearch.search.base.keys import RETRY_OF
+from qkvsearch.search.inspect.selection import counted, retried_numbers
 from qkvsearch.search.study.storage import HEARTBEAT_ATTR, HeartbeatJournalStorage
-from qkvsearch.search.study.workers import RETRY_OF, counted, retried_numbers
 from tests.search.faults import FAST_HEARTBEAT, SHORT, State, pid_of, qkv, running_mid_trial, wait_for
 
 pytestmark = pytest.mark.slow

@@ -19,8 +19,8 @@ from optuna.artifacts import get_all_artifact_meta
 
 from qkvsearch.search.commands.dashboard import check_port
 from qkvsearch.search.commands.report import render, report
-from qkvsearch.search.study.run import sweep
 from qkvsearch.search.study.storage import open_storage
+from qkvsearch.search.study.sweep import sweep
 from tests.conftest import compose_conf, tiny_sweep_conf
 from tests.search.browser import is_blank, rendered_dom, screenshot
 
@@ -32,6 +32,10 @@ def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("inspect")
     cfg = tiny_sweep_conf(root, "n_trials=3", "pruner=none")
     study = sweep(cfg)
+    first = study.trials[0]  # and a trial stopped at its first validation, as a pruner would leave it
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.PRUNED, params=first.params, distributions=first.distributions,
+        intermediate_values={10: 9.0}, user_attrs={"pruned_reason": "pruned by HyperbandPruner at step 10"}))
     return root, cfg, study
 
 
@@ -44,7 +48,7 @@ def _free_port() -> int:
 def test_trials_carry_their_architecture_and_the_best_its_attention_map(swept):
     root, cfg, study = swept
     storage = optuna.storages.RDBStorage(str(cfg.storage.url))
-    for trial in study.get_trials():
+    for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
         names = {m.filename for m in get_all_artifact_meta(trial, storage=storage)}
         assert "arch.yaml" in names
     best = get_all_artifact_meta(study.best_trial, storage=storage)
@@ -82,7 +86,7 @@ def test_the_dashboard_serves_the_study_on_loopback_and_renders_it(swept, tmp_pa
         assert summary["study_name"] == study.study_name
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=10) as response:
             detail = json.load(response)
-        assert len(detail["trials"]) == 3
+        assert len(detail["trials"]) == len(study.trials) == 4  # three trained, one added as pruned
         with pytest.raises(ValueError, match=f"port {port} on 127.0.0.1 is in use"):
             check_port("127.0.0.1", port)
         dom = rendered_dom(f"http://127.0.0.1:{port}/dashboard/studies/{summary['study_id']}")
@@ -168,14 +172,14 @@ def test_the_report_is_self_contained_and_renders_its_plots(swept, tmp_path):
     assert shot.size[0] >= 1200 and not is_blank(shot)
     assert '"updatemenus"' in text and "self-attention, head 0" in text  # the layer/head selector
     assert "computed from only 3 complete trials" in text  # importances from a handful of trials say so
-    assert "(pruned)" in text or not [t for t in study.get_trials() if t.state.name == "PRUNED"]
+    assert "trial 3 (pruned)" in text  # the pruned trial's curve is drawn and named so
     assert len(re.findall(r'class="main-svg"', dom)) >= 5
     assert len(re.findall(r'class="[^"]*js-plotly-plot', dom)) >= 5
     # the best architecture per layer, as a table, with what differs from the runner-up marked
     assert "<th>kv heads</th>" in dom and "decoder 0" in dom
     best, runner_up = sorted((t for t in study.get_trials() if t.state.name == "COMPLETE"), key=lambda t: t.value)[:2]
-    if best.user_attrs["arch_hash"] != runner_up.user_attrs["arch_hash"]:
-        assert 'class="differs"' in dom and "runner-up:" in dom
+    assert best.user_attrs["arch_hash"] != runner_up.user_attrs["arch_hash"]  # seed 0 samples two distinct ones
+    assert 'class="differs"' in dom and "runner-up:" in dom
     # how fast each trial trained: a CPU has no known peak, so MFU and peak memory are dashes
     assert "<th>tokens/s</th><th>MFU</th><th>peak memory</th>" in text
     assert f"<td>{best.user_attrs['train_tokens_per_s']:,.0f}</td><td>-</td><td>-</td>" in text

@@ -11,11 +11,10 @@ import torch
 
 from qkvsearch.models import ArchConfig
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.study.run import build_task
+from qkvsearch.search.study.prepare import build_task
 from qkvsearch.search.trial.callbacks import BestWeights, OptunaPruning
-from qkvsearch.search.trial.lit import LitTransformer
+from qkvsearch.search.trial.lit import LitTransformer, quiet_lightning
 from qkvsearch.search.trial.loop import LoopSettings, fit
-from qkvsearch.search.trial.objective import quiet_lightning
 from tests.conftest import tiny_sweep_conf
 
 ARCH = {"kind": "decoder", "vocab_size": 64, "max_seq_len": 64, "d_model": 16, "positions": "rotary",

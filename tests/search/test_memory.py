@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from qkvsearch.models import ArchConfig, build_model
-from qkvsearch.search.study.devices import estimate_memory
-from qkvsearch.search.study.run import sweep
+from qkvsearch.search.study.sweep import sweep
+from qkvsearch.search.trial.hardware import estimate_memory
 from tests.conftest import tiny_sweep_conf
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qkvsearch.models import ArchConfig
-from qkvsearch.search.study.run import build_space, build_task
+from qkvsearch.search.study.prepare import build_space, build_task
 from qkvsearch.search.trial.lit import LitTransformer
 from qkvsearch.spaces import Infeasible
 from qkvsearch.tasks.base import IGNORE

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
-import sys
 
 import optuna
 import pytest
 
 import qkvsearch.conf
+from tests.conftest import SWEEP_CMD, TEST_SWEEP
 from tests.search.faults import SHORT
 
 HALVED = '''
@@ -53,8 +53,8 @@ def project(tmp_path: pathlib.Path) -> pathlib.Path:
 
 def qkv_sweep(cwd: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-m", "qkvsearch.search.cli", "sweep", "--config-dir", str(cwd), "space=mine",
-                           *SHORT, "run_root=runs", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+    return subprocess.run([*SWEEP_CMD, "--config-dir", str(cwd), "space=mine",
+                           *SHORT, "run_root=runs", *args, *TEST_SWEEP], cwd=cwd, capture_output=True, text=True, timeout=300,
                           env={**env, "OMP_NUM_THREADS": "1"})
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import optuna
 import pytest
 
-from qkvsearch.search.study.run import sweep
 from qkvsearch.search.study.storage import open_storage, slot_lock
-from tests.conftest import tiny_sweep_conf
+from qkvsearch.search.study.sweep import sweep
+from tests.conftest import SWEEP_CMD, TEST_SWEEP, tiny_sweep_conf
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -30,7 +29,7 @@ def test_two_workers_on_postgres_finish_exactly_n_trials(tmp_path, postgres_url)
         "study_name=pg-two", "n_trials=5", f"run_root={tmp_path}",
     ]
     procs = [
-        subprocess.Popen([sys.executable, "-m", "qkvsearch.search.cli", "sweep", *args, f"worker_index={i}"],
+        subprocess.Popen([*SWEEP_CMD, *args, f"worker_index={i}", *TEST_SWEEP],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
         for i in range(2)
     ]

@@ -28,7 +28,7 @@ def load_benchmark():
 def test_quick_benchmark_counts_the_tokens_each_trial_trained(tmp_path, monkeypatch):
     bench = load_benchmark()
     studies: list[optuna.Study] = []
-    from qkvsearch.search.study import run
+    from qkvsearch.search.study import sweep as run
 
     real_sweep = run.sweep
     monkeypatch.setattr(run, "sweep", lambda cfg: studies.append(real_sweep(cfg)) or studies[-1])
@@ -38,7 +38,7 @@ def test_quick_benchmark_counts_the_tokens_each_trial_trained(tmp_path, monkeypa
     assert [len(runs["random"]), len(runs["random+hyperband"])] == [2, 2]
     assert len(studies) == 4 and (tmp_path / "eff.png").stat().st_size > 0 and (tmp_path / "eff.json").is_file()
 
-    from qkvsearch.search.study.run import task_of_study
+    from qkvsearch.search.study.prepare import task_of_study
 
     task = task_of_study(studies[0])
     per_step = next(iter(task.train_dataloader()))["tokens"].numel()  # tokens one training step reads

@@ -9,11 +9,12 @@ import pytest
 from rich.console import Console
 
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.inspect.finalists import FINALIST_OF, FINALIST_SEED, finalists, verdict, within_noise
+from qkvsearch.search.base.keys import FINALIST_OF, FINALIST_SEED
+from qkvsearch.search.inspect.finalists import finalists, verdict, within_noise
 from qkvsearch.search.inspect.report_text import print_summary
+from qkvsearch.search.inspect.selection import counted
 from qkvsearch.search.inspect.trust import proxy_trust, trust_warning
-from qkvsearch.search.study.run import sweep
-from qkvsearch.search.study.workers import counted
+from qkvsearch.search.study.sweep import sweep
 from tests.conftest import tiny_sweep_conf
 
 State = optuna.trial.TrialState
@@ -21,8 +22,7 @@ State = optuna.trial.TrialState
 
 @pytest.mark.slow
 def test_finalists_retrain_the_best_distinct_architectures_with_more_seeds(tmp_path):
-    from qkvsearch.search.commands.export import select_trial
-    from tests.conftest import compose_conf
+    from qkvsearch.search.inspect.choose import select_trial
 
     cfg = tiny_sweep_conf(tmp_path, "n_trials=4", "pruner=none", "finalists=2", "finalist_seeds=2", "study_name=fin")
     study = sweep(cfg)
@@ -53,7 +53,7 @@ def test_finalists_retrain_the_best_distinct_architectures_with_more_seeds(tmp_p
     assert table[0].mean == pytest.approx(expected)
     assert verdict(table)  # says whether the top two differ
     # export's best is the best mean over seeds; a second run of the sweep adds nothing
-    assert select_trial(study, compose_conf("export", ["rule=best"])).number == table[0].trial.number
+    assert select_trial(study, rule="best").number == table[0].trial.number
     again = sweep(cfg)
     assert len(again.get_trials(deepcopy=False)) == len(trials)
     out = io.StringIO()
@@ -118,7 +118,7 @@ def test_warm_start_queues_the_earlier_best_architectures_that_fit(tmp_path):
     assert record["queued"] == fitting
     firsts = sorted(second.trials, key=lambda t: t.number)[: len(fitting)]
     for trial, number in zip(firsts, fitting, strict=True):
-        assert trial.user_attrs["warm_start_from"] == f"small#{number}"
+        assert trial.user_attrs["warm_started_from"] == f"small#{number}"
         assert trial.params == first.trials[number].params
         assert trial.user_attrs["arch_hash"] == first.trials[number].user_attrs["arch_hash"]
     assert len(counted(second.get_trials(deepcopy=False))) == 3

@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy
 from sqlalchemy import event
 
-from qkvsearch.search import signals
-from qkvsearch.search.errors import Interrupted
+from qkvsearch.search.base import signals
+from qkvsearch.search.base.errors import Interrupted
 from tests.conftest import tiny_sweep_conf
 
 
@@ -57,7 +57,7 @@ def test_a_pause_ends_soon_after_a_signal():
 def test_a_signal_during_a_storage_write_lets_it_finish_and_stops_the_trial_at_the_next_step(tmp_path):
     # Raised inside a write (as the handler used to), the write was lost or, cut in the
     # wrong place, left SQLite's lock held so the other workers could not record anything.
-    from qkvsearch.search.study.run import sweep
+    from qkvsearch.search.study.sweep import sweep
 
     cfg = tiny_sweep_conf(tmp_path, "n_trials=1", "pruner=median", "trainer.max_steps=40")
     sent = []

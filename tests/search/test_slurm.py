@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
-import sys
 import time
 
 import optuna
 import pytest
 
-from qkvsearch.search.study.workers import RETRY_OF, counted
+from qkvsearch.search.base.keys import RETRY_OF
+from qkvsearch.search.inspect.selection import counted
+from tests.conftest import SWEEP_CMD, TEST_SWEEP
 from tests.search.faults import SHORT
 
 State = optuna.trial.TrialState
@@ -29,7 +30,7 @@ def submit(slurm_env):
 
     def start(*args: str) -> subprocess.Popen:
         env = {**os.environ, **slurm_env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-        started.append(subprocess.Popen([sys.executable, "-m", "qkvsearch.search.cli", "sweep", "-m", *SMALL_JOBS, *args],
+        started.append(subprocess.Popen([*SWEEP_CMD, "-m", *SMALL_JOBS, *args, *TEST_SWEEP],
                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         return started[-1]
 

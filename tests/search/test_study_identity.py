@@ -5,7 +5,6 @@ from __future__ import annotations
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import optuna
 import pytest
@@ -13,11 +12,14 @@ import torch
 from safetensors.torch import save_file
 
 from qkvsearch.models import ArchConfig
+from qkvsearch.search.base.settings import check_study_name, check_sweep
+from qkvsearch.search.base.weights import load_trained
 from qkvsearch.search.commands.export import export
-from qkvsearch.search.inspect.artifacts import load_trained, study_run_dir, trial_weights
-from qkvsearch.search.study.run import build_task, check_sweep, prepare, sweep, task_of_study
-from qkvsearch.search.study.storage import check_study_name, open_storage
-from tests.conftest import compose_conf, tiny_sweep_conf
+from qkvsearch.search.inspect.artifacts import study_run_dir, trial_weights
+from qkvsearch.search.study.prepare import build_task, prepare, task_of_study
+from qkvsearch.search.study.storage import open_storage
+from qkvsearch.search.study.sweep import sweep
+from tests.conftest import SWEEP_CMD, TEST_SWEEP, compose_conf, tiny_sweep_conf
 
 State = optuna.trial.TrialState
 
@@ -53,7 +55,7 @@ def test_a_sweep_with_a_hostile_name_writes_nothing(name, message, tmp_path):
 def test_the_cli_refuses_a_bad_study_name_with_status_2_and_writes_nothing(name, message, tmp_path):
     work = tmp_path / "a" / "b"
     work.mkdir(parents=True)
-    result = subprocess.run([sys.executable, "-m", "qkvsearch.search.cli", "sweep", f"study_name={name}"], capture_output=True,
+    result = subprocess.run([*SWEEP_CMD, f"study_name={name}", *TEST_SWEEP], capture_output=True,
                             text=True, timeout=120, cwd=work)
     assert result.returncode == 2
     assert f"qkv: error: {message}" in result.stderr and "Traceback" not in result.stderr
@@ -171,11 +173,11 @@ def test_the_study_carries_its_task_and_a_different_task_is_refused(tmp_path):
 def test_two_processes_of_one_command_draw_different_samples(tmp_path):
     cfg = tiny_sweep_conf(tmp_path, "sampler=random", "study_name=terminals")
     first, second = prepare(cfg), prepare(tiny_sweep_conf(tmp_path, "sampler=random", "study_name=terminals"))
-    assert (first.index, second.index) == (0, 1)
-    a, b = first.study.ask(), second.study.ask()
+    assert (first.worker.index, second.worker.index) == (0, 1)
+    a, b = first.worker.study.ask(), second.worker.study.ask()
     assert first.space.suggest(a).fingerprint() != second.space.suggest(b).fingerprint()
     pinned = prepare(tiny_sweep_conf(tmp_path, "sampler=random", "study_name=terminals", "worker_index=0"))
-    assert pinned.index == 0  # a pinned index gives the same stream as the first process
+    assert pinned.worker.index == 0  # a pinned index gives the same stream as the first process
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from qkvsearch.search.study.storage import create_or_load_study, open_storage, slot_lock
-from tests.conftest import CONF, compose_conf
+from tests.conftest import CONF, SWEEP_CMD, TEST_SWEEP, compose_conf
 from tests.search.faults import SHORT, State, qkv
 
 pytestmark = pytest.mark.slow
@@ -25,9 +25,9 @@ def test_extra_workers_get_hydras_own_flags_too(tmp_path):
     tiny = yaml.safe_load(open(f"{CONF}/space/tiny.yaml"))
     (mine / "mine.yaml").write_text(yaml.safe_dump({**tiny, "name": "mine"}))
     out = subprocess.run(
-        [sys.executable, "-m", "qkvsearch.search.cli", "sweep", "--config-dir", str(tmp_path / "myconf"), "space=mine", "workers=2",
+        [*SWEEP_CMD, "--config-dir", str(tmp_path / "myconf"), "space=mine", "workers=2",
          *SHORT, "trainer.max_steps=20",
-         f"run_root={tmp_path}", "n_trials=2", "study_name=flags"],
+         f"run_root={tmp_path}", "n_trials=2", "study_name=flags", *TEST_SWEEP],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -38,8 +38,8 @@ def test_extra_workers_get_hydras_own_flags_too(tmp_path):
 
 def test_a_worker_that_dies_at_start_up_fails_the_sweep_loudly(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "qkvsearch.search.cli", "sweep", *SHORT, "+space._target_=tests.search.helpers.dies_in_extra_workers",
-         "workers=2", f"run_root={tmp_path}", "n_trials=2", "study_name=dies", "trainer.max_steps=30"],
+        [*SWEEP_CMD, *SHORT, "+space._target_=tests.search.helpers.dies_in_extra_workers",
+         "workers=2", f"run_root={tmp_path}", "n_trials=2", "study_name=dies", "trainer.max_steps=30", *TEST_SWEEP],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 1
@@ -114,8 +114,8 @@ def test_a_project_with_its_own_models_and_conf_packages_runs_every_worker(tmp_p
         (project / name / "__init__.py").write_text(f"raise ImportError('the project\\'s own {name} was imported')\n")
     (project / "conf" / "sweep.yaml").write_text("n_trials: 1000\n")
     out = subprocess.run(
-        [sys.executable, "-m", "qkvsearch.search.cli", "sweep", *SHORT, "trainer.max_steps=20", "workers=2",
-         f"run_root={tmp_path}/runs", "n_trials=2", "study_name=own"],
+        [*SWEEP_CMD, *SHORT, "trainer.max_steps=20", "workers=2",
+         f"run_root={tmp_path}/runs", "n_trials=2", "study_name=own", *TEST_SWEEP],
         capture_output=True, text=True, timeout=300, cwd=project, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]

@@ -6,14 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import optuna
 import pytest
 
-from qkvsearch.search.study.workers import RETRY_OF, counted
-from tests.conftest import tiny_sweep_conf
+from qkvsearch.search.base.keys import RETRY_OF
+from qkvsearch.search.inspect.selection import counted
+from tests.conftest import SWEEP_CMD, TEST_SWEEP, tiny_sweep_conf
 
 State = optuna.trial.TrialState
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ COMMON = [
 
 def _qkv(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "qkvsearch.search.cli", "sweep", *args], env=env, **kwargs)
+    return subprocess.Popen([*SWEEP_CMD, *args, *TEST_SWEEP], env=env, **kwargs)
 
 
 def test_ctrl_c_records_the_running_trial_as_failed_and_the_study_resumes(tmp_path):
@@ -62,7 +62,7 @@ def test_ctrl_c_records_the_running_trial_as_failed_and_the_study_resumes(tmp_pa
 def test_waits_for_other_workers_back_off_from_half_a_second_to_the_poll_interval():
     import itertools
 
-    from qkvsearch.search.study.workers import backoff
+    from qkvsearch.search.base.signals import backoff
 
     assert list(itertools.islice(backoff(30.0), 8)) == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     assert list(itertools.islice(backoff(0.2), 2)) == [0.2, 0.2]

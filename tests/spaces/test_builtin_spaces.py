@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qkvsearch.models import build_model, count_parameters, flops_per_token
-from qkvsearch.search.study.run import build_space, build_task
+from qkvsearch.search.study.prepare import build_space, build_task
 from qkvsearch.spaces import Infeasible, Space
 from tests.conftest import CONF, compose_conf
 

@@ -119,7 +119,7 @@ def test_bad_settings_name_the_field_before_any_work(tmp_path, kwargs, message):
 
 @pytest.mark.slow
 def test_a_sweep_on_a_folder_of_text_files(tmp_path):
-    from qkvsearch.search.study.run import sweep
+    from qkvsearch.search.study.sweep import sweep
 
     write_corpus(tmp_path)
     cfg = compose_conf("sweep", ["task=text", f"task.data.paths=[{tmp_path}/corpus/**/*.txt]", "task.data.seq_len=32",

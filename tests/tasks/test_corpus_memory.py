@@ -21,7 +21,7 @@ CAPPED = r"""
 import json, re, resource, sys
 import numpy as np
 import torch, lightning
-from qkvsearch.search.study.run import sweep
+from qkvsearch.search.study.sweep import sweep
 from tests.conftest import compose_conf
 
 root, headroom = sys.argv[1], int(sys.argv[2])

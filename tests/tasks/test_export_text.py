@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from qkvsearch.models import ArchConfig
+from qkvsearch.search.base.weights import load_trained
 from qkvsearch.search.commands.export import export
-from qkvsearch.search.inspect.artifacts import load_trained, trial_weights
-from qkvsearch.search.study.run import sweep, task_of_study
+from qkvsearch.search.inspect.artifacts import trial_weights
+from qkvsearch.search.study.prepare import task_of_study
+from qkvsearch.search.study.sweep import sweep
 from tests.conftest import compose_conf
 from tests.tasks.test_corpus import write_corpus
 from tests.tasks.test_text_classification import write_rows

@@ -42,7 +42,8 @@ def test_the_stdlib_test_split_reads_files_the_train_split_did_not_need():
 def test_a_sweep_reports_its_best_trials_on_the_test_split(tmp_path, capsys):
     from qkvsearch.models import ArchConfig
     from qkvsearch.search.inspect.artifacts import trial_weights
-    from qkvsearch.search.study.run import build_task, sweep
+    from qkvsearch.search.study.prepare import build_task
+    from qkvsearch.search.study.sweep import sweep
     from qkvsearch.search.trial.evaluate import score
     from tests.conftest import tiny_sweep_conf
 

@@ -78,7 +78,7 @@ def test_jsonl_rows_and_missing_columns_are_named(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_classifies_the_rows_of_a_csv_file(tmp_path):
-    from qkvsearch.search.study.run import sweep
+    from qkvsearch.search.study.sweep import sweep
 
     path = write_rows(tmp_path / "reviews.csv")
     cfg = compose_conf("sweep", ["task=text_classification", "space=encoder", f"task.data.path={path}",

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from qkvsearch.search.errors import Interrupted
+from qkvsearch.search.base.errors import Interrupted
 
 
 class _State:
@@ -49,6 +49,16 @@ def pause(seconds: float, slice_s: float = 0.1) -> None:
         check()
         time.sleep(min(slice_s, left))
     check()
+
+
+def backoff(most: float, first: float = 0.5) -> Iterator[float]:
+    """Waits between looks at the study: ``first`` seconds, then twice as long each time up
+    to ``most``. A wait that ends soon ends within a second; a long one costs the storage
+    one read per ``most`` seconds."""
+    wait = min(first, most)
+    while True:
+        yield wait
+        wait = min(2 * wait, most)
 
 
 #: what a sweep takes over (with Ctrl-C, which the CLI handles): a scheduler's SIGTERM, and

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,10 +22,36 @@ OBJECTIVES = {
 }
 #: Objectives measured by training; the first objective must be one of them.
 TRAINED = ("val_loss", "val_acc")
+#: A study name: letters, digits and ``. _ - = , +``; no separators, no ``..``.
+STUDY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=,+-]{0,119}")
+
+
+def sign_of(objective: str) -> float:
+    """+1 for an objective to minimise, -1 for one to maximise: ``sign * value`` is lower when better."""
+    return 1.0 if OBJECTIVES[objective] == "minimize" else -1.0
+
+
+def check_study_name(name: Any) -> str:
+    """Returns ``name`` when it is a plain name that stays inside the folders it names.
+
+    Raises:
+        QkvError: a number, a path, ``..`` or characters outside ``[A-Za-z0-9_.=,+-]``.
+    """
+    if not isinstance(name, str):
+        raise QkvError(
+            f"study_name: {name!r} is a {type(name).__name__}, not a name (Hydra reads a bare number as a number); "
+            f"start it with a letter, e.g. study_name=run{name}"
+        )
+    if not STUDY_NAME.fullmatch(name) or ".." in name:
+        raise QkvError(
+            f"study_name: {name!r} is not a plain name; use up to 120 letters, digits and '. _ - = , +', "
+            "starting with a letter, digit or '_' (no '/', no '..', not an absolute path)"
+        )
+    return name
 
 
 def check_objectives(objectives: list[str]) -> list[str]:
-    """Returns the directions of ``objectives``; raises ValueError naming a bad entry."""
+    """Returns the directions of ``objectives``; raises QkvError naming a bad entry."""
     if not objectives:
         raise QkvError(f"objectives: give at least one of {', '.join(OBJECTIVES)}")
     for name in objectives:
@@ -99,8 +126,6 @@ def threads_per_worker(cfg: DictConfig) -> int:
 
 def check_sweep(cfg: DictConfig) -> list[str]:
     """Checks the sweep's own settings before anything is built; returns the directions."""
-    from qkvsearch.search.study.storage import check_study_name
-
     directions = check_objectives(list(cfg.objectives))
     check_study_name(cfg.study_name)
     for key, least in (("n_trials", 1), ("workers", 1), ("max_retries", 0), ("finalists", 0), ("finalist_seeds", 1),
