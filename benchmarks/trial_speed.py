@@ -11,6 +11,10 @@ Prints, per architecture, the plain loop's time over the trial's (1.0 = no cost 
 framework; higher is better for the trial) by wall time and by this process's CPU time,
 which is the steadier on a shared machine.
 
+Then a duplicate: the same architecture asked for again in the same study takes the first
+trial's values without training; its time (sampling, the duplicate look-up, tell) is
+printed over the trained trial's.
+
 Run: python benchmarks/trial_speed.py [--rounds 4] [--steps 600] [--threads 1]
 """
 
@@ -43,7 +47,8 @@ def timed(fn) -> tuple[float, float]:
 
 
 def trial_run(cfg, params: dict) -> tuple[float, float]:
-    """Wall and CPU seconds of one trial, from after ask to after tell."""
+    """Wall and CPU seconds of one trial, from after ask to after tell (a duplicate when the
+    study already trained ``params``)."""
     from qkvsearch.search.study.prepare import prepare
     from qkvsearch.search.study.search import run_trial
     from qkvsearch.search.study.workers import next_trial
@@ -135,6 +140,11 @@ def main() -> None:
                       f"plain loop {plain[0]:.2f} / {plain[1]:.2f}")
             print(f"{name}: trial speed vs plain loop {statistics.median(walls):.3f}x by wall time, "
                   f"{statistics.median(cpus):.3f}x by CPU time (median of {args.rounds}; goal >= 0.95x)")
+            fresh = compose("sweep", [f"run_root={root}", f"study_name=dup{name[0]}", "n_trials=1", "pruner=none",
+                                      "sampler=random", f"trainer.max_steps={args.steps}", f"threads={args.threads}"])
+            trained, again = trial_run(fresh, ARCHS[name]), trial_run(fresh, ARCHS[name])
+            print(f"{name}: a duplicate takes {again[0] / trained[0]:.4f}x a trained trial's wall time "
+                  f"({again[0] * 1000:.0f} ms vs {trained[0]:.2f} s)")
 
 
 if __name__ == "__main__":
