@@ -16,6 +16,7 @@ cut short by a kill is retried). ``export`` reads the studies into one compact t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gzip
 import json
@@ -86,6 +87,11 @@ def export(seeds: list[int], run_root: pathlib.Path, out: pathlib.Path = TABLE) 
     import optuna
     import torch
 
+    from qkvsearch.search.base.configs import compose_config
+    from qkvsearch.search.study.prepare import build_task
+    from qkvsearch.tasks.base import check_task
+
+    sizes = check_task(build_task(compose_config("sweep", ["space=bench"])), "lm_stdlib")
     storage = f"sqlite:///{run_root}/studies.db"
     configs: dict[str, dict[str, Any]] = {}
     steps: list[int] = []
@@ -110,6 +116,7 @@ def export(seeds: list[int], run_root: pathlib.Path, out: pathlib.Path = TABLE) 
                                   "seconds": [seconds.get(str(s)) for s in steps]})
     table = {
         "space": "bench", "params": names, "steps": steps, "tokens_per_step": tokens_per_step,
+        "task": dataclasses.asdict(sizes),
         "built": {"command": "python benchmarks/build_table.py build --seeds " + " ".join(map(str, seeds)),
                   "sweep": " ".join(SWEEP + TRAINER), "machine": machine(), "torch": torch.__version__,
                   "exported": datetime.date.today().isoformat(), "seeds": seeds},
