@@ -15,16 +15,19 @@ from qkvsearch.models import ArchConfig
 from qkvsearch.spaces.expressions import Expression, ExpressionError
 from qkvsearch.spaces.loading import load_space_dict
 from qkvsearch.spaces.schema import Infeasible, SpaceError
-from qkvsearch.spaces.space import Space, record_constraints, render
+from qkvsearch.spaces.space import Lacking, Space, ValuesTrial, outside, record_constraints, render
 
 __all__ = [
     "Expression",
     "ExpressionError",
     "FunctionSpace",
     "Infeasible",
+    "Lacking",
     "Space",
     "SpaceError",
+    "ValuesTrial",
     "load_space",
+    "outside",
     "record_constraints",
     "render",
 ]

@@ -19,7 +19,7 @@ from qkvsearch.spaces.schema import (
     Param,
     SpaceError,
 )
-from qkvsearch.spaces.space import Space
+from qkvsearch.spaces.space import Space, outside
 
 _RESERVED = {"layer", *MEASURED}
 _SCALARS = (type(None), bool, int, float, str)
@@ -49,8 +49,9 @@ def load_space_dict(data: Any, source: str = "space") -> Space:
         raise where.error("architecture", "required: the architecture template as a mapping")
     _check_template(data["architecture"], by_name, scalars, False, where, "architecture")
     optim = _load_optim(data.get("optim") or {}, by_name, scalars, where)
+    reference = _load_reference(data.get("reference") or {}, by_name, where)
     description = data.get("description") or ""
-    return Space(name, params, derived, constraints, budget, data["architecture"], str(description), optim)
+    return Space(name, params, derived, constraints, budget, data["architecture"], str(description), optim, reference)
 
 
 class _Where:
@@ -178,6 +179,28 @@ def _load_budget(data: Any, where: _Where) -> dict[str, float]:
             raise where.error(f"budget.{key}", f"must be a positive number or null, got {value!r}")
         budget[key] = value
     return budget
+
+
+def _load_reference(data: Any, params: dict[str, Param], where: _Where) -> dict[str, Any]:
+    """The reference configuration: parameter values, each one its distribution can take."""
+    if not isinstance(data, Mapping):
+        raise where.error("reference", f"must be a mapping of parameter values, got {data!r}")
+    for name, value in data.items():
+        param = params.get(name)
+        if param is None:
+            raise where.error(f"reference.{name}", f"not a parameter of this space; parameters: {', '.join(params)}")
+        values = value if param.per_layer is not None and isinstance(value, list) else [value]
+        bad = [v for v in values if outside(v, param.distribution)]
+        if bad:
+            raise where.error(f"reference.{name}", f"{bad[0]!r} is not a value of {param.name} ({_shown(param)})")
+    return dict(data)
+
+
+def _shown(param: Param) -> str:
+    distribution = param.distribution
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return "choices " + ", ".join(map(repr, distribution.choices))
+    return f"[{distribution.low}, {distribution.high}]" + (f" step {distribution.step}" if distribution.step else "")
 
 
 def _load_optim(data: Any, params: dict[str, Param], names: set[str], where: _Where) -> dict[str, Any]:

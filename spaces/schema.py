@@ -26,7 +26,7 @@ class Infeasible(optuna.TrialPruned):
 
 PARAM_KEYS = {"type", "choices", "low", "high", "step", "log", "when", "per_layer"}
 TYPES = ("categorical", "int", "float")
-SPACE_KEYS = {"name", "description", "params", "derived", "constraints", "budget", "architecture", "optim"}
+SPACE_KEYS = {"name", "description", "params", "derived", "constraints", "budget", "architecture", "optim", "reference"}
 BUDGET_KEYS = ("max_params", "max_flops_per_token")
 #: What a space's ``optim`` template may set: the optimiser settings a trial trains with
 #: (``LitTransformer``'s), each with the test its value must pass and what that means.

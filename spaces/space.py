@@ -27,6 +27,11 @@ Inside ``for_layers`` a per-layer parameter reads as that layer's value and ``la
 as the layer's index. Per-layer parameters are named ``NAME.layerI`` in Optuna and exist
 only for ``I < depth``.
 
+``reference`` names the space's standard Transformer, the one a user would train anyway:
+a value for each parameter it samples (a per-layer parameter's value holds for every
+layer, or is a list). Every study trains it once (``baseline``) and reports the winner's
+margin over it.
+
 ``optim`` sets what the trial's optimiser takes (``lr``, ``weight_decay``,
 ``warmup_steps``, ``min_lr_ratio``) over the sweep's ``optim`` settings; the rendered
 values are recorded on the trial as its ``optim`` user attribute, so the trial can be
@@ -58,10 +63,11 @@ class Space:
     def __init__(
         self, name: str, params: list[Param], derived: dict[str, Expression],
         constraints: list[Expression], budget: dict[str, float], architecture: Any, description: str = "",
-        optim: Mapping[str, Any] | None = None,
+        optim: Mapping[str, Any] | None = None, reference: Mapping[str, Any] | None = None,
     ) -> None:
         self.name, self.description = name, description
         self.optim = dict(optim or {})
+        self.reference = dict(reference or {})
         self.params, self.derived, self.constraints = params, derived, constraints
         self.budget, self.architecture = budget, architecture
         self._derived_order = list(graphlib.TopologicalSorter(
@@ -80,6 +86,22 @@ class Space:
             return [param.optuna_name()]
         depth = next(p for p in self.params if p.name == param.per_layer).distribution
         return [param.optuna_name(layer) for layer in range(int(depth.high))]
+
+    def reference_params(self) -> dict[str, Any]:
+        """The reference configuration as Optuna parameters: a per-layer parameter given once
+        holds for every layer of the reference's depth (empty when the space names none)."""
+        params: dict[str, Any] = {}
+        for param in self.params:
+            if param.name not in self.reference:
+                continue
+            value = self.reference[param.name]
+            if param.per_layer is None:
+                params[param.optuna_name()] = value
+                continue
+            depth = int(self.reference.get(param.per_layer, 0))
+            values = value if isinstance(value, list) else [value] * depth
+            params.update({param.optuna_name(i): v for i, v in enumerate(values[:depth])})
+        return params
 
     def sample_values(self, trial: optuna.Trial) -> dict[str, Any]:
         """Samples every parameter whose condition holds and evaluates derived values."""
@@ -238,3 +260,38 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
     return list(value) if isinstance(value, tuple) else value
+
+
+def outside(value: Any, distribution: optuna.distributions.BaseDistribution) -> bool:
+    """True when ``value`` is not a value ``distribution`` can take."""
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return value not in distribution.choices
+    low, high, step = distribution.low, distribution.high, getattr(distribution, "step", None)
+    if not isinstance(value, int | float) or not low <= value <= high:
+        return True
+    return step is not None and abs((value - low) / step - round((value - low) / step)) > 1e-9
+
+
+class Lacking(Exception):
+    """The earlier study's values lack a parameter this space samples (named in ``args[0]``)."""
+
+
+class ValuesTrial:
+    """Just enough of a trial for a space to sample from given values: each ``suggest_*``
+    answers from ``params`` and raises :class:`Lacking` for a name it does not hold."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params, self.user_attrs = params, {}
+
+    def _value(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if name not in self.params:
+            raise Lacking(name)
+        return self.params[name]
+
+    suggest_categorical = suggest_int = suggest_float = _value
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self.user_attrs[key] = value
+
+    def set_constraint(self, name: str, value: float) -> None:
+        pass

@@ -15,10 +15,10 @@ import qkvsearch.search.base.configs  # noqa: F401 - registers the resolvers the
 
 CONF = str(pathlib.Path(__file__).resolve().parent.parent / "conf")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-#: Sweeps in tests run no finalists (each would add finalists x finalist_seeds full trials):
+#: Sweeps in tests run no finalists and no baseline (each adds full trials) unless a test asks:
 #: compose_conf puts this first (a test's own ``finalists=2`` wins), a process's command
 #: line ends with it (after Hydra's flags, which must come before overrides).
-TEST_SWEEP = ["finalists=0"]
+TEST_SWEEP = ["finalists=0", "baseline=false"]
 #: ``qkv sweep`` as a test starts it in a process of its own: ``[*SWEEP_CMD, *args, *TEST_SWEEP]``.
 SWEEP_CMD = [sys.executable, "-m", "qkvsearch.search.cli", "sweep"]
 

@@ -25,7 +25,7 @@ DUPLICATE_OF, WAITED_FOR = "duplicate_of", "waited_for"
 RETRY_OF, FINALIST_OF, FINALIST_SEED = "retry_of", "finalist_of", "finalist_seed"
 #: the study and trial a warm-started trial came from ("study#number")
 WARM_STARTED_FROM = "warm_started_from"
-#: the reference architecture every study trains once (the baseline its winner is measured against)
+#: a trial of the space's reference configuration (the baseline the winner is measured against): its seed index
 BASELINE = "baseline"
 #: compute: tokens trained (a pruned trial's too) and seconds since training began at each validation
 TRAIN_TOKENS, SECONDS_AT = "train_tokens", "seconds_at"
@@ -44,6 +44,13 @@ WORKERS_JOINED = "workers_joined"
 def is_finalist(trial: Any) -> bool:
     """True for a finalist's retraining (a trial that repeats another with a new seed)."""
     return FINALIST_OF in trial.user_attrs
+
+
+def pinned(trial: Any) -> bool:
+    """True for a trial that repeats a fixed configuration for its own sake (a finalist's
+    retraining, a baseline's seed): trained in full, never pruned or taken as a duplicate,
+    not counted towards ``n_trials`` nor ranked with the search."""
+    return is_finalist(trial) or BASELINE in trial.user_attrs
 
 
 def candidate_of(trial: Any) -> str | None:

@@ -132,6 +132,8 @@ def check_sweep(cfg: DictConfig) -> list[str]:
                        ("warm_start_k", 1)):
         if not isinstance(cfg[key], int) or cfg[key] < least:
             raise QkvError(f"{key} must be an integer >= {least}, got {cfg[key]!r}")
+    if not isinstance(cfg.baseline, bool):
+        raise QkvError(f"baseline must be true or false, got {cfg.baseline!r}")
     if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
         raise QkvError(f"threads must be null (share the cores) or an integer >= 1, got {cfg.threads!r}")
     if cfg.worker_index is not None and (not isinstance(cfg.worker_index, int) or cfg.worker_index < 0):

@@ -27,7 +27,7 @@ from qkvsearch.search.export.standalone import Standalone
 from qkvsearch.search.export.text import text_side
 from qkvsearch.search.inspect.artifacts import trial_weights
 from qkvsearch.search.inspect.choose import select_trial
-from qkvsearch.search.inspect.finalists import finalists
+from qkvsearch.search.inspect.finalists import finalists, margin
 from qkvsearch.search.inspect.selection import objective_names
 from qkvsearch.search.study.prepare import task_of_study
 from qkvsearch.search.study.storage import load_named_study
@@ -40,11 +40,14 @@ def provenance(study: optuna.Study, trial: optuna.trial.FrozenTrial, weights: st
     """What the card says of where the trial came from."""
     attrs = study.user_attrs
     spread = next(((f.mean, f.std, len(f.values)) for f in finalists(study) if f.trial.number == trial.number), None)
+    ahead = margin(study)
+    value = spread[0] if spread else trial.values[0]
+    versus = {"value": ahead["value"], "margin": value - ahead["value"]} if ahead else None
     return Provenance(
         study=study.study_name, trial=trial.number, objectives=objective_names(study), values=list(trial.values),
         task=attrs.get(TASK, "unknown"), space=attrs.get(SPACE, "unknown"), code_version=attrs.get(CODE_VERSION, "unknown"),
         weights=weights, test=(attrs.get(TEST_SCORES) or {}).get(str(trial.number), {}), finalist=spread,
-        duplicate_of=trial.user_attrs.get(DUPLICATE_OF), n_trials=len(study.get_trials(deepcopy=False)),
+        duplicate_of=trial.user_attrs.get(DUPLICATE_OF), n_trials=len(study.get_trials(deepcopy=False)), baseline=versus,
     )
 
 

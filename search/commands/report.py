@@ -27,7 +27,7 @@ from qkvsearch.search.base.configs import run_command
 from qkvsearch.search.base.keys import ARCH, N_PARAMS, TASK, TEST_SCORES, reason
 from qkvsearch.search.base.weights import load_trained
 from qkvsearch.search.inspect.artifacts import AttentionMap, attention_maps, trial_weights
-from qkvsearch.search.inspect.finalists import finalists, verdict
+from qkvsearch.search.inspect.finalists import baseline, finalists, margin, verdict
 from qkvsearch.search.inspect.selection import objective_names, top_trials
 from qkvsearch.search.inspect.trust import first_rung, proxy_trust, trust_warning
 from qkvsearch.search.study.prepare import task_of_study
@@ -122,6 +122,18 @@ def finalists_section(study: optuna.Study) -> str:
         f"<td>{', '.join(f'{v:.4f}' for v in r.values)}</td><td>{r.trial.user_attrs.get(N_PARAMS, 0):,}</td></tr>"
         for r in rows)
     return _section("Finalists: each retrained with more seeds", f"<table><tr>{head}</tr>{body}</table>" + _note(verdict(rows)))
+
+
+def baseline_section(study: optuna.Study) -> str:
+    """The space's reference configuration against the winner, over their seeds."""
+    ahead = margin(study)
+    if ahead is None:
+        return ""
+    base = baseline(study)
+    params = " ".join(f"{k}={v}" for k, v in base.trial.params.items())
+    return _section("Baseline: the space's reference configuration", _note(ahead["line"])
+                    + f"<p>reference: {html.escape(params)} ({base.trial.user_attrs.get(N_PARAMS, 0):,} parameters); "
+                    f"values over seeds: {', '.join(f'{v:.4f}' for v in base.values)}</p>")
 
 
 def trust_section(study: optuna.Study) -> str:
@@ -239,7 +251,7 @@ def render(study: optuna.Study, task_loader: Callable[[], Any] | None = None, ru
                f"{counts[State.FAIL]} failed, {counts[State.RUNNING]} running. Objectives: "
                + ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(objective_names(study), study.directions, strict=True))
                + f". Task {study.user_attrs.get('task', '?')}, space {study.user_attrs.get('space', '?')}.")
-    sections = [trials_table(study), finalists_section(study), trust_section(study)]
+    sections = [trials_table(study), finalists_section(study), baseline_section(study), trust_section(study)]
     if counts[State.COMPLETE]:
         sections += history_sections(study) + best_model_sections(study, task_loader, run_root)
     elif trials:

@@ -17,8 +17,15 @@ import statistics
 
 import optuna
 
-from qkvsearch.search.base.keys import ARCH_HASH, DUPLICATE_OF, FINALIST_OF, FINALIST_SEED, is_finalist
-from qkvsearch.search.inspect.selection import direction_sign, ranked
+from qkvsearch.search.base.keys import (
+    ARCH_HASH,
+    BASELINE,
+    DUPLICATE_OF,
+    FINALIST_OF,
+    FINALIST_SEED,
+    is_finalist,
+)
+from qkvsearch.search.inspect.selection import direction_sign, objective_names, ranked
 
 State = optuna.trial.TrialState
 FrozenTrial = optuna.trial.FrozenTrial
@@ -103,3 +110,42 @@ def verdict(table: list[Finalist]) -> str:
                 "prefer the smaller or faster, or train more seeds")
     return (f"trial {first.trial.number} is ahead of trial {second.trial.number} by more than two standard errors "
             f"({first.mean:.4f} vs {second.mean:.4f} over {len(first.values)} and {len(second.values)} seeds)")
+
+
+def baseline(study: optuna.Study) -> Finalist | None:
+    """The space's reference configuration as the study trained it: its seeds' values, the
+    first seed's trial first (None when the study trained no baseline)."""
+    trials = sorted((t for t in study.get_trials(deepcopy=False, states=(State.COMPLETE,)) if BASELINE in t.user_attrs),
+                    key=lambda t: t.user_attrs[BASELINE])
+    return Finalist(trials[0], [t.values[0] for t in trials]) if trials else None
+
+
+def winner(study: optuna.Study) -> Finalist | None:
+    """The search's best architecture over its seeds (the best finalist), or its best trial."""
+    table = finalists(study)
+    if table:
+        return table[0]
+    best = ranked(study)
+    return Finalist(best[0], [best[0].values[0]]) if best else None
+
+
+def margin(study: optuna.Study) -> dict[str, float | int | bool | str] | None:
+    """How far the winner is ahead of the baseline (``margin``: the winner's mean minus the
+    baseline's, in the objective's units; negative is better for a loss), whether that is
+    more than two standard errors (``within_noise``), and the line that says so."""
+    base, best = baseline(study), winner(study)
+    if base is None or best is None or len(study.directions) > 1:
+        return None
+    name = objective_names(study)[0]
+    sign = direction_sign(study)
+    diff = best.mean - base.mean
+    noise = within_noise(best, base)
+    ahead = sign * diff < 0
+    verdict = ("within noise of each other" if noise else
+               f"{'ahead' if ahead else 'behind'} by more than two standard errors")
+    line = (f"baseline (the space's reference, trial {base.trial.number}): {name} {base.mean:.4f}"
+            f"{f' ± {base.std:.4f}' if len(base.values) > 1 else ''} over {len(base.values)} seed(s); the winner "
+            f"(trial {best.trial.number}, {best.mean:.4f} over {len(best.values)}) is {abs(diff):.4f} "
+            f"{'better' if ahead else 'worse'}: {verdict}")
+    return {"value": base.mean, "std": base.std, "seeds": len(base.values), "winner": best.mean, "margin": diff,
+            "within_noise": noise, "trial": base.trial.number, "line": line}

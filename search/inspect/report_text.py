@@ -10,7 +10,7 @@ from rich.text import Text
 from qkvsearch.models import ArchConfig
 from qkvsearch.models.describe import layer_rows
 from qkvsearch.search.base.keys import ARCH, DUPLICATE_OF, N_PARAMS, TEST_SCORES
-from qkvsearch.search.inspect.finalists import finalists, verdict
+from qkvsearch.search.inspect.finalists import finalists, margin, verdict
 from qkvsearch.search.inspect.selection import counted, objective_names, top_trials
 from qkvsearch.search.inspect.trust import first_rung, proxy_trust, trust_warning
 
@@ -91,6 +91,8 @@ def print_summary(study: optuna.Study, overrides: list[str], console: Console | 
     console.print()
     console.print(table)
     print_finalists(study, console)
+    if ahead := margin(study):
+        console.print(ahead["line"])
     print_trust(study, console)
     args = " ".join(overrides)
     console.print(f"dashboard: qkv dashboard {args}")

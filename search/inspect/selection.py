@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.base.keys import BASELINE, N_PARAMS, OBJECTIVES, is_finalist, reason
+from qkvsearch.search.base.keys import N_PARAMS, OBJECTIVES, pinned, reason
 
 
 def direction_sign(study: optuna.Study, index: int = 0) -> float:
@@ -35,8 +35,7 @@ def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     trials, and failed trials that were not retried; the retrainings of finalists and the
     study's baseline do not."""
     retried = retried_numbers(trials)
-    return [t for t in trials if (t.state != TrialState.FAIL or t.number not in retried) and not is_finalist(t)
-            and BASELINE not in t.user_attrs]
+    return [t for t in trials if (t.state != TrialState.FAIL or t.number not in retried) and not pinned(t)]
 
 
 def frozen(study: optuna.Study, number: int) -> FrozenTrial:
@@ -48,8 +47,7 @@ def ranked(study: optuna.Study) -> list[FrozenTrial]:
     """The complete search trials (not the retrainings of finalists, nor the baseline), best
     first objective first."""
     sign = direction_sign(study)
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if not is_finalist(t) and BASELINE not in t.user_attrs]
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not pinned(t)]
     return sorted(complete, key=lambda t: (sign * t.values[0], t.user_attrs.get(N_PARAMS, 0), t.number))
 
 

@@ -36,7 +36,7 @@ from qkvsearch.search.study.workers import RetryLost, join_study, reap_stale
 from qkvsearch.search.trial.backend import FabricBackend, RankSource, TrialSettings
 from qkvsearch.search.trial.duplicates import Waits
 from qkvsearch.search.trial.objective import Objective, suggest_checked
-from qkvsearch.spaces import FunctionSpace, Infeasible, Space, load_space
+from qkvsearch.spaces import FunctionSpace, Infeasible, Lacking, Space, ValuesTrial, load_space
 from qkvsearch.tasks.base import TaskSizes, check_task
 
 
@@ -62,6 +62,7 @@ class Prepared:
     space: Space | FunctionSpace
     run_dir: pathlib.Path
     worker: Worker
+    reference: dict[str, Any]  # the space's reference configuration, as Optuna parameters (the baseline)
 
 
 def build_task(cfg: DictConfig) -> Any:
@@ -180,6 +181,26 @@ def grid_of(space: Space) -> dict[str, list[Any]]:
     return grid
 
 
+def check_reference(space: Any, task: Any) -> dict[str, Any]:
+    """The reference's parameters, checked as a sampled trial is (before any trial runs).
+
+    Raises:
+        QkvError: the reference lacks a parameter its values make the space sample, or does
+            not fit the task.
+    """
+    params = space.reference_params() if hasattr(space, "reference_params") else {}
+    if not params:
+        return {}
+    try:
+        suggest_checked(space, task, ValuesTrial(params))
+    except Lacking as missing:
+        raise QkvError(f"space {space.name!r}: reference lacks {missing.args[0]!r}, which its values make the space "
+                       "sample; give it a value") from None
+    except Infeasible as error:
+        raise QkvError(f"space {space.name!r}: the reference configuration does not fit this task: {error}") from None
+    return params
+
+
 def describe_study(study: optuna.Study, cfg: DictConfig, space_name: str) -> None:
     """Records, once, what the study is (under the slot lock): its identity and run
     folder, the composed task config every later command rebuilds the task from, the
@@ -243,6 +264,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     task = build_task(cfg)
     space = build_space(cfg, task)
     dry_sample(space, task)
+    reference = check_reference(space, task) if cfg.baseline else {}
     retry = RetryLost(cfg.max_retries)
     study, storage, index = open_study(cfg, space, task, directions, retry)
     study.sampler = build_sampler(cfg, space, index)
@@ -263,4 +285,4 @@ def prepare(cfg: DictConfig) -> Prepared:
     )
     objective = Objective(space=space, task=task, backend=backend, prune=len(directions) == 1,
                           waits=Waits(float(cfg.storage.heartbeat_s), functools.partial(reap_stale, study, cfg.storage)))
-    return Prepared(task, space, run_dir, Worker(study, storage, cfg.storage, retry, objective, index, view))
+    return Prepared(task, space, run_dir, Worker(study, storage, cfg.storage, retry, objective, index, view), reference)

@@ -220,15 +220,14 @@ class TableBackend:
     def train(self, trial: optuna.Trial, arch: ArchConfig, prune: bool) -> list[float]:
         entry = self.table.entry(trial.params)
         run = entry.runs[np.random.default_rng([self.seed, trial.number]).integers(len(entry.runs))]
-        pruning = OptunaPruning(trial, "val_loss", last_step=self.table.steps[-1]) if prune else None
+        pruning = OptunaPruning(trial, "val_loss", last_step=self.table.steps[-1], prune=prune)
         best, done, elapsed = math.inf, 0, 0.0
         for step, value, seconds in zip(self.table.steps, run.val_loss, run.seconds, strict=True):
             self.conductor.spend(self.index, seconds - elapsed)
             self.ledger.spend((step - done) * self.table.tokens_per_step, entry.flops_per_token, self.conductor)
             done, elapsed, best = step, seconds, min(best, value)
             trial.set_user_attr(TRAIN_TOKENS, done * self.table.tokens_per_step)
-            if pruning is not None:
-                pruning.on_validation(step, {"val_loss": value}, None)
+            pruning.on_validation(step, {"val_loss": value}, None)
         self.ledger.complete(best, entry.value, self.conductor)
         return [best]
 

@@ -1,8 +1,9 @@
-"""``qkv sweep`` as a pipeline of stages: prepare -> search -> finalists -> test scores -> summary.
+"""``qkv sweep`` as a pipeline of stages: prepare -> search -> baseline -> finalists -> test scores -> summary.
 
 Every worker prepares (checks the config, opens the study) and searches; the first
-process, once every worker is done, also runs the finalists, scores the best trials on
-the held-out test split and prints the summary. A signal stops a stage between training
+process, once every worker is done, also trains the space's reference configuration (the
+baseline), runs the finalists, scores the best trials and the baseline on the held-out
+test split and prints the summary. A signal stops a stage between training
 steps and storage writes, never inside one (``base/signals.py``).
 """
 
@@ -23,6 +24,7 @@ from qkvsearch.search.base.env import SPAWNED_BY
 from qkvsearch.search.base.errors import Interrupted
 from qkvsearch.search.base.settings import threads_per_worker
 from qkvsearch.search.inspect.report_text import print_summary
+from qkvsearch.search.study.baseline import run_baseline
 from qkvsearch.search.study.finalists import run_finalists
 from qkvsearch.search.study.group import WorkerGroup, start_workers
 from qkvsearch.search.study.prepare import prepare
@@ -84,7 +86,8 @@ def sweep(cfg: DictConfig, group: WorkerGroup | None = None, started: bool = Fal
     if group:
         group.wait()
     if first:
-        with stage(cfg.study_name, "finalist"):
+        with stage(cfg.study_name, "baseline or finalist"):
+            run_baseline(worker, prepared.reference, 1 + (cfg.finalist_seeds if cfg.finalists else 0), objectives)
             run_finalists(worker, cfg.finalists, cfg.finalist_seeds, objectives)
         record_test_scores(worker.study, prepared.task, cfg.run_root)  # selected on validation, reported on test
         print_summary(worker.study, next_commands(cfg))

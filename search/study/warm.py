@@ -16,39 +16,14 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.distributions import BaseDistribution
 
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.keys import WARM_STARTED_FROM
 from qkvsearch.search.inspect.finalists import distinct_best
 from qkvsearch.search.inspect.selection import ranked
 from qkvsearch.search.trial.objective import suggest_checked
-from qkvsearch.spaces import Infeasible, Space
-
-
-class Lacking(Exception):
-    """The earlier study's values lack a parameter this space samples (named in ``args[0]``)."""
-
-
-class ValuesTrial:
-    """Just enough of a trial for a space to sample from given values: each ``suggest_*``
-    answers from ``params`` and raises :class:`Lacking` for a name it does not hold."""
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        self.params, self.user_attrs = params, {}
-
-    def _value(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        if name not in self.params:
-            raise Lacking(name)
-        return self.params[name]
-
-    suggest_categorical = suggest_int = suggest_float = _value
-
-    def set_user_attr(self, key: str, value: Any) -> None:
-        self.user_attrs[key] = value
-
-    def set_constraint(self, name: str, value: float) -> None:
-        pass
+from qkvsearch.spaces import Infeasible, Lacking, Space, ValuesTrial, outside
 
 
 def space_distributions(space: Any) -> dict[str, BaseDistribution] | None:
@@ -57,16 +32,6 @@ def space_distributions(space: Any) -> dict[str, BaseDistribution] | None:
     if not isinstance(space, Space):
         return None
     return {name: param.distribution for param in space.params for name in space.optuna_names(param)}
-
-
-def outside(value: Any, distribution: BaseDistribution) -> bool:
-    """True when ``value`` is not a value ``distribution`` can take."""
-    if isinstance(distribution, CategoricalDistribution):
-        return value not in distribution.choices
-    low, high, step = distribution.low, distribution.high, getattr(distribution, "step", None)
-    if not isinstance(value, int | float) or not low <= value <= high:
-        return True
-    return step is not None and abs((value - low) / step - round((value - low) / step)) > 1e-9
 
 
 def warm_start(study: optuna.Study, source: optuna.Study, k: int, space: Any, task: Any) -> dict[str, Any]:

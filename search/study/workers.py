@@ -26,7 +26,14 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from qkvsearch.search.base import signals
-from qkvsearch.search.base.keys import FAIL_REASON, FINALIST_OF, FINALIST_SEED, RETRY_OF, WORKERS_JOINED
+from qkvsearch.search.base.keys import (
+    BASELINE,
+    FAIL_REASON,
+    FINALIST_OF,
+    FINALIST_SEED,
+    RETRY_OF,
+    WORKERS_JOINED,
+)
 from qkvsearch.search.base.signals import backoff
 from qkvsearch.search.inspect.selection import counted, frozen
 from qkvsearch.search.study.storage import HEARTBEAT_ATTR, is_heartbeat_enabled, slot_lock
@@ -44,7 +51,7 @@ class RetryLost(optuna.storages.RetryHeartbeatStaleTrialCallback):
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         clean = copy.copy(trial)
-        kept = {k: v for k, v in trial.user_attrs.items() if k in (FINALIST_OF, FINALIST_SEED)}  # a finalist stays one
+        kept = {k: v for k, v in trial.user_attrs.items() if k in (FINALIST_OF, FINALIST_SEED, BASELINE)}  # stays one
         clean.user_attrs = {RETRY_OF: trial.number, **kept}
         clean.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != HEARTBEAT_ATTR}
         with warnings.catch_warnings():

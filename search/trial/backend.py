@@ -167,8 +167,8 @@ class FabricBackend:
         best = BestWeights(self.monitor, sign=sign_of(self.monitor))
         clock = Clock()
         callbacks: list[Any] = [best, clock, *self.callbacks(trial)]
-        if prune:
-            callbacks.append(OptunaPruning(trial, self.monitor, last_step=loop.max_steps))
+        if len(trial.study.directions) == 1:  # Optuna takes intermediate values of single-objective studies
+            callbacks.append(OptunaPruning(trial, self.monitor, last_step=loop.max_steps, prune=prune))
         try:
             with helpers:
                 result = fit(lit, self.task, loop, callbacks, folder, self.settings.compile_backend)

@@ -27,18 +27,20 @@ class OptunaPruning:
     Unlike a callback that only warns, a missing metric is an error: silently not
     pruning would waste the sweep's budget. The validation at ``last_step`` is reported
     but never pruned: the trial has trained in full by then, and pruning it would only
-    throw its result away (Hyperband's rungs can fall on the last step).
+    throw its result away (Hyperband's rungs can fall on the last step). With ``prune=False``
+    (a finalist's or baseline's seed) it reports its curve and is never stopped.
     """
 
-    def __init__(self, trial: optuna.Trial, monitor: str = "val_loss", last_step: int | None = None) -> None:
-        self.trial, self.monitor, self.last_step = trial, monitor, last_step
+    def __init__(self, trial: optuna.Trial, monitor: str = "val_loss", last_step: int | None = None,
+                 prune: bool = True) -> None:
+        self.trial, self.monitor, self.last_step, self.prune = trial, monitor, last_step, prune
 
     def on_validation(self, step: int, metrics: dict[str, float], module: torch.nn.Module) -> None:
         if self.monitor not in metrics:
             raise MissingMetricError(f"pruning monitors {self.monitor!r}, but validation gave only {sorted(metrics)}")
         value = float(metrics[self.monitor])
         self.trial.report(value if math.isfinite(value) else float("inf"), step)
-        if self.last_step is not None and step >= self.last_step:
+        if not self.prune or (self.last_step is not None and step >= self.last_step):
             return
         if self.trial.should_prune():
             reason = f"{PRUNED_BY} {type(self.trial.study.pruner).__name__} at step {step} ({self.monitor}={value:.4f})"

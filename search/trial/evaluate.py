@@ -13,6 +13,7 @@ from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.keys import ARCH, TEST_SCORES
 from qkvsearch.search.base.weights import load_trained
 from qkvsearch.search.inspect.artifacts import trial_weights
+from qkvsearch.search.inspect.finalists import baseline
 from qkvsearch.search.inspect.selection import top_trials
 from qkvsearch.search.trial.lit import LitTransformer
 
@@ -46,14 +47,15 @@ def score(arch: ArchConfig, kind: str, weights: pathlib.Path, loader: Any) -> di
 
 
 def record_test_scores(study: optuna.Study, task: Any, run_root: str | pathlib.Path, k: int = 3) -> dict[str, dict]:
-    """Scores the study's best trials (the ``k`` best, or the Pareto front) on the task's
-    test split, once each, into the study's ``test_scores`` attribute; returns it."""
+    """Scores the study's best trials (the ``k`` best, or the Pareto front) and its baseline on
+    the task's test split, once each, into the study's ``test_scores`` attribute; returns it."""
     scores = dict(study.user_attrs.get(TEST_SCORES) or {})
     loader = test_loader(task)
     if loader is None:
         return scores
     added = False
-    for trial in top_trials(study, k):
+    base = baseline(study)
+    for trial in [*top_trials(study, k), *([base.trial] if base else [])]:
         key = str(trial.number)
         if key in scores or ARCH not in trial.user_attrs:
             continue

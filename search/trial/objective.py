@@ -23,7 +23,7 @@ from qkvsearch.search.base.keys import (
     N_PARAMS,
     OPTIM,
     PRUNED_REASON,
-    is_finalist,
+    pinned,
 )
 from qkvsearch.search.trial.duplicates import Waits, candidate_hash, find_duplicate, wait_for_twin
 from qkvsearch.search.trial.lit import check_compatible
@@ -59,8 +59,8 @@ class Objective:
         space: gives ``suggest(trial) -> ArchConfig`` (and records sampled optimiser settings).
         task: the task the candidate must fit (vocabulary, sequence length, classes).
         backend: trains a candidate (:class:`Backend`).
-        prune: whether the backend may prune search trials (single-objective studies);
-            finalists are never pruned.
+        prune: whether the backend may prune search trials (single-objective studies); a
+            finalist's or baseline's trials are never pruned.
         waits: how a trial waits for a twin another worker is training.
     """
 
@@ -80,7 +80,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         arch = self.sample(trial)
-        if is_finalist(trial):  # a retraining with another seed: trained in full, never pruned or deduplicated
+        if pinned(trial):  # a finalist's or baseline's seed: trained in full, never pruned or deduplicated
             return self.backend.train(trial, arch, prune=False)
         key = trial.user_attrs[CANDIDATE_HASH]
         twin = wait_for_twin(trial.study, trial, key, self.waits)

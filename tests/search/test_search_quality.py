@@ -153,3 +153,38 @@ def test_the_warning_is_about_the_step_where_pruning_starts():
     from qkvsearch.search.inspect.trust import first_rung
 
     assert first_rung(study) == 20
+
+
+@pytest.mark.slow
+def test_every_study_trains_its_spaces_reference_and_says_how_far_the_winner_is_ahead(tmp_path):
+    from qkvsearch.search.base.keys import BASELINE
+    from qkvsearch.search.commands.report import render
+    from qkvsearch.search.inspect.finalists import margin
+    from qkvsearch.search.inspect.selection import ranked
+    from qkvsearch.search.study.prepare import build_space, build_task
+
+    # a pruner that stops every search trial at its first validation never stops the baseline
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=2", "baseline=true", "pruner=threshold", "pruner.upper=0.0",
+                          "study_name=stopped")
+    study = sweep(cfg)
+    reference = build_space(cfg, build_task(cfg)).reference_params()
+    (base,) = [t for t in study.get_trials() if BASELINE in t.user_attrs]
+    assert base.state == State.COMPLETE and base.params == reference and base.user_attrs[BASELINE] == 0
+    assert max(base.intermediate_values) == cfg.trainer.max_steps  # trained in full
+    assert len(counted(study.get_trials())) == 2 and not ranked(study)  # not a search trial
+    assert margin(study) is None  # no winner to measure
+    # with finalists, the baseline gets as many seeds, and the summary, report and test scores say how it compares
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=2", "baseline=true", "pruner=none", "finalists=1", "finalist_seeds=1",
+                          "study_name=compared")
+    study = sweep(cfg)
+    bases = sorted((t for t in study.get_trials() if BASELINE in t.user_attrs), key=lambda t: t.user_attrs[BASELINE])
+    assert [t.user_attrs[BASELINE] for t in bases] == [0, 1] and all(t.params == reference for t in bases)
+    ahead = margin(study)
+    assert ahead["seeds"] == 2 and ahead["value"] == pytest.approx(sum(t.value for t in bases) / 2)
+    assert ahead["margin"] == pytest.approx(ahead["winner"] - ahead["value"])
+    out = io.StringIO()
+    print_summary(study, [], Console(file=out, width=200))
+    assert "baseline (the space's reference" in out.getvalue() and f"{ahead['value']:.4f}" in out.getvalue()
+    assert str(bases[0].number) in study.user_attrs["test_scores"]
+    assert "Baseline: the space&#x27;s reference configuration" in render(study)
+    assert len(sweep(cfg).get_trials()) == len(study.get_trials())  # resumed: nothing more to train

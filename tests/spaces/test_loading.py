@@ -112,6 +112,11 @@ BAD = [
     (_with("params.n_layers.log", "yes"), r"params\.n_layers\.log: must be true or false"),
     (_with("paramz", {}), r"bad\.yaml: paramz: unknown key; valid keys: architecture, budget"),
     (_with("params.layer", {"type": "int", "low": 1, "high": 2}), r"params\.layer: a parameter name must be an identifier other than"),
+    (_with("reference", {"depthh": 2}), r"reference\.depthh: not a parameter of this space; parameters: n_layers"),
+    (_with("reference", {"heads": 3}), r"reference\.heads: 3 is not a value of heads \(choices 1, 2, 4\)"),
+    (_with("optim", {"lrr": 0.1}), r"optim\.lrr: unknown key; valid keys: lr, weight_decay, warmup_steps, min_lr_ratio"),
+    (_with("optim", {"lr": -1}), r"optim\.lr: must be a number > 0"),
+    (_with("optim", {"lr": "=rate"}), r"optim\.lr: 'rate' is not defined"),
 ]
 
 
