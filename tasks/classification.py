@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from qkvsearch.models.errors import QkvError
+from qkvsearch.tasks import hf_datasets
 from qkvsearch.tasks.base import Batches, frequency_loss
 from qkvsearch.tasks.corpus import find_files, parquet_columns
 from qkvsearch.tasks.tokenizer import Tokenizer, padded_rows, tokenizer_problems, train_tokenizer
@@ -58,16 +61,22 @@ class TextClassification(L.LightningDataModule):
     name = "text_classification"
     kind = "classification"
 
-    def __init__(self, path: str, text: str = "text", label: str = "label", tokenizer: str = "bytes",
+    def __init__(self, path: str | None = None, text: str = "text", label: str = "label", tokenizer: str = "bytes",
                  vocab_size: int | None = None, seq_len: int = 128, val_fraction: float = 0.1,
-                 test_fraction: float = 0.1, batch_size: int = 32, seed: int = 0) -> None:
+                 test_fraction: float = 0.1, batch_size: int = 32, seed: int = 0,
+                 dataset: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        if problems := tokenizer_problems(tokenizer, vocab_size):
+        problems = tokenizer_problems(tokenizer, vocab_size)
+        if (path is None) == (dataset is None):
+            problems.append("task.data: give a path (a .csv, .tsv, .jsonl or .parquet file) or a Hugging Face dataset "
+                            "(task.data.dataset), one of them")
+        if problems:
             raise QkvError("; ".join(problems))
         if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise QkvError(f"task.data.val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be "
                            "shares in [0, 1) that leave rows to train on, val_fraction > 0")
         self.path, self.text, self.label = path, text, label
+        self.dataset = dict(dataset) if dataset is not None else None
         self.tokenizer_name, self.requested_vocab, self.seq_len = str(tokenizer), vocab_size, seq_len
         self.val_fraction, self.test_fraction, self.batch_size, self.seed = val_fraction, test_fraction, batch_size, seed
         self.splits: dict[str, dict[str, torch.Tensor]] = {}
@@ -78,11 +87,15 @@ class TextClassification(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        files = find_files([self.path])
-        if len(files) != 1:
-            raise QkvError(f"task.data.path: {self.path!r} matches {len(files)} files; give one file")
-        path = files[0]
-        rows = labelled_rows(path, self.text, self.label)
+        if self.dataset is not None:
+            path = f"dataset {self.dataset}"
+            rows = hf_datasets.labelled(hf_datasets.load(self.dataset), self.text, self.label)
+        else:
+            files = find_files([self.path])
+            if len(files) != 1:
+                raise QkvError(f"task.data.path: {self.path!r} matches {len(files)} files; give one file")
+            path = files[0]
+            rows = labelled_rows(path, self.text, self.label)
         self.label_names = sorted({label for _, label in rows})
         if len(self.label_names) < 2:
             raise QkvError(f"task.data.label: column {self.label!r} holds one value ({self.label_names[0]!r}); "

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from qkvsearch.models.errors import QkvError
+from qkvsearch.tasks import hf_datasets
 from qkvsearch.tasks.tokenizer import Tokenizer, tokenizer_problems, train_tokenizer
 
 SPLITS = ("train", "val", "test")
@@ -137,7 +138,8 @@ class TextCorpus(L.LightningDataModule):
     """A language model over the user's text files (the module docstring says how).
 
     Args:
-        paths: glob patterns of the files (``corpus/**/*.txt``, ``data/*.jsonl``).
+        paths: glob patterns of the files (``corpus/**/*.txt``, ``data/*.jsonl``); or
+        dataset: a Hugging Face dataset instead (``tasks/hf_datasets.py``), its ``text_field`` column.
         tokenizer: ``bytes``, ``chars``, ``bpe`` or a ``tokenizer.json`` path.
         vocab_size: the BPE vocabulary to train (``bpe`` only).
         text_field: the field of a ``.jsonl`` record that holds the text.
@@ -153,15 +155,19 @@ class TextCorpus(L.LightningDataModule):
     kind = "language_model"
     n_classes = None
 
-    def __init__(self, paths: list[str], tokenizer: str = "bytes", vocab_size: int | None = None,
+    def __init__(self, paths: list[str] | None = None, tokenizer: str = "bytes", vocab_size: int | None = None,
                  text_field: str = "text", seq_len: int = 256, val_fraction: float = 0.05, test_fraction: float = 0.05,
-                 val_batches: int = 50, test_batches: int = 200, batch_size: int = 32, seed: int = 0, cache_dir: str = "runs/cache") -> None:
+                 val_batches: int = 50, test_batches: int = 200, batch_size: int = 32, seed: int = 0,
+                 cache_dir: str = "runs/cache", dataset: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if isinstance(paths, str):
             paths = [paths]
         problems = []
-        if not paths:
-            problems.append("task.data.paths: give at least one glob pattern, e.g. [corpus/**/*.txt]")
+        if not paths and dataset is None:
+            problems.append("task.data.paths: give at least one glob pattern, e.g. [corpus/**/*.txt], "
+                            "or a Hugging Face dataset (task.data.dataset)")
+        if paths and dataset is not None:
+            problems.append("task.data: give paths or a dataset, not both")
         problems += tokenizer_problems(tokenizer, vocab_size)
         if not isinstance(seq_len, int) or seq_len < 2:
             problems.append(f"task.data.seq_len must be an integer >= 2, got {seq_len!r}")
@@ -170,7 +176,8 @@ class TextCorpus(L.LightningDataModule):
                             "shares in [0, 1) that leave documents to train on, val_fraction > 0")
         if problems:
             raise QkvError("; ".join(problems))
-        self.paths, self.tokenizer_name, self.requested_vocab = list(paths), str(tokenizer), vocab_size
+        self.paths, self.tokenizer_name, self.requested_vocab = list(paths or []), str(tokenizer), vocab_size
+        self.dataset = dict(dataset) if dataset is not None else None
         self.text_field, self.seq_len = text_field, seq_len
         self.val_fraction, self.test_fraction, self.val_batches = val_fraction, test_fraction, val_batches
         self.test_batches = test_batches
@@ -182,20 +189,23 @@ class TextCorpus(L.LightningDataModule):
 
     # -- building the cache --------------------------------------------------------------
 
-    def key(self, files: list[pathlib.Path]) -> str:
-        spec = json.dumps([digest_files(files), self.tokenizer_name, self.requested_vocab, self.text_field,
+    def key(self, source: list[pathlib.Path] | Any) -> str:
+        content = digest_files(source) if isinstance(source, list) else hf_datasets.fingerprint(source)
+        spec = json.dumps([content, self.tokenizer_name, self.requested_vocab, self.text_field,
                            self.val_fraction, self.test_fraction, SEPARATOR])
         if self.tokenizer_name.endswith(".json"):
             spec += digest_files([pathlib.Path(self.tokenizer_name)])
         return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
-    def _split_documents(self, files: list[pathlib.Path], split: str) -> Iterator[str]:
-        for path in files:
-            for document_id, text in documents(path, self.text_field):
-                if split_of(document_id, self.val_fraction, self.test_fraction) == split:
-                    yield text
+    def _split_documents(self, source: list[pathlib.Path] | Any, split: str) -> Iterator[str]:
+        """The texts of one split, of the files (a list) or the dataset."""
+        pairs = ((doc for path in source for doc in documents(path, self.text_field)) if isinstance(source, list)
+                 else hf_datasets.texts(source, self.text_field))
+        for document_id, text in pairs:
+            if split_of(document_id, self.val_fraction, self.test_fraction) == split:
+                yield text
 
-    def _build(self, files: list[pathlib.Path], folder: pathlib.Path) -> None:
+    def _build(self, files: list[pathlib.Path] | Any, folder: pathlib.Path) -> None:
         from tqdm.auto import tqdm
 
         building = folder.with_name(folder.name + f".building-{os.getpid()}")
@@ -217,7 +227,7 @@ class TextCorpus(L.LightningDataModule):
                     count += len(ids)
             sizes[split] = count
         meta = {"tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name,
-                "tokens": sizes, "files": [str(p) for p in files]}
+                "tokens": sizes, "files": [str(p) for p in files] if isinstance(files, list) else self.dataset}
         (building / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             building.rename(folder)  # whole or not at all: a sweep's other workers may be building it too
@@ -228,7 +238,7 @@ class TextCorpus(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tokens:
             return
-        files = find_files(self.paths)
+        files = find_files(self.paths) if self.dataset is None else hf_datasets.load(self.dataset)
         folder = self.cache_dir / self.key(files)
         if not (folder / "meta.json").exists():
             self._build(files, folder)

@@ -119,7 +119,8 @@ def test_the_component_table_lists_each_registry_as_it_is():
     for field, registry in REGISTRIES.items():
         row = re.search(rf"^\| `[a-z_.]*{field}`[^|]*\| `\w+` \| (.*) \|$", table, re.M)
         assert row, field
-        assert re.findall(r"`(\w+)`", row.group(1)) == registry.names(), field
+        ours = [name for name in registry.names() if not name.startswith("test_")]  # the suite's own components
+        assert re.findall(r"`(\w+)`", row.group(1)) == ours, field
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if blocks(p, "python")], ids=lambda p: p.name)

@@ -36,6 +36,8 @@ UID, RUN_SUBDIR, TASK, TASK_CONFIG, SPACE, OBJECTIVES, CODE_VERSION = (
     "uid", "run_subdir", "task", "task_config", "space", "objectives", "code_version")
 #: held-out test scores of the best trials, ``{number: {"test_loss": .., "test_acc": ..}}``
 TEST_SCORES = "test_scores"
+#: the folders ``qkv export`` wrote from the study: ``[{"trial", "format", "folder", "exported"}, ...]``
+EXPORTS = "exports"
 #: how many processes have joined the study (the next worker's index)
 WORKERS_JOINED = "workers_joined"
 # WARM_STARTED_FROM also names the study's record of what warm start queued and skipped.

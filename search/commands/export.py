@@ -8,6 +8,7 @@ longer first), gathers what its card tells, and hands the job to the formats in
 
 from __future__ import annotations
 
+import datetime
 import pathlib
 
 import hydra
@@ -17,10 +18,10 @@ from omegaconf import DictConfig
 from qkvsearch.models import ArchConfig
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.configs import compose_config, run_command
-from qkvsearch.search.base.keys import ARCH, CODE_VERSION, DUPLICATE_OF, SPACE, TASK, TEST_SCORES
+from qkvsearch.search.base.keys import ARCH, CODE_VERSION, DUPLICATE_OF, EXPORTS, SPACE, TASK, TEST_SCORES
 from qkvsearch.search.base.settings import check_study_name
 from qkvsearch.search.base.weights import load_trained
-from qkvsearch.search.export import ExportJob, Format, Provenance, portable, write_folder
+from qkvsearch.search.export import ExportJob, Format, MainFormat, Provenance, portable, write_folder
 from qkvsearch.search.export.onnx import Onnx
 from qkvsearch.search.export.program import TorchExport
 from qkvsearch.search.export.standalone import Standalone
@@ -65,6 +66,7 @@ def retrain(cfg: DictConfig, study: optuna.Study, trial: optuna.trial.FrozenTria
 
 def export(cfg: DictConfig) -> pathlib.Path:
     """Writes and checks the export folder; returns its path."""
+    main = main_format(cfg)
     study = load_named_study(cfg.storage, cfg.study_name)
     trial = select_trial(study, cfg.trial, cfg.rule, cfg.within, cfg.max_params)
     arch = ArchConfig.from_dict(trial.user_attrs[ARCH])
@@ -86,7 +88,32 @@ def export(cfg: DictConfig) -> pathlib.Path:
         why_not = f"no text functions: the study's task could not be rebuilt here ({error})"
     job.notes += [why_not] if why_not else []
     extras = [format_ for name, format_ in EXTRAS.items() if cfg[name]]
-    return write_folder(job, out, Standalone(), extras)
+    folder = write_folder(job, out, main, extras)
+    if getattr(main, "path", ""):  # which path a Hugging Face folder took, and why
+        print(f"{main.name}: {main.path}")
+    record = {"trial": trial.number, "format": main.name, "folder": str(folder.resolve()),
+              "exported": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    study.set_user_attr(EXPORTS, [*(study.user_attrs.get(EXPORTS) or []), record])  # the report links it
+    return folder
+
+
+def main_format(cfg: DictConfig) -> MainFormat:
+    """The folder's own format, checked before anything is read or written.
+
+    Raises:
+        QkvError: an unknown format, or settings of the format that are not valid.
+    """
+    if cfg.format == "standalone":
+        return Standalone()
+    if cfg.format == "hf":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise QkvError("format=hf needs transformers: pip install 'qkvsearch[hf]'") from None
+        from qkvsearch.search.export.hf import HuggingFace
+
+        return HuggingFace(cfg.hf.family)
+    raise QkvError(f"format: unknown {cfg.format!r}; valid: standalone, hf")
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="export")

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from qkvsearch.models import ArchConfig, count_parameters
 from qkvsearch.models.describe import COLUMNS, layer_rows
 from qkvsearch.search.base.configs import run_command
-from qkvsearch.search.base.keys import ARCH, N_PARAMS, TASK, TEST_SCORES, reason
+from qkvsearch.search.base.keys import ARCH, EXPORTS, N_PARAMS, TASK, TEST_SCORES, reason
 from qkvsearch.search.base.weights import load_trained
 from qkvsearch.search.inspect.artifacts import AttentionMap, attention_maps, trial_weights
 from qkvsearch.search.inspect.finalists import baseline, finalists, margin, verdict
@@ -134,6 +134,20 @@ def baseline_section(study: optuna.Study) -> str:
     return _section("Baseline: the space's reference configuration", _note(ahead["line"])
                     + f"<p>reference: {html.escape(params)} ({base.trial.user_attrs.get(N_PARAMS, 0):,} parameters); "
                     f"values over seeds: {', '.join(f'{v:.4f}' for v in base.values)}</p>")
+
+
+def exports_section(study: optuna.Study) -> str:
+    """The folders ``qkv export`` wrote from this study, linked where they still exist."""
+    records = study.user_attrs.get(EXPORTS) or []
+    if not records:
+        return ""
+    items = []
+    for record in records:
+        folder = pathlib.Path(record["folder"])
+        where = (f'<a href="{html.escape(folder.as_uri())}">{html.escape(str(folder))}</a>' if folder.exists()
+                 else f"{html.escape(str(folder))} (no longer there)")
+        items.append(f"<li>trial {record['trial']}, {html.escape(record['format'])}: {where}, {html.escape(record['exported'])}</li>")
+    return _section("Exports", f"<ul>{''.join(items)}</ul>")
 
 
 def trust_section(study: optuna.Study) -> str:
@@ -251,7 +265,8 @@ def render(study: optuna.Study, task_loader: Callable[[], Any] | None = None, ru
                f"{counts[State.FAIL]} failed, {counts[State.RUNNING]} running. Objectives: "
                + ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(objective_names(study), study.directions, strict=True))
                + f". Task {study.user_attrs.get('task', '?')}, space {study.user_attrs.get('space', '?')}.")
-    sections = [trials_table(study), finalists_section(study), baseline_section(study), trust_section(study)]
+    sections = [trials_table(study), finalists_section(study), baseline_section(study), exports_section(study),
+                trust_section(study)]
     if counts[State.COMPLETE]:
         sections += history_sections(study) + best_model_sections(study, task_loader, run_root)
     elif trials:

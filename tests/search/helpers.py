@@ -37,7 +37,7 @@ class Poison(nn.Module):
         if self.training and self.mode == "oom":  # what the CUDA caching allocator raises
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by a test)")
         out = self.proj(x)
-        return out * float("nan") if self.training else out
+        return out * float("nan") if self.training and self.mode == "nan" else out
 
 
 if "test_poison" not in FEEDFORWARDS:
@@ -82,3 +82,45 @@ def dies_in_extra_workers(trial: optuna.Trial, cfg) -> ArchConfig:
     if "QKV_SPAWNED_BY" in os.environ:
         raise RuntimeError("this extra worker fails on purpose")
     return fixed_space(trial, cfg)
+
+
+def _decoder(cfg, **arch) -> ArchConfig:
+    layer = {"n_layers": 2, "attention": {"n_heads": 4, "n_kv_heads": 2, "masks": ["causal"]},
+             "ffn": {"name": "swiglu", "d_ff": 48}}
+    layer.update(arch.pop("decoder", {}))
+    return ArchConfig.from_dict({"kind": "decoder", "vocab_size": cfg.task.vocab_size, "max_seq_len": cfg.task.seq_len,
+                                 "d_model": 32, "positions": "rotary", "norm": "rmsnorm", "tie_embeddings": True,
+                                 "decoder": layer, **arch})
+
+
+def llama_space(trial: optuna.Trial, cfg) -> ArchConfig:
+    """Exactly a Llama: rotary, RMSNorm, SwiGLU, grouped-query heads."""
+    trial.suggest_categorical("only", ["one"])
+    return _decoder(cfg)
+
+
+def mistral_space(trial: optuna.Trial, cfg) -> ArchConfig:
+    """A Llama with a sliding window: exactly a Mistral."""
+    trial.suggest_categorical("only", ["one"])
+    return _decoder(cfg, decoder={"attention": {"n_heads": 4, "n_kv_heads": 2,
+                                                "masks": ["causal", {"name": "sliding_window", "window": 8}]}})
+
+
+def gpt2_space(trial: optuna.Trial, cfg) -> ArchConfig:
+    """Exactly a GPT-2: learned positions, LayerNorm, GELU, tied embeddings."""
+    trial.suggest_categorical("only", ["one"])
+    return _decoder(cfg, positions="learned", norm="layernorm",
+                    decoder={"attention": {"n_heads": 4, "masks": ["causal"]}, "ffn": {"name": "gelu", "d_ff": 64}})
+
+
+def custom_space(trial: optuna.Trial, cfg) -> ArchConfig:
+    """No family's: ALiBi, QK-norm, and layers of different widths."""
+    trial.suggest_categorical("only", ["one"])
+    return _decoder(cfg, positions="alibi", decoder={"attention": {"n_heads": 4, "scaling": "qk_norm", "masks": ["causal"]},
+                                                     "layers": [{}, {"ffn": {"d_ff": 96}}]})
+
+
+def unexportable_space(trial: optuna.Trial, cfg) -> ArchConfig:
+    """A decoder whose feed-forward is a component without a ``source`` method (trains normally)."""
+    trial.suggest_categorical("only", ["one"])
+    return _arch(cfg, {"name": "test_poison", "mode": "fine", "d_ff": 32})
