@@ -209,6 +209,11 @@ class ArchConfig:
             d_k = attention.resolved(self.d_model).d_k
             if not cross and d_k:
                 out += self.positions.attention_problems(d_k, f"{path}.{field}")
+        for i, mask in enumerate(layer.attention.masks):
+            if mask.bidirectional_prefix() >= self.max_seq_len:
+                out.append(f"{path}.attention.masks[{i}].prefix_len: {mask.bidirectional_prefix()} must be below "
+                           f"max_seq_len ({self.max_seq_len}): a prefix of the whole sequence leaves no next token to "
+                           "score but the last")
         if stack == "decoder" and not any(m.autoregressive for m in layer.attention.masks):
             out.append(
                 f"{path}.attention.masks: a decoder's self-attention needs a causal or prefix_lm "

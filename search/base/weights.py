@@ -6,7 +6,7 @@ from __future__ import annotations
 import pathlib
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from qkvsearch.models import ArchConfig, build_model
@@ -32,13 +32,18 @@ def load_trained(arch: ArchConfig, weights: pathlib.Path) -> torch.nn.Module:
     """
     if not pathlib.Path(weights).is_file():
         raise QkvError(f"no weights at {weights}")
-    with safe_open(str(weights), framework="pt") as handle:
-        recorded = (handle.metadata() or {}).get(ARCH_TAG)
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get(ARCH_TAG)
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as error:  # a truncated or foreign file; its payload never runs
+        raise QkvError(f"{weights}: not a readable safetensors file ({error}); train the trial again "
+                       "(qkv export retrain=true) or restore the file") from None
     if recorded != arch.fingerprint():
         raise QkvError(
             f"{weights} holds weights of architecture {recorded or 'unknown'}, not of this trial's "
             f"({arch.fingerprint()}); the trial folder belongs to another study or was overwritten"
         )
     model = build_model(arch)
-    model.load_state_dict(upgrade_state_dict(load_file(str(weights))))  # files from before the fused projections load too
+    model.load_state_dict(upgrade_state_dict(state))  # files from before the fused projections load too
     return model.eval()

@@ -190,7 +190,12 @@ def _safetensors_reader() -> str:
             """Reads a safetensors file (an 8-byte header size, a JSON header, raw little-endian data); no pickle."""
             data = pathlib.Path(path).read_bytes()
             size = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8 : 8 + size])
+            try:
+                if len(data) < 8 or size > len(data) - 8:
+                    raise ValueError(f"its header says {size} bytes, the file holds {len(data)}")
+                header = json.loads(data[8 : 8 + size])
+            except (ValueError, UnicodeDecodeError) as error:
+                raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
             header.pop("__metadata__", None)
             body = memoryview(data)[8 + size :]
             tensors = {}

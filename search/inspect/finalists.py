@@ -45,18 +45,20 @@ def distinct_best(ranked_trials: list[FrozenTrial], k: int) -> list[FrozenTrial]
     return chosen
 
 
-def enqueue_finalists(study: optuna.Study, k: int, seeds: int) -> int:
-    """Queues the retrainings of the ``k`` best distinct architectures that the study does not
-    hold yet (queued, running or finished; a failed one is queued again); returns how many."""
+def enqueue_finalists(study: optuna.Study, k: int, seeds: int) -> tuple[int, int]:
+    """Queues the retrainings of the ``k`` best distinct architectures (fewer where the study
+    has fewer) that the study does not hold yet (queued, running or finished; a failed one
+    is queued again); returns how many trials it queued, and for how many architectures."""
     held = {(t.user_attrs[FINALIST_OF], t.user_attrs[FINALIST_SEED]) for t in study.get_trials(deepcopy=False)
             if is_finalist(t) and t.state != State.FAIL}
-    queued = 0
+    queued, architectures = 0, set()
     for original in distinct_best(ranked(study), k):
         for seed in range(1, seeds + 1):
             if (original.number, seed) not in held:
                 study.enqueue_trial(original.params, user_attrs={FINALIST_OF: original.number, FINALIST_SEED: seed})
                 queued += 1
-    return queued
+                architectures.add(original.number)
+    return queued, len(architectures)
 
 
 @dataclasses.dataclass

@@ -9,6 +9,11 @@ from qkvsearch.search.study.search import run_worker
 from qkvsearch.search.study.storage import slot_lock
 
 
+def plural(n: int, thing: str) -> str:
+    """``1 more seed``, ``2 more seeds``; ``the 1 best architecture``."""
+    return f"{n} {thing}{'' if n == 1 else 's'}"
+
+
 def run_finalists(worker: Worker, k: int, seeds: int, objectives: list[str]) -> None:
     """Queues, under the study's lock, the retrainings the study does not hold yet, and runs
     them with any retry still queued; nothing for ``k=0`` or several objectives."""
@@ -16,8 +21,9 @@ def run_finalists(worker: Worker, k: int, seeds: int, objectives: list[str]) -> 
     if not k or len(study.directions) > 1:
         return
     with slot_lock(worker.storage_cfg, study.study_name):
-        queued = enqueue_finalists(study, k, seeds)
+        queued, architectures = enqueue_finalists(study, k, seeds)
     if queued:
-        print(f"finalists: {queued} more trials retrain the {k} best architectures with "
-              f"{seeds} more seeds each", flush=True)
+        print(f"finalists: {plural(queued, 'more trial')} retrain{'s' if queued == 1 else ''} the "
+              f"{plural(architectures, 'best architecture')} "
+              f"with {plural(seeds, 'more seed')} each", flush=True)
     run_worker(worker, n_trials=0, objectives=objectives)

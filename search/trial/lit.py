@@ -64,6 +64,10 @@ def check_compatible(arch: ArchConfig, task: Any) -> None:
         problems.append(f"vocab_size: the task has {task.vocab_size} tokens, the architecture {arch.vocab_size}")
     if arch.max_seq_len < task.seq_len:
         problems.append(f"max_seq_len: the task's sequences are {task.seq_len} long, the architecture's limit {arch.max_seq_len}")
+    unscored = arch.unscored_positions()
+    if task.kind in ("language_model", "seq2seq") and unscored >= task.seq_len - 1:
+        problems.append(f"prefix_len: a prefix-LM prefix of {unscored + 1} leaves no position of the task's "
+                        f"{task.seq_len}-token sequences to score but the last; lower it below {task.seq_len - 1}")
     outputs = arch.head.n_outputs(arch.vocab_size)
     if task.kind == "classification" and (arch.head.per_token or outputs != task.n_classes):
         problems.append(f"head: the task has {task.n_classes} classes; the head gives {outputs} outputs per {'token' if arch.head.per_token else 'sequence'}")

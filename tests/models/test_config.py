@@ -106,6 +106,8 @@ BAD_CONFIGS = [
     (_decoder(masks=[{"name": "prefix_lm"}, {"name": "sliding_window", "window": 4}]), r"sliding_window.*undefined inside the bidirectional prefix"),
     (_decoder(masks=["causal", "prefix_lm"]), r"causal cannot combine with prefix_lm"),
     (_decoder(masks=["causal", "causal"]), r"'causal' is listed more than once"),
+    (_decoder(masks=[{"name": "prefix_lm", "prefix_len": 8}]),
+     r"masks\[0\]\.prefix_len: 8 must be below max_seq_len \(8\): a prefix of the whole sequence leaves no next token"),
     (_decoder(masks=[]), r"decoder's self-attention needs a causal or prefix_lm mask"),
     (_decoder(masks=["causal", "sliding"]), r"unknown mask 'sliding'; available: none, causal, padding, sliding_window, prefix_lm"),
     (_decoder(scaling="sqrt"), r"unknown scaling 'sqrt'; available: sqrt_dk, inv_dk, none, learned_temperature, qk_norm"),

@@ -221,3 +221,15 @@ def test_a_task_that_breaks_the_contract_is_refused_naming_every_problem():
         check_task(_NotATask(), "mine")
     digits = build_task(compose_conf("sweep", ["task=digits"]))
     assert isinstance(digits, Task) and check_task(digits, "digits").n_classes == 10
+
+
+def test_a_prefix_that_leaves_the_tasks_sequences_nothing_to_score_does_not_fit():
+    from qkvsearch.models import ArchConfig
+    from qkvsearch.tasks.base import TaskSizes
+
+    arch = ArchConfig.from_dict({"kind": "decoder", "vocab_size": 16, "max_seq_len": 64, "d_model": 16,
+                                 "decoder": {"n_layers": 1, "attention": {"n_heads": 2, "masks": [
+                                     {"name": "prefix_lm", "prefix_len": 40}]}}})
+    with pytest.raises(ValueError, match=r"prefix_len: a prefix-LM prefix of 40 leaves no position of the task's 32-token"):
+        check_compatible(arch, TaskSizes("language_model", 16, 32, None))
+    check_compatible(arch, TaskSizes("language_model", 16, 64, None))  # the same prefix leaves a 64-token task 24

@@ -207,3 +207,40 @@ def test_model_py_defines_each_class_after_the_classes_it_uses(name):
         used = {n.id for n in ast.walk(cls) if isinstance(n, ast.Name) and n.id in ours and n.id != cls.name}
         assert used <= seen, f"{cls.name} comes before {sorted(used - seen)}, which it uses"
         seen.add(cls.name)
+
+
+class _Payload:
+    """A pickle that would create a file if anything unpickled it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_corrupt_weights_are_one_line_naming_the_file_and_a_pickle_never_runs(tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    from qkvsearch.search.inspect.artifacts import trial_weights
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=1", "pruner=none")
+    study = sweep(cfg)
+    weights = trial_weights(study, study.best_trial, tmp_path)
+    good = weights.read_bytes()
+    marker = tmp_path / "payload-ran"
+    for broken in (good[: len(good) // 2], pickle.dumps(_Payload(marker))):
+        weights.write_bytes(broken)
+        result = subprocess.run([sys.executable, "-m", "qkvsearch.search.cli", "export", f"run_root={tmp_path}",
+                                 f"out={tmp_path / 'never'}"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"{weights}: not a readable safetensors file" in result.stderr.splitlines()[0]
+        assert not marker.exists() and not (tmp_path / "never").exists()
+    weights.write_bytes(good)  # an export whose own weights are then damaged says so when it loads them
+    out = export(compose_conf("export", [f"run_root={tmp_path}", f"out={tmp_path / 'export'}"]))
+    (out / "model.safetensors").write_bytes(good[:100])
+    code = f"import sys; sys.path.insert(0, {str(out)!r}); import model; model.load()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "model.safetensors: not a readable safetensors file" in result.stderr.splitlines()[-1]
+    assert "UnicodeDecodeError" not in result.stderr

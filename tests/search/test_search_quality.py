@@ -188,3 +188,11 @@ def test_every_study_trains_its_spaces_reference_and_says_how_far_the_winner_is_
     assert str(bases[0].number) in study.user_attrs["test_scores"]
     assert "Baseline: the space&#x27;s reference configuration" in render(study)
     assert len(sweep(cfg).get_trials()) == len(study.get_trials())  # resumed: nothing more to train
+
+
+@pytest.mark.slow
+def test_the_finalists_line_counts_the_architectures_there_are(tmp_path, capsys):
+    # one architecture only, however many finalists were asked for, and one seed is one seed
+    sweep(tiny_sweep_conf(tmp_path, "+space._target_=tests.search.helpers.fixed_space", "n_trials=2", "pruner=none",
+                          "finalists=3", "finalist_seeds=1"))
+    assert "finalists: 1 more trial retrains the 1 best architecture with 1 more seed each" in capsys.readouterr().out
