@@ -55,7 +55,7 @@ def trial_run(cfg, params: dict) -> tuple[float, float]:
 
     worker = prepare(cfg).worker
     worker.study.enqueue_trial(params)
-    trial = next_trial(worker.study, worker.storage, cfg.storage, cfg.n_trials, cfg.storage.heartbeat_s)
+    trial = next_trial(worker.study, worker.storage, cfg.storage, cfg.n_trials, worker.retry)
     seconds = timed(lambda: run_trial(worker, trial))
     frozen = worker.study.trials[-1]
     if frozen.state.name != "COMPLETE":

@@ -36,6 +36,10 @@ from qkvsearch.tasks.tokenizer import Tokenizer, tokenizer_problems, train_token
 
 SPLITS = ("train", "val", "test")
 SEPARATOR = "\n\n"  # between documents in a split's token stream
+#: a corpus of fewer documents than this cannot hold whole ones out: it holds out pieces of them,
+MIN_DOCUMENTS = 20
+#: each this many sequences long (in characters, at seq_len characters a sequence)
+CHUNK_SEQUENCES = 8
 _READ = 1 << 20
 
 
@@ -192,32 +196,45 @@ class TextCorpus(L.LightningDataModule):
     def key(self, source: list[pathlib.Path] | Any) -> str:
         content = digest_files(source) if isinstance(source, list) else hf_datasets.fingerprint(source)
         spec = json.dumps([content, self.tokenizer_name, self.requested_vocab, self.text_field,
-                           self.val_fraction, self.test_fraction, SEPARATOR])
+                           self.val_fraction, self.test_fraction, SEPARATOR, MIN_DOCUMENTS, CHUNK_SEQUENCES, self.seq_len])
         if self.tokenizer_name.endswith(".json"):
             spec += digest_files([pathlib.Path(self.tokenizer_name)])
         return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
-    def _split_documents(self, source: list[pathlib.Path] | Any, split: str) -> Iterator[str]:
-        """The texts of one split, of the files (a list) or the dataset."""
-        pairs = ((doc for path in source for doc in documents(path, self.text_field)) if isinstance(source, list)
-                 else hf_datasets.texts(source, self.text_field))
-        for document_id, text in pairs:
-            if split_of(document_id, self.val_fraction, self.test_fraction) == split:
-                yield text
+    def _documents(self, source: list[pathlib.Path] | Any) -> Iterator[tuple[str, str]]:
+        """``(id, text)`` of every document of the files (a list) or the dataset."""
+        if isinstance(source, list):
+            return (doc for path in source for doc in documents(path, self.text_field))
+        return hf_datasets.texts(source, self.text_field)
+
+    def _split_documents(self, source: list[pathlib.Path] | Any, split: str, chunk: int = 0) -> Iterator[str]:
+        """The texts of one split: whole documents, or with ``chunk`` (a corpus of too few
+        documents to hold any out whole) contiguous pieces of ``chunk`` characters of them."""
+        for document_id, text in self._documents(source):
+            pieces = [(document_id, text)] if not chunk else [
+                (f"{document_id}#{i}", text[start:start + chunk]) for i, start in enumerate(range(0, len(text), chunk))]
+            for piece_id, piece in pieces:
+                if split_of(piece_id, self.val_fraction, self.test_fraction) == split:
+                    yield piece
 
     def _build(self, files: list[pathlib.Path] | Any, folder: pathlib.Path) -> None:
         from tqdm.auto import tqdm
 
         building = folder.with_name(folder.name + f".building-{os.getpid()}")
         building.mkdir(parents=True, exist_ok=True)
-        tokenizer = train_tokenizer(self.tokenizer_name, self._split_documents(files, "train"), self.requested_vocab)
+        n_documents = sum(1 for _ in self._documents(files))
+        chunk = CHUNK_SEQUENCES * self.seq_len if n_documents < MIN_DOCUMENTS else 0
+        if chunk:
+            print(f"task.data: {n_documents} document{'s' if n_documents != 1 else ''}, too few to hold out whole "
+                  f"ones: validation and test hold out contiguous pieces of {chunk} characters instead", flush=True)
+        tokenizer = train_tokenizer(self.tokenizer_name, self._split_documents(files, "train", chunk), self.requested_vocab)
         tokenizer.save(building)
         dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
         sizes = {}
         for split in SPLITS:
             count = 0
             with open(building / f"{split}.bin", "wb") as out:
-                texts = self._split_documents(files, split)
+                texts = self._split_documents(files, split, chunk)
                 for text in tqdm(texts, desc=f"tokenizing {split}", unit=" docs", leave=False, disable=None):
                     if tokenizer.kind == "bytes":  # the same ids as encode(), without a list of ints
                         ids = np.frombuffer((text + SEPARATOR).encode("utf-8"), dtype=np.uint8).astype(dtype)
@@ -227,7 +244,8 @@ class TextCorpus(L.LightningDataModule):
                     count += len(ids)
             sizes[split] = count
         meta = {"tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name,
-                "tokens": sizes, "files": [str(p) for p in files] if isinstance(files, list) else self.dataset}
+                "tokens": sizes, "files": [str(p) for p in files] if isinstance(files, list) else self.dataset,
+                "held_out": f"pieces of {chunk} characters" if chunk else "whole documents"}
         (building / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             building.rename(folder)  # whole or not at all: a sweep's other workers may be building it too

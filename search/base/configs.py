@@ -28,17 +28,23 @@ NOT_IN_STUDY_NAMES = ("worker_index", "workers", "gpus", "trials_per_gpu", "run_
                       "storage.heartbeat_s", "storage.grace_s", "max_retries", "study_name", "plugins")
 
 
-def multirun_suffix() -> str:
-    """In a multirun, ``_`` and this job's overrides (``_seed=1``), so every job gets a study
-    of its own unless only worker_index/workers (or paths) differ; nothing in a single run."""
+def job_overrides() -> list[str]:
+    """The overrides that make this multirun job a study of its own (sorted), leaving out
+    those that exist to share a study (worker_index, workers) or say where things are kept;
+    empty outside a multirun."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return ""
-    parts = sorted(o for o in HydraConfig.get().overrides.task
-                   if not o.lstrip("+~").split("=")[0].startswith(NOT_IN_STUDY_NAMES))
-    text = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(parts))
-    if len(text) > 80:  # keep names readable and within the limit: a digest of the rest
-        text = text[:64] + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
-    return f"_{text}" if text else ""
+        return []
+    return sorted(o for o in HydraConfig.get().overrides.task
+                  if not o.lstrip("+~").split("=")[0].startswith(NOT_IN_STUDY_NAMES))
+
+
+def multirun_suffix() -> str:
+    """In a multirun, ``-`` and a short digest of this job's overrides (``-3f9a1c2b``), so every
+    job gets a study of its own (the same one when run again) unless only worker_index or
+    workers differ, under a name that pastes back into a command line as printed; the
+    overrides themselves are kept as the study's ``overrides`` attribute. Nothing in a single run."""
+    parts = job_overrides()
+    return "-" + hashlib.sha256(",".join(parts).encode()).hexdigest()[:8] if parts else ""
 
 
 def steps_times(steps: int, factor: int) -> int:

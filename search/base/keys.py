@@ -34,6 +34,8 @@ TRAIN_TOKENS, SECONDS_AT = "train_tokens", "seconds_at"
 #: what the study is: its uid and run folder, task, space, objectives and code version
 UID, RUN_SUBDIR, TASK, TASK_CONFIG, SPACE, OBJECTIVES, CODE_VERSION = (
     "uid", "run_subdir", "task", "task_config", "space", "objectives", "code_version")
+#: a multirun job's own overrides (its name holds only their digest)
+OVERRIDES = "overrides"
 #: held-out test scores of the best trials, ``{number: {"test_loss": .., "test_acc": ..}}``
 TEST_SCORES = "test_scores"
 #: the folders ``qkv export`` wrote from the study: ``[{"trial", "format", "folder", "exported"}, ...]``

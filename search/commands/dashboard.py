@@ -51,7 +51,7 @@ def read_only(app: Callable[..., Any]) -> Callable[..., Any]:
     def filtered(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if environ.get("REQUEST_METHOD", "GET").upper() not in READING:
             start_response("403 Forbidden", [("Content-Type", "text/plain")])
-            return [b"this dashboard is read-only (qkv dashboard read_only=true)\n"]
+            return [b"this dashboard is read-only; qkv dashboard read_only=false allows changes\n"]
         return app(environ, start_response)
 
     return filtered
@@ -73,7 +73,9 @@ def serve(cfg: DictConfig) -> None:
 
     import optuna_dashboard
 
-    writable = not (cfg.read_only if cfg.read_only is not None else not is_loopback(cfg.host))
+    if not isinstance(cfg.read_only, bool):
+        raise QkvError(f"read_only must be true or false, got {cfg.read_only!r}")
+    writable = not cfg.read_only
     storage = open_storage(cfg.storage, must_exist=True)
     studies = optuna.get_all_study_summaries(storage)
     if not studies:

@@ -95,9 +95,8 @@ def print_summary(study: optuna.Study, overrides: list[str], console: Console | 
         console.print(ahead["line"])
     print_trust(study, console)
     args = " ".join(overrides)
-    console.print(f"dashboard: qkv dashboard {args}")
-    console.print(f"report:    qkv report {args}")
-    console.print(f"export:    qkv export {args}")
+    for name in ("dashboard", "report", "export"):  # one line each, however narrow the terminal: they are pasted
+        console.print(f"{name + ':':<11}qkv {name} {args}", soft_wrap=True, highlight=False)
 
 
 def _number(x: float, digits: int = 2) -> str:

@@ -16,9 +16,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from qkvsearch.models.errors import QkvError
+from qkvsearch.search.base.configs import job_overrides
 from qkvsearch.search.base.keys import (
     CODE_VERSION,
     OBJECTIVES,
+    OVERRIDES,
     RUN_SUBDIR,
     SPACE,
     TASK,
@@ -223,6 +225,7 @@ def describe_study(study: optuna.Study, cfg: DictConfig, space_name: str) -> Non
     for key, value in {
         UID: uid, RUN_SUBDIR: f"{study.study_name}/{uid}", TASK: cfg.task.name, TASK_CONFIG: task_config,
         SPACE: space_name, OBJECTIVES: list(cfg.objectives), CODE_VERSION: code_version(),
+        OVERRIDES: job_overrides(),
     }.items():
         study.set_user_attr(key, value)
 
@@ -244,7 +247,7 @@ def open_study(cfg: DictConfig, space: Space | FunctionSpace, task: Any, directi
                retry: RetryLost) -> tuple[optuna.Study, optuna.storages.BaseStorage, int]:
     """Creates or loads the study under the slot lock (one process creates it; the others
     load it), records what it is, joins it, and queues the warm start once."""
-    storage = open_storage(cfg.storage, stale_callback=retry)
+    storage = open_storage(cfg.storage)
     with slot_lock(cfg.storage, cfg.study_name):
         study = create_or_load_study(storage, cfg.study_name, directions, optuna.samplers.RandomSampler(),
                                      instantiate(cfg.pruner))
@@ -284,5 +287,5 @@ def prepare(cfg: DictConfig) -> Prepared:
         callbacks=lambda trial: [view.callback(trial.number)],
     )
     objective = Objective(space=space, task=task, backend=backend, prune=len(directions) == 1,
-                          waits=Waits(float(cfg.storage.heartbeat_s), functools.partial(reap_stale, study, cfg.storage)))
+                          waits=Waits(float(cfg.storage.heartbeat_s), functools.partial(reap_stale, study, storage, cfg.storage, retry)))
     return Prepared(task, space, run_dir, Worker(study, storage, cfg.storage, retry, objective, index, view), reference)

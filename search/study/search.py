@@ -60,7 +60,7 @@ def run_trial(worker: Worker, trial: optuna.Trial) -> None:
     record_placement(trial, worker.index)
     start = time.perf_counter()
     try:
-        with heartbeat(worker.storage, trial):
+        with heartbeat(worker.storage, trial, worker.storage_cfg.heartbeat_s if worker.storage_cfg else None):
             try:
                 values = worker.objective(trial)
             finally:
@@ -97,9 +97,8 @@ def run_worker(worker: Worker, n_trials: int, objectives: list[str], live: bool 
     from rich.live import Live
 
     console = Console()
-    heartbeat_s = worker.storage_cfg.heartbeat_s
     with Live(worker.view, console=console, refresh_per_second=2, transient=True) if live else contextlib.nullcontext():
-        while (trial := next_trial(worker.study, worker.storage, worker.storage_cfg, n_trials, heartbeat_s)) is not None:
+        while (trial := next_trial(worker.study, worker.storage, worker.storage_cfg, n_trials, worker.retry)) is not None:
             run_trial(worker, trial)
             print_trial(console, frozen(worker.study, trial.number), objectives)
             worker.view.current = {}

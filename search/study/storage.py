@@ -1,9 +1,9 @@
 """Optuna storage from config, the study created once, and the locks that serialise workers.
 
-Liveness: every storage this opens records heartbeats of running trials. RDB storages use
-Optuna's own heartbeat table; journal files use :class:`HeartbeatJournalStorage`, a small
-adapter that records the heartbeat as a trial system attribute, so Optuna's
-``fail_stale_trials`` fails a dead worker's trial on either kind of storage.
+Liveness is the workers' (``workers.py``): a running trial's heartbeat is its system
+attribute :data:`HEARTBEAT_ATTR`, the same on every kind of storage. The few private
+Optuna names this project reads (a trial's and a study's storage ids) are read here, once,
+and the fault tests break if Optuna changes them.
 """
 
 from __future__ import annotations
@@ -15,84 +15,42 @@ import hashlib
 import pathlib
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import optuna
 import sqlalchemy
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-
-# Optuna keeps the heartbeat interface in a private module; this is its one use here,
-# and tests/search/test_faults.py breaks if Optuna moves or changes it.
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.settings import check_study_name
 
 STORAGE_KINDS = ("rdb", "journal")
-#: Trial system attribute that carries a journal trial's last heartbeat (seconds since the epoch).
+#: Trial system attribute that carries a running trial's last heartbeat (seconds since the epoch).
 HEARTBEAT_ATTR = "qkv:heartbeat"
+#: How Optuna's system attributes of a trial's constraint values begin (``constraints:max_params``).
+CONSTRAINTS_PREFIX = "constraints"
 
-StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    """The storage's id of a trial (Optuna keeps it private)."""
+    return trial._trial_id
+
+
+def trial_count(study: optuna.Study, storage: BaseStorage) -> int:
+    """How many trials the study holds, counted by the storage (no trial is read)."""
+    return storage.get_n_trials(study._study_id)
 
 
 class StorageError(QkvError):
     """The storage cannot be opened or reached."""
 
 
-def is_heartbeat_enabled(storage: BaseStorage) -> bool:
-    """True for a storage that records heartbeats of running trials (ours always do; an
-    in-memory storage, as a replay uses, does not)."""
-    return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
-
-
 def storage_url(cfg: Any) -> str:
     """Returns the URL (or journal path) that names the storage, for messages and the dashboard."""
     return str(cfg.url if cfg.kind == "rdb" else cfg.path)
-
-
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """A journal storage whose running trials record heartbeats, so dead workers are found.
-
-    The heartbeat is a trial system attribute holding the writer's wall-clock time; a
-    running trial is stale when no heartbeat (or, before the first, its start) is newer
-    than ``grace_period`` seconds. Machines that share the file need clocks within a
-    small part of the grace period of each other (NTP gives milliseconds).
-    """
-
-    def __init__(self, backend: JournalFileBackend, *, heartbeat_interval: int, grace_period: int,
-                 stale_callback: StaleCallback | None = None) -> None:
-        super().__init__(backend)
-        self._heartbeat_interval, self._grace_period = heartbeat_interval, grace_period
-        self._stale_callback = stale_callback
-
-    def __getstate__(self) -> dict[Any, Any]:
-        state = super().__getstate__()
-        state["_stale_callback"] = None
-        return state
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now = time.time()
-        stale = []
-        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            beat = trial.system_attrs.get(HEARTBEAT_ATTR)
-            if beat is None and trial.datetime_start is not None:
-                beat = trial.datetime_start.timestamp()
-            if beat is not None and now - float(beat) > self._grace_period:
-                stale.append(self.get_trial_id_from_study_id_trial_number(study_id, trial.number))
-        return stale
-
-    def get_heartbeat_interval(self) -> int:
-        return self._heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self) -> StaleCallback | None:
-        return self._stale_callback
 
 
 def storage_file(cfg: Any) -> pathlib.Path | None:
@@ -103,13 +61,10 @@ def storage_file(cfg: Any) -> pathlib.Path | None:
     return pathlib.Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
 
 
-def open_storage(cfg: Any, stale_callback: StaleCallback | None = None, must_exist: bool = False) -> BaseStorage:
+def open_storage(cfg: Any, must_exist: bool = False) -> BaseStorage:
     """Opens the storage ``cfg`` describes: ``{kind: rdb, url}`` or ``{kind: journal, path}``,
-    each with ``heartbeat_s`` and ``grace_s``.
-
-    A running trial records a heartbeat every ``heartbeat_s`` seconds; one whose worker
-    has been silent for ``grace_s`` seconds is failed by the next worker that asks for a
-    trial, and ``stale_callback`` (the sweep's retry) runs on it.
+    each with ``heartbeat_s`` and ``grace_s`` (a running trial records a heartbeat every
+    ``heartbeat_s`` seconds; one silent for ``grace_s`` is failed and retried: ``workers.py``).
 
     Commands that only read a study pass ``must_exist``, so a wrong path creates nothing.
 
@@ -134,12 +89,9 @@ def open_storage(cfg: Any, stale_callback: StaleCallback | None = None, must_exi
             path.parent.mkdir(parents=True, exist_ok=True)
             lock = JournalFileSymlinkLock(str(path))
             repair_journal_tail(path, lock)
-            return HeartbeatJournalStorage(
-                JournalFileBackend(str(path), lock_obj=lock),
-                heartbeat_interval=heartbeat_s, grace_period=grace_s, stale_callback=stale_callback,
-            )
+            return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
         with storage_lock(cfg, "qkvsearch-schema"):  # one process creates the tables; the others wait
-            return _open_rdb(str(cfg.url), heartbeat_s, grace_s, stale_callback)
+            return _open_rdb(str(cfg.url))
     except (sqlalchemy.exc.SQLAlchemyError, OSError, ImportError, ValueError) as error:
         raise StorageError(f"cannot open storage {storage_url(cfg)}: {error}") from None
 
@@ -180,8 +132,7 @@ def repair_journal_tail(path: pathlib.Path, lock: JournalFileSymlinkLock) -> Non
         lock.release()
 
 
-def _open_rdb(url: str, heartbeat_s: int, grace_s: int, stale_callback: StaleCallback | None,
-              attempts: int = 6) -> RDBStorage:
+def _open_rdb(url: str, attempts: int = 6) -> RDBStorage:
     """Opens an RDB storage; retries the races that a lock cannot exclude (SQLite busy)."""
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite:///"):
@@ -189,10 +140,7 @@ def _open_rdb(url: str, heartbeat_s: int, grace_s: int, stale_callback: StaleCal
         engine = {"connect_args": {"timeout": 60}}
     for attempt in range(attempts):
         try:
-            with warnings.catch_warnings():  # heartbeats are experimental in Optuna; used on purpose
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                                  heartbeat_stale_trial_callback=stale_callback)
+            return RDBStorage(url, engine_kwargs=engine)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as error:
             racing = isinstance(error, sqlalchemy.exc.IntegrityError) or any(
                 text in str(error) for text in ("already exists", "locked", "duplicate key")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 from collections.abc import Iterator
 
@@ -62,7 +63,7 @@ def next_commands(cfg: DictConfig) -> list[str]:
             extra.append(f"storage={storage}")
     if cfg.run_root != "runs":
         extra.append(f"run_root={cfg.run_root}")
-    return extra
+    return [shlex.quote(arg) for arg in extra]  # pastes into a shell as printed
 
 
 def sweep(cfg: DictConfig, group: WorkerGroup | None = None, started: bool = False) -> optuna.Study:

@@ -1,14 +1,20 @@
 """A worker on a shared study: trial slots, heartbeats, and retries of lost trials.
 
 Every worker, wherever it runs, does the same under the study's slot lock: fail the
-trials whose worker stopped beating (Optuna's ``fail_stale_trials``; their retries are
-queued), then take a queued retry, or a new trial while the study counts fewer than
-``n_trials``, or wait while other workers' trials run, since one of them may die.
+trials whose worker went silent (:func:`reap_lost`: no heartbeat, or none at all, for
+``grace_s`` seconds; the reason and the retry's number are recorded on the failed trial,
+and the retry is queued), then take a queued retry, or a new trial while the study counts
+fewer than ``n_trials``, or wait while other workers' trials run, since one of them may die.
+
+A heartbeat is the trial system attribute ``qkv:heartbeat`` (the writer's wall-clock time),
+the same on SQLite, PostgreSQL and journal files: machines that share a study need clocks
+within a small part of the grace of each other (NTP gives milliseconds).
 
 What counts towards ``n_trials``: complete, pruned, running and queued trials, and failed
 trials that were not retried. A trial that was lost (its worker killed, interrupted or
-pre-empted) is failed and queued again with the same parameters, up to ``max_retries``
-times, so only genuine failures (the trial's own error, NaN, out of memory) count.
+pre-empted) is failed and queued again with every parameter it had sampled (one it had not
+sampled yet is drawn anew when the retry runs), up to ``max_retries`` times, so only genuine
+failures (the trial's own error, NaN, out of memory) count.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import contextlib
 import copy
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -36,33 +43,40 @@ from qkvsearch.search.base.keys import (
 )
 from qkvsearch.search.base.signals import backoff
 from qkvsearch.search.inspect.selection import counted, frozen
-from qkvsearch.search.study.storage import HEARTBEAT_ATTR, is_heartbeat_enabled, slot_lock
+from qkvsearch.search.study.storage import (
+    CONSTRAINTS_PREFIX,
+    HEARTBEAT_ATTR,
+    slot_lock,
+    trial_count,
+    trial_id,
+)
 
 
 class RetryLost(optuna.storages.RetryHeartbeatStaleTrialCallback):
     """Queues a lost trial again (same parameters, Optuna's retry lineage), up to
-    ``max_retry`` times. The retry starts clean: none of the lost run's results or
-    heartbeats, only ``retry_of`` (and a finalist's link to the trial it retrains)."""
+    ``max_retry`` times. The retry starts clean: none of the lost run's results, heartbeats
+    or constraint values (its own sampling records them again), only ``retry_of`` (and a
+    finalist's or baseline's link)."""
 
     def __init__(self, max_retry: int) -> None:
+        self.max_retry = max_retry
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             super().__init__(max_retry=max_retry)
+
+    def will_retry(self, trial: FrozenTrial) -> bool:
+        """Whether ``trial``, once failed, gets a retry (it has not used up ``max_retry``)."""
+        return len(trial.system_attrs.get("retry_history", ())) < self.max_retry
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         clean = copy.copy(trial)
         kept = {k: v for k, v in trial.user_attrs.items() if k in (FINALIST_OF, FINALIST_SEED, BASELINE)}  # stays one
         clean.user_attrs = {RETRY_OF: trial.number, **kept}
-        clean.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != HEARTBEAT_ATTR}
+        clean.system_attrs = {k: v for k, v in trial.system_attrs.items()
+                              if k != HEARTBEAT_ATTR and not k.startswith(CONSTRAINTS_PREFIX)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             super().__call__(study, clean)
-
-
-def trial_id(trial: optuna.Trial) -> int:
-    """The storage's id of a running trial (Optuna keeps it private: this is its one use;
-    the fault tests break if Optuna renames it)."""
-    return trial._trial_id
 
 
 def join_study(study: optuna.Study, pinned: int | None) -> int:
@@ -74,11 +88,36 @@ def join_study(study: optuna.Study, pinned: int | None) -> int:
     return joined if pinned is None else int(pinned)
 
 
-def reap_stale(study: optuna.Study, storage_cfg: Any) -> None:
-    """Fails the trials of workers that stopped beating and queues their retries, under the
-    slot lock (so each lost trial is retried once, whoever notices it)."""
+def reap_lost(study: optuna.Study, storage: BaseStorage, grace_s: float, retry: RetryLost) -> list[int]:
+    """Fails each running trial silent for more than ``grace_s`` seconds (its last heartbeat,
+    or its start where it never beat: a worker killed between taking the trial and its first
+    heartbeat), recording why and which trial retries it, and queues the retry. The caller
+    holds the slot lock (so each lost trial is failed and retried once, whoever notices it,
+    and the retry's number is the next one). Returns the numbers of the trials it failed."""
+    now, failed = time.time(), []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        last = trial.system_attrs.get(HEARTBEAT_ATTR)
+        if last is None and trial.datetime_start is not None:
+            last = trial.datetime_start.timestamp()
+        if last is None or now - float(last) <= grace_s:
+            continue
+        fate = (f"retried as trial {trial_count(study, storage)}" if retry.will_retry(trial)
+                else f"not retried: max_retries ({retry.max_retry}) reached")
+        ident = trial_id(trial)
+        silent = "no heartbeat" if HEARTBEAT_ATTR in trial.system_attrs else "no heartbeat ever"
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            storage.set_trial_user_attr(ident, FAIL_REASON,
+                                        f"worker lost: {silent} for {now - float(last):.0f} s (grace {grace_s:g} s); {fate}")
+            if storage.set_trial_state_values(ident, state=TrialState.FAIL):
+                failed.append(trial.number)
+                retry(study, frozen(study, trial.number))
+    return failed
+
+
+def reap_stale(study: optuna.Study, storage: BaseStorage, storage_cfg: Any, retry: RetryLost) -> None:
+    """:func:`reap_lost` under the study's slot lock, with the storage's grace."""
     with slot_lock(storage_cfg, study.study_name):
-        optuna.storages.fail_stale_trials(study)
+        reap_lost(study, storage, float(storage_cfg.grace_s), retry)
 
 
 #: :func:`take_slot`'s answer when other workers' trials run and none may start: look again later
@@ -97,39 +136,43 @@ def take_slot(study: optuna.Study, n_trials: int) -> optuna.Trial | str | None:
 
 
 def next_trial(study: optuna.Study, storage: BaseStorage, storage_cfg: Any, n_trials: int,
-               poll_s: float) -> optuna.Trial | None:
-    """Starts the next trial (see :func:`take_slot`), failing dead workers' trials first, or
-    returns None once the study is done; waits as :func:`backoff` says while other workers'
-    trials run."""
-    waits = backoff(poll_s)
+               retry: RetryLost) -> optuna.Trial | None:
+    """Starts the next trial (see :func:`take_slot`), failing lost trials first, and records
+    its first heartbeat at once; returns None once the study is done. Waits as
+    :func:`backoff` says while other workers' trials run."""
+    waits = backoff(float(storage_cfg.heartbeat_s))
     while True:
         signals.check()  # a Ctrl-C between trials stops here, before the study is written to
         with slot_lock(storage_cfg, study.study_name):
-            optuna.storages.fail_stale_trials(study)  # under the lock: each lost trial is retried once
+            reap_lost(study, storage, float(storage_cfg.grace_s), retry)
             slot = take_slot(study, n_trials)
             if slot != WAIT:
-                if slot is not None and is_heartbeat_enabled(storage):
-                    storage.record_heartbeat(trial_id(slot))  # type: ignore[attr-defined]
+                if slot is not None:
+                    beat(storage, slot)
                 return slot
         signals.pause(next(waits))
 
 
+def beat(storage: BaseStorage, trial: optuna.Trial | FrozenTrial) -> None:
+    """Records that the trial's worker is alive now."""
+    storage.set_trial_system_attr(trial_id(trial), HEARTBEAT_ATTR, time.time())
+
+
 @contextlib.contextmanager
-def heartbeat(storage: BaseStorage, trial: optuna.Trial) -> Iterator[None]:
-    """Records the trial's heartbeat every ``heartbeat_s`` seconds while it runs (nothing on a
-    storage without heartbeats, such as the in-memory one a replay uses)."""
-    if not is_heartbeat_enabled(storage):
+def heartbeat(storage: BaseStorage, trial: optuna.Trial, interval_s: float | None) -> Iterator[None]:
+    """Records the trial's heartbeat every ``interval_s`` seconds while it runs (nothing when
+    None: a replay on simulated time)."""
+    if interval_s is None:
         yield
         return
-    interval = storage.get_heartbeat_interval()  # type: ignore[attr-defined]
     stop = threading.Event()
 
-    def beat() -> None:
-        while not stop.wait(interval):
+    def beating() -> None:
+        while not stop.wait(interval_s):
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                storage.record_heartbeat(trial_id(trial))  # type: ignore[attr-defined]
+                beat(storage, trial)
 
-    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial.number}")
+    thread = threading.Thread(target=beating, daemon=True, name=f"heartbeat-{trial.number}")
     thread.start()
     try:
         yield

@@ -139,12 +139,12 @@ class FabricBackend:
         estimate = estimate_memory(arch, batch_size, self.task.seq_len, loop.precision)
         trial.set_user_attr("memory_estimate_mb", round(estimate.total / 2**20, 1))
         cuda = str(loop.accelerator) in ("gpu", "cuda") or (loop.accelerator == "auto" and torch.cuda.is_available())
-        free = free_memory("cuda" if cuda else "cpu", self.settings.memory_limit_gb)
+        free, limit = free_memory("cuda" if cuda else "cpu", self.settings.memory_limit_gb)
         if estimate.total > free:
             gib = 2.0**30
             reason = (f"does not fit: needs ~{estimate.total / gib:.2f} GiB (weights, gradients and AdamW "
                       f"{estimate.state / gib:.2f}, activations {estimate.activations / gib:.2f} at batch {batch_size} x "
-                      f"seq {self.task.seq_len}); the {'GPU' if cuda else 'machine'} has {free / gib:.2f} GiB free")
+                      f"seq {self.task.seq_len}); {limit} leaves {free / gib:.2f} GiB")
             trial.set_user_attr(PRUNED_REASON, reason)
             raise optuna.TrialPruned(reason)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import pathlib
 from typing import Any
 
 
@@ -51,19 +52,74 @@ def estimate_memory(arch: Any, batch_size: int, seq_len: int, precision: str | i
     return MemoryEstimate(state=16 * count_parameters(arch), activations=tokens * per_token * width)
 
 
-def free_memory(device: str, limit_gb: float | None = None) -> int:
-    """Bytes free on ``device`` ("cuda", "cpu"...): the GPU's free memory, or the machine's
-    available memory for a CPU; ``limit_gb`` caps it (a GPU shared with others)."""
-    free = None
+GiB = 2**30
+_UNLIMITED = 1 << 60  # what a cgroup v1 without a limit reports is near 2**63
+
+
+def _read_int(path: pathlib.Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        text = path.read_text().strip()
+        return None if text == "max" else int(text)
+    return None
+
+
+def cgroup_limits(proc_cgroup: pathlib.Path = pathlib.Path("/proc/self/cgroup"),
+                  root: pathlib.Path = pathlib.Path("/sys/fs/cgroup")) -> list[tuple[int, str]]:
+    """What the process's memory cgroups (v2, and v1's memory controller; the cgroup and its
+    ancestors) leave it: ``(bytes free, which limit)`` for each that is set."""
+    found = []
+    with contextlib.suppress(OSError):
+        for line in proc_cgroup.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            v2 = controllers == ""
+            if not v2 and "memory" not in controllers.split(","):
+                continue
+            base = root / "unified" if v2 and (root / "unified" / "cgroup.controllers").exists() else root
+            folder = (base if v2 else root / "memory") / path.lstrip("/")
+            for directory in [folder, *folder.parents]:
+                if not directory.is_relative_to(base if v2 else root / "memory"):
+                    break
+                limit_file, usage_file = (("memory.max", "memory.current") if v2
+                                          else ("memory.limit_in_bytes", "memory.usage_in_bytes"))
+                limit, usage = _read_int(directory / limit_file), _read_int(directory / usage_file)
+                if limit is not None and limit < _UNLIMITED:
+                    found.append((max(0, limit - (usage or 0)), f"the cgroup {directory} ({limit_file} "
+                                  f"{limit / GiB:.2f} GiB, {(usage or 0) / GiB:.2f} used)"))
+    return found
+
+
+def address_space_limit(status: pathlib.Path = pathlib.Path("/proc/self/status")) -> tuple[int, str] | None:
+    """What ``ulimit -v`` (RLIMIT_AS) leaves the process, or None without a limit."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    size = 0
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        size = int(next(line for line in status.read_text().splitlines() if line.startswith("VmSize:")).split()[1]) * 1024
+    return max(0, soft - size), f"ulimit -v (RLIMIT_AS {soft / GiB:.2f} GiB, {size / GiB:.2f} mapped)"
+
+
+def free_memory(device: str, limit_gb: float | None = None) -> tuple[int, str]:
+    """Bytes a trial may still take on ``device`` ("cuda", "cpu"...), and which limit says so:
+    the GPU's free memory; for a CPU the tightest of the machine's available memory, the
+    process's memory cgroups and ``ulimit -v``; ``limit_gb`` caps either (``memory_limit_gb``)."""
+    known: list[tuple[int, str]] = []
     if device.startswith("cuda"):
         import torch
 
-        free = torch.cuda.mem_get_info()[0]
+        known.append((torch.cuda.mem_get_info()[0], "the GPU"))
     else:
         with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/meminfo") as meminfo:
-            free = int(next(line for line in meminfo if line.startswith("MemAvailable:")).split()[1]) * 1024
-    known = [b for b in (free, None if limit_gb is None else int(limit_gb * 2**30)) if b is not None]
-    return min(known) if known else 2**62
+            available = int(next(line for line in meminfo if line.startswith("MemAvailable:")).split()[1]) * 1024
+            known.append((available, "the machine"))
+        known += cgroup_limits()
+        if (limit := address_space_limit()) is not None:
+            known.append(limit)
+    if limit_gb is not None:
+        known.append((int(limit_gb * GiB), f"memory_limit_gb={limit_gb:g}"))
+    return min(known, default=(2**62, "nothing"))
 
 
 #: Dense bf16 tensor-core peaks in TFLOP/s, without sparsity, from NVIDIA's data sheets

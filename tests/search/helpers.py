@@ -124,3 +124,11 @@ def unexportable_space(trial: optuna.Trial, cfg) -> ArchConfig:
     """A decoder whose feed-forward is a component without a ``source`` method (trains normally)."""
     trial.suggest_categorical("only", ["one"])
     return _arch(cfg, {"name": "test_poison", "mode": "fine", "d_ff": 32})
+
+
+def wide_space(trial: optuna.Trial, cfg) -> ArchConfig:
+    """A decoder of ~200 M parameters (3.2 GB of weights, gradients and AdamW state)."""
+    trial.suggest_categorical("only", ["one"])
+    return ArchConfig.from_dict({
+        "kind": "decoder", "vocab_size": cfg.task.vocab_size, "max_seq_len": cfg.task.seq_len, "d_model": 2048,
+        "positions": "learned", "decoder": {"n_layers": 4, "attention": {"n_heads": 16, "masks": ["causal"]}}})

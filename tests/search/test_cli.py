@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import subprocess
 import sys
 
@@ -58,9 +60,19 @@ def test_a_multirun_makes_one_study_per_job_by_default(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     import optuna
 
-    summaries = optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/studies.db")
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    summaries = optuna.get_all_study_summaries(storage)
     assert len(summaries) == 2 and all(s.n_trials == 1 for s in summaries)
-    assert sorted(s.study_name.split(",seed=")[1].split(",")[0] for s in summaries) == ["0", "1"]
+    assert all(re.fullmatch(r"recall-tiny-[0-9a-f]{8}", s.study_name) for s in summaries)  # short, safe names
+    seeds = sorted(o for s in summaries for o in optuna.load_study(study_name=s.study_name, storage=storage)
+                   .user_attrs["overrides"] if o.startswith("seed="))
+    assert seeds == ["seed=0", "seed=1"]  # the overrides kept with each study
+    printed = [line.split(":", 1)[1].strip() for line in result.stdout.splitlines() if line.startswith("report:")]
+    assert len(printed) == 2
+    for command in printed:  # the follow-up commands paste as printed
+        report = subprocess.run([sys.executable, "-m", "qkvsearch.search.cli", *shlex.split(command)[1:]],
+                                capture_output=True, text=True, timeout=300)
+        assert report.returncode == 0, report.stderr[-2000:]
 
 
 def test_bad_input_ends_with_its_message_and_status_2_not_a_traceback(tmp_path):

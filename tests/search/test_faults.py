@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
+import sys
 import time
 
 import optuna
@@ -17,7 +19,8 @@ import pytest
 
 from qkvsearch.search.base.keys import RETRY_OF
 from qkvsearch.search.inspect.selection import counted, retried_numbers
-from qkvsearch.search.study.storage import HEARTBEAT_ATTR, HeartbeatJournalStorage
+from qkvsearch.search.study.storage import HEARTBEAT_ATTR, open_storage
+from tests.conftest import TEST_SWEEP, compose_conf
 from tests.search.faults import FAST_HEARTBEAT, SHORT, State, pid_of, qkv, running_mid_trial, wait_for
 
 pytestmark = pytest.mark.slow
@@ -46,8 +49,12 @@ def _assert_complete_without_loss(study: optuna.Study, n_trials: int, killed: se
     assert len(counted(trials)) == n_trials
     retried = retried_numbers(trials)
     assert killed <= retried, f"killed trials {sorted(killed - retried)} were never retried"
-    # a killed trial was failed by another worker (nobody recorded a reason) and retried once
-    assert all(t.state == State.FAIL and "fail_reason" not in t.user_attrs for t in trials if t.number in killed)
+    # a killed trial was failed by another worker, which said why and by which trial it is retried, once
+    for t in trials:
+        if t.number in killed:
+            retry = next(r.number for r in trials if r.user_attrs.get(RETRY_OF) == t.number)
+            assert t.state == State.FAIL and re.fullmatch(
+                rf"worker lost: no heartbeat( ever)? for \d+ s \(grace 3 s\); retried as trial {retry}", t.user_attrs["fail_reason"])
     assert all(sum(t.user_attrs.get(RETRY_OF) == k for t in trials) == 1 for k in killed)
     # every counted trial trained to its end (no genuine failure happens here)
     assert all(t.state == State.COMPLETE for t in counted(trials))
@@ -147,22 +154,84 @@ def test_workers_end_with_their_parent_when_it_is_killed(tmp_path):
     assert any(t.user_attrs.get(RETRY_OF) == mine.number for t in load().get_trials())
 
 
-def test_the_journal_heartbeat_adapter_is_what_optuna_fails_stale_trials_through(tmp_path):
-    from optuna.storages.journal import JournalFileBackend
+TAKE_AND_DIE = """
+import os, signal, sys
+from qkvsearch.search.base.configs import compose_config
+from qkvsearch.search.study.prepare import prepare
+from qkvsearch.search.study.storage import slot_lock
+from qkvsearch.search.study.workers import take_slot
+cfg = compose_config("sweep", sys.argv[1:])
+worker = prepare(cfg).worker
+with slot_lock(cfg.storage, cfg.study_name):
+    take_slot(worker.study, cfg.n_trials)  # a trial taken, as a worker takes it
+    os.kill(os.getpid(), signal.SIGKILL)  # and the worker killed before its first heartbeat
+"""
 
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
+def test_a_worker_killed_between_taking_a_trial_and_its_first_heartbeat_holds_no_slot(kind, tmp_path, request):
+    postgres_url = request.getfixturevalue("postgres_url") if kind == "postgres" else None
+    storage_args, where = _storage_args(kind, tmp_path, postgres_url)
+    name = f"window-{tmp_path.name}"[:100]
+    args = [*SHORT, *FAST_HEARTBEAT, *storage_args, f"run_root={tmp_path}", "n_trials=2", f"study_name={name}",
+            "trainer.max_steps=20", *TEST_SWEEP]
+    died = subprocess.run([sys.executable, "-c", TAKE_AND_DIE, *args], capture_output=True, text=True, timeout=120)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    (orphan,) = _open(kind, where, name).get_trials()
+    assert orphan.state == State.RUNNING and HEARTBEAT_ATTR not in orphan.system_attrs  # what the kill left
+    worker = qkv(*args, log=tmp_path / "worker.log")
+    assert worker.wait(timeout=180) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    trials = _open(kind, where, name).get_trials()
+    assert not [t for t in trials if t.state == State.RUNNING] and len(counted(trials)) == 2
+    assert trials[0].state == State.FAIL and trials[0].user_attrs["fail_reason"].startswith("worker lost: no heartbeat ever")
+    assert sum(t.user_attrs.get(RETRY_OF) == 0 for t in trials) == 1
+
+
+@pytest.mark.parametrize("storage_name", ["sqlite", "journal"])
+def test_a_silent_trial_and_one_that_never_beat_are_failed_with_why_and_retried(storage_name, tmp_path):
+    """A worker killed mid-trial stops beating; one killed between taking its trial and the
+    first heartbeat leaves a running trial with none at all (Optuna's own reaper never fails
+    that one). Past the grace both are failed, saying so, and queued again."""
+    from qkvsearch.search.study.workers import RetryLost, beat, reap_lost
+
+    cfg = compose_conf("sweep", [f"run_root={tmp_path}", f"storage={storage_name}"]).storage
+    storage = open_storage(cfg)
+    study = optuna.create_study(storage=storage, study_name="silent")
+    x = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    beating = study.ask(x)
+    study.ask(x)  # taken, never beats
+    beat(storage, beating)
+    retry = RetryLost(1)
+    assert reap_lost(study, storage, grace_s=1, retry=retry) == []  # both are young
+    time.sleep(1.5)
+    assert reap_lost(study, storage, grace_s=1, retry=retry) == [0, 1]
+    first, second, retried_first, retried_second = study.get_trials()
+    assert re.fullmatch(r"worker lost: no heartbeat for \d+ s \(grace 1 s\); retried as trial 2",
+                        first.user_attrs["fail_reason"])
+    assert second.user_attrs["fail_reason"].startswith("worker lost: no heartbeat ever for")
+    assert second.user_attrs["fail_reason"].endswith("retried as trial 3")
+    assert (retried_first.state, retried_first.params, retried_first.user_attrs) == (State.WAITING, first.params, {RETRY_OF: 0})
+    assert HEARTBEAT_ATTR not in retried_first.system_attrs
+    again = study.ask(x)  # the retry, taken and lost too: max_retries=1 is used up
+    assert again.number == 2
+    time.sleep(1.5)
+    reap_lost(study, storage, grace_s=1, retry=retry)
+    assert study.get_trials()[2].user_attrs["fail_reason"].endswith("not retried: max_retries (1) reached")
+
+
+def test_a_retry_records_its_constraints_afresh_and_draws_only_what_the_lost_trial_had_not(tmp_path, recwarn):
     from qkvsearch.search.study.workers import RetryLost
 
-    storage = HeartbeatJournalStorage(JournalFileBackend(str(tmp_path / "j.journal")), heartbeat_interval=1,
-                                      grace_period=1, stale_callback=RetryLost(2))
-    study = optuna.create_study(storage=storage, study_name="adapter")
-    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    storage.record_heartbeat(trial._trial_id)
-    assert HEARTBEAT_ATTR in study.get_trials()[0].system_attrs
-    optuna.storages.fail_stale_trials(study)
-    assert study.get_trials()[0].state == State.RUNNING  # still beating
-    time.sleep(1.5)
-    optuna.storages.fail_stale_trials(study)  # Optuna's own function, through the adapter
-    first, retry = study.get_trials()
-    assert first.state == State.FAIL and retry.state == State.WAITING
-    assert retry.params == first.params and retry.user_attrs == {RETRY_OF: 0}
-    assert HEARTBEAT_ATTR not in retry.system_attrs
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    lost = study.ask()
+    width = lost.suggest_int("width", 1, 100)
+    lost.set_constraint("max_params", -1.0)  # killed here: depth never sampled
+    study.tell(lost, state=State.FAIL)
+    RetryLost(2)(study, study.trials[0])
+    retry = study.ask()
+    assert retry.suggest_int("width", 1, 100) == width  # what it had sampled, it keeps
+    assert 1 <= retry.suggest_int("depth", 1, 6) <= 6  # what it had not, is drawn now
+    retry.set_constraint("max_params", -2.0)
+    assert not [w for w in recwarn if "constraint value is ignored" in str(w.message)]
+    study.tell(retry, 1.0)
+    assert study.trials[1].system_attrs["constraints:max_params"] == -2.0

@@ -125,12 +125,12 @@ def _delete(port: int, study_id: int) -> int:
         return error.code
 
 
-def test_a_read_only_dashboard_refuses_an_unauthenticated_delete(tmp_path):
+def test_the_dashboard_refuses_an_unauthenticated_delete_on_loopback_unless_writes_are_asked_for(tmp_path):
     sweep(tiny_sweep_conf(tmp_path, "n_trials=1", "pruner=none", "trainer.max_steps=10"))
     storage = f"sqlite:///{tmp_path}/studies.db"
     study_id = optuna.load_study(study_name="recall-tiny", storage=storage)._study_id
     port = _free_port()
-    proc = _serve(tmp_path, port, "read_only=true")
+    proc = _serve(tmp_path, port)  # the default, on 127.0.0.1: every user of a shared node reaches it
     try:
         assert _delete(port, study_id) == 403
         assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["recall-tiny"]
@@ -138,7 +138,7 @@ def test_a_read_only_dashboard_refuses_an_unauthenticated_delete(tmp_path):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     assert "read-only" in out
-    proc = _serve(tmp_path, port)  # on loopback, writable by default: what read_only=true prevents
+    proc = _serve(tmp_path, port, "read_only=false")  # asked for: writes allowed
     try:
         assert _delete(port, study_id) == 204
         assert optuna.get_all_study_summaries(storage) == []
@@ -154,8 +154,7 @@ def test_serving_beyond_loopback_warns_and_is_read_only_by_default():
     warning = exposure_warning("0.0.0.0", writable=True)
     assert "can delete studies" in warning and "ssh -L 8080:127.0.0.1:8080" in warning
     assert "can read every study" in exposure_warning("10.1.2.3", writable=False)
-    cfg = compose_conf("dashboard", ["host=0.0.0.0"])
-    assert cfg.read_only is None  # null: read-only unless on loopback (decided in serve())
+    assert compose_conf("dashboard", ["host=0.0.0.0"]).read_only is True
 
 
 def test_the_report_is_self_contained_and_renders_its_plots(swept, tmp_path):

@@ -130,3 +130,18 @@ def test_a_sweep_on_a_folder_of_text_files(tmp_path):
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert all(t.user_attrs["arch"]["vocab_size"] == 256 for t in study.trials)
     assert list((tmp_path / "cache").iterdir())  # tokenized once, under run_root/cache
+
+
+def test_one_file_is_held_out_in_contiguous_pieces_and_says_so(tmp_path, capsys):
+    from qkvsearch.tasks import TextCorpus
+
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(4000))  # ~220 KB
+    (tmp_path / "input.txt").write_text(text)
+    task = TextCorpus(paths=[str(tmp_path / "input.txt")], seq_len=64, cache_dir=str(tmp_path / "cache"))
+    task.setup("fit")
+    assert "1 document, too few to hold out whole ones: validation and test hold out contiguous pieces of 512" in \
+        capsys.readouterr().out
+    sizes = {split: len(tokens) for split, tokens in task.tokens.items()}
+    assert sizes["val"] >= 64 + 2 and sizes["test"] > 0 and sizes["train"] > 10 * sizes["val"]
+    val = bytes(task.tokens["val"][:512].tolist()).decode()
+    assert val.split("\n\n")[0] in text  # a contiguous piece of the file
