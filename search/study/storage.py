@@ -85,9 +85,11 @@ def open_storage(cfg: Any, must_exist: bool = False) -> BaseStorage:
         )
     try:
         if kind == "journal":
-            path = pathlib.Path(cfg.path)
+            # absolute: the lock is a symlink to this path, and a relative one would dangle from
+            # inside its folder, so that Optuna never saw a killed writer's lock grow stale
+            path = pathlib.Path(cfg.path).resolve()
             path.parent.mkdir(parents=True, exist_ok=True)
-            lock = JournalFileSymlinkLock(str(path))
+            lock = JournalFileSymlinkLock(str(path), grace_period=int(cfg.get("lock_grace_s", 30)))
             repair_journal_tail(path, lock)
             return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
         with storage_lock(cfg, "qkvsearch-schema"):  # one process creates the tables; the others wait

@@ -235,3 +235,36 @@ def test_a_retry_records_its_constraints_afresh_and_draws_only_what_the_lost_tri
     assert not [w for w in recwarn if "constraint value is ignored" in str(w.message)]
     study.tell(retry, 1.0)
     assert study.trials[1].system_attrs["constraints:max_params"] == -2.0
+
+
+QKV = [sys.executable, "-m", "qkvsearch.search.cli"]
+HOLD_AND_DIE = """
+import os, signal, sys
+from qkvsearch.search.base.configs import compose_config
+from qkvsearch.search.study.storage import open_storage
+storage = open_storage(compose_config("report", sys.argv[1:]).storage)
+storage._backend._lock.acquire()  # a writer inside its write
+os.kill(os.getpid(), signal.SIGKILL)  # killed there: the lock stays behind
+"""
+
+
+def test_a_killed_writers_journal_lock_is_freed_after_its_grace_and_sigterm_stops_a_wait(tmp_path):
+    args = ["storage=journal", "run_root=runs", "storage.lock_grace_s=3"]
+    assert subprocess.run([*QKV, "sweep", *SHORT, *args, "n_trials=1", "trainer.max_steps=10", *TEST_SWEEP],
+                          cwd=tmp_path, capture_output=True, timeout=300).returncode == 0
+    died = subprocess.run([sys.executable, "-c", HOLD_AND_DIE, *args], cwd=tmp_path, capture_output=True, timeout=120)
+    assert died.returncode == -signal.SIGKILL and (tmp_path / "runs" / "studies.journal.lock").is_symlink()
+    # a report, run from the folder the relative path starts in, waits out the grace and succeeds
+    began = time.monotonic()
+    report = subprocess.run([*QKV, "report", *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert time.monotonic() - began < 60
+    # another stale lock, a long grace, and a SIGTERM while a command waits on it: it stops
+    subprocess.run([sys.executable, "-c", HOLD_AND_DIE, *args], cwd=tmp_path, capture_output=True, timeout=120)
+    waiting = subprocess.Popen([*QKV, "report", "storage=journal", "run_root=runs", "storage.lock_grace_s=600"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)
+    assert waiting.poll() is None  # still waiting for the lock
+    waiting.send_signal(signal.SIGTERM)
+    _, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 128 + signal.SIGTERM and "interrupted (SIGTERM)" in err
