@@ -8,7 +8,7 @@ import signal
 import sys
 
 from qkvsearch.search.base import signals
-from qkvsearch.search.base.errors import Interrupted
+from qkvsearch.search.base.errors import Interrupted, StorageUnreachable
 
 COMMANDS = {
     "sweep": ("qkvsearch.search.commands.sweep", "search architectures: an Optuna study of Lightning-trained trials"),
@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"qkv {command}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+    except StorageUnreachable as error:
+        print(f"qkv {command}: error: {error}", file=sys.stderr)
+        raise SystemExit(75) from None  # EX_TEMPFAIL: run it again once the storage is back
     except (Interrupted, KeyboardInterrupt) as error:
         # one line, not a traceback; 128 + the signal's number, as a shell reports it
         signum = getattr(error, "signum", signal.SIGINT)

@@ -16,3 +16,8 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+class StorageUnreachable(BaseException):  # noqa: N818 - what it says is the point
+    """The study's storage stayed unreachable past ``storage.outage_s``: the worker stops (a
+    BaseException, so no trial takes it for its own failure) with one line."""

@@ -32,7 +32,7 @@ from qkvsearch.search.base.settings import LoopSettings, check_sweep
 from qkvsearch.search.base.version import code_version
 from qkvsearch.search.inspect.artifacts import open_store, study_run_dir
 from qkvsearch.search.study.progress import SweepView
-from qkvsearch.search.study.storage import create_or_load_study, load_named_study, open_storage, slot_lock
+from qkvsearch.search.study.storage import create_or_load_study, load_named_study, open_resilient, slot_lock
 from qkvsearch.search.study.warm import warm_start
 from qkvsearch.search.study.workers import RetryLost, join_study, reap_stale
 from qkvsearch.search.trial.backend import FabricBackend, RankSource, TrialSettings
@@ -247,7 +247,7 @@ def open_study(cfg: DictConfig, space: Space | FunctionSpace, task: Any, directi
                retry: RetryLost) -> tuple[optuna.Study, optuna.storages.BaseStorage, int]:
     """Creates or loads the study under the slot lock (one process creates it; the others
     load it), records what it is, joins it, and queues the warm start once."""
-    storage = open_storage(cfg.storage)
+    storage = open_resilient(cfg.storage)
     with slot_lock(cfg.storage, cfg.study_name):
         study = create_or_load_study(storage, cfg.study_name, directions, optuna.samplers.RandomSampler(),
                                      instantiate(cfg.pruner))

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
+import os
 import pathlib
 import sys
 import time
@@ -26,6 +27,7 @@ from optuna.trial import FrozenTrial
 
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.settings import check_study_name
+from qkvsearch.search.study.resilient import Outage, ResilientStorage, lost_connection
 
 STORAGE_KINDS = ("rdb", "journal")
 #: Trial system attribute that carries a running trial's last heartbeat (seconds since the epoch).
@@ -61,6 +63,17 @@ def storage_file(cfg: Any) -> pathlib.Path | None:
     return pathlib.Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
 
 
+def open_resilient(cfg: Any) -> BaseStorage:
+    """:func:`open_storage` for a sweep's workers: a database server's storage through
+    :class:`ResilientStorage`, riding out a restart of up to ``storage.outage_s`` seconds
+    (SQLite and journal files have no server to wait for)."""
+    storage = open_storage(cfg)
+    if not isinstance(storage, RDBStorage) or str(cfg.url).startswith("sqlite"):
+        return storage
+    # outside Optuna's own cache of finished trials, which it puts around an RDBStorage it is given
+    return ResilientStorage(optuna.storages.get_storage(storage), Outage(storage_url(cfg), float(cfg.get("outage_s", 300))))
+
+
 def open_storage(cfg: Any, must_exist: bool = False) -> BaseStorage:
     """Opens the storage ``cfg`` describes: ``{kind: rdb, url}`` or ``{kind: journal, path}``,
     each with ``heartbeat_s`` and ``grace_s`` (a running trial records a heartbeat every
@@ -93,7 +106,9 @@ def open_storage(cfg: Any, must_exist: bool = False) -> BaseStorage:
             repair_journal_tail(path, lock)
             return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
         with storage_lock(cfg, "qkvsearch-schema"):  # one process creates the tables; the others wait
-            return _open_rdb(str(cfg.url))
+            if str(cfg.url).startswith("sqlite"):  # a file: nothing to wait out (a locked one is retried below)
+                return _open_rdb(str(cfg.url))
+            return Outage(storage_url(cfg), float(cfg.get("outage_s", 300))).call(_open_rdb, str(cfg.url))
     except (sqlalchemy.exc.SQLAlchemyError, OSError, ImportError, ValueError) as error:
         raise StorageError(f"cannot open storage {storage_url(cfg)}: {error}") from None
 
@@ -186,16 +201,29 @@ def storage_lock(cfg: Any, key_name: str) -> Iterator[None]:
     key = int(hashlib.sha256(key_name.encode()).hexdigest()[:15], 16)
     url = str(cfg.get("url") or "")
     if cfg.kind == "rdb" and url.startswith("postgresql"):
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        try:
-            with engine.connect() as connection:
+        engine = _lock_engine(url)
+
+        def acquire() -> sqlalchemy.Connection:
+            connection = engine.connect()
+            try:
                 connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                try:
-                    yield
-                finally:
-                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            except BaseException:
+                connection.close()
+                raise
+            return connection
+
+        connection = Outage(url, float(cfg.get("outage_s", 300))).call(acquire)  # through a restart too
+        try:
+            yield
         finally:
-            engine.dispose()
+            try:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            except sqlalchemy.exc.SQLAlchemyError as error:
+                if lost_connection(error) is None:
+                    raise
+                connection.invalidate()  # the server restarted: its session, and the lock with it, are gone
+            finally:
+                connection.close()
         return
     path = storage_file(cfg)
     if path is None:
@@ -208,6 +236,17 @@ def storage_lock(cfg: Any, key_name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+#: one engine (one pooled, pre-pinged connection) per PostgreSQL URL and process for the advisory locks
+_LOCK_ENGINES: dict[tuple[str, int], sqlalchemy.Engine] = {}
+
+
+def _lock_engine(url: str) -> sqlalchemy.Engine:
+    key = (url, os.getpid())  # a forked process makes its own
+    if key not in _LOCK_ENGINES:
+        _LOCK_ENGINES[key] = sqlalchemy.create_engine(url, pool_size=1, max_overflow=2, pool_pre_ping=True)
+    return _LOCK_ENGINES[key]
 
 
 def slot_lock(cfg: Any, study_name: str) -> contextlib.AbstractContextManager[None]:

@@ -33,6 +33,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from qkvsearch.search.base import signals
+from qkvsearch.search.base.errors import StorageUnreachable
 from qkvsearch.search.base.keys import (
     BASELINE,
     FAIL_REASON,
@@ -95,6 +96,8 @@ def reap_lost(study: optuna.Study, storage: BaseStorage, grace_s: float, retry: 
     holds the slot lock (so each lost trial is failed and retried once, whoever notices it,
     and the retry's number is the next one). Returns the numbers of the trials it failed."""
     now, failed = time.time(), []
+    if now - getattr(storage, "recovered_at", 0.0) < grace_s:
+        return failed  # right after an outage: every worker needs a grace to beat again
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         last = trial.system_attrs.get(HEARTBEAT_ATTR)
         if last is None and trial.datetime_start is not None:
@@ -169,7 +172,7 @@ def heartbeat(storage: BaseStorage, trial: optuna.Trial, interval_s: float | Non
 
     def beating() -> None:
         while not stop.wait(interval_s):
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, StorageUnreachable):
                 beat(storage, trial)
 
     thread = threading.Thread(target=beating, daemon=True, name=f"heartbeat-{trial.number}")

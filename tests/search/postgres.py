@@ -33,32 +33,54 @@ def _as_postgres(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
 
+class Cluster:
+    """A throwaway cluster in a temporary folder, on a free port of 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.bin_dir = _bin_dir()
+        if self.bin_dir is None:
+            if os.environ.get("QKV_REQUIRE_SERVICES"):
+                pytest.fail("QKV_REQUIRE_SERVICES is set but PostgreSQL server binaries are missing")
+            pytest.skip("PostgreSQL server binaries are not installed (apt-get install postgresql)")
+        self.root = tempfile.mkdtemp(prefix="qkv-pg-")
+        self.data = os.path.join(self.root, "data")
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+        self.port = _free_port()
+        subprocess.run(_as_postgres([f"{self.bin_dir}/initdb", "-D", self.data, "-U", "qkv", "--auth=trust", "-E", "UTF8"]),
+                       check=True, capture_output=True)
+        self.start()
+        subprocess.run(_as_postgres([f"{self.bin_dir}/createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "qkv", "qkv"]),
+                       check=True, capture_output=True)
+        self.url = f"postgresql+psycopg2://qkv@127.0.0.1:{self.port}/qkv"
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} -c fsync=off"
+        subprocess.run(_as_postgres([f"{self.bin_dir}/pg_ctl", "-D", self.data, "-o", options, "-l",
+                                     os.path.join(self.root, "log"), "-w", "start"]), check=True, capture_output=True)
+        for _ in range(50):
+            if subprocess.run([f"{self.bin_dir}/pg_isready", "-h", "127.0.0.1", "-p", str(self.port)],
+                              capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stops the server (``fast``: sessions are cut, as in a restart; ``immediate``: a crash)."""
+        subprocess.run(_as_postgres([f"{self.bin_dir}/pg_ctl", "-D", self.data, "-m", mode, "-w", "stop"]), capture_output=True)
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 def postgres_cluster() -> Iterator[str]:
     """Starts a cluster in a temporary folder; yields a SQLAlchemy URL; stops and removes it."""
     url = os.environ.get("QKV_TEST_POSTGRES_URL")
     if url:
         yield url
         return
-    bin_dir = _bin_dir()
-    if bin_dir is None:
-        if os.environ.get("QKV_REQUIRE_SERVICES"):
-            pytest.fail("QKV_REQUIRE_SERVICES is set but PostgreSQL server binaries are missing")
-        pytest.skip("PostgreSQL server binaries are not installed (apt-get install postgresql)")
-    root = tempfile.mkdtemp(prefix="qkv-pg-")
-    data = os.path.join(root, "data")
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-    port = _free_port()
-    subprocess.run(_as_postgres([f"{bin_dir}/initdb", "-D", data, "-U", "qkv", "--auth=trust", "-E", "UTF8"]), check=True, capture_output=True)
-    options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} -c fsync=off"
-    subprocess.run(_as_postgres([f"{bin_dir}/pg_ctl", "-D", data, "-o", options, "-l", os.path.join(root, "log"), "-w", "start"]), check=True, capture_output=True)
+    cluster = Cluster()
     try:
-        for _ in range(50):
-            if subprocess.run([f"{bin_dir}/pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        subprocess.run(_as_postgres([f"{bin_dir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "qkv", "qkv"]), check=True, capture_output=True)
-        yield f"postgresql+psycopg2://qkv@127.0.0.1:{port}/qkv"
+        yield cluster.url
     finally:
-        subprocess.run(_as_postgres([f"{bin_dir}/pg_ctl", "-D", data, "-m", "immediate", "stop"]), capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.remove()
