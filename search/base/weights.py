@@ -19,8 +19,16 @@ ARCH_TAG = "arch_hash"
 
 def save_weights(state: dict[str, torch.Tensor], path: pathlib.Path, fingerprint: str) -> None:
     """Writes ``state`` to ``path``, tagged with the architecture's fingerprint; tensors that share
-    memory (tied embeddings) are written as copies, which safetensors requires."""
-    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(path), metadata={ARCH_TAG: fingerprint})
+    memory (tied embeddings) are written as copies, which safetensors requires.
+
+    Raises:
+        OSError: naming the file, when it cannot be written (a full disk); no partial file is left.
+    """
+    try:
+        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(path), metadata={ARCH_TAG: fingerprint})
+    except (SafetensorError, OSError) as error:
+        pathlib.Path(path).unlink(missing_ok=True)
+        raise OSError(f"cannot write weights to {path}: {error}") from None
 
 
 def load_trained(arch: ArchConfig, weights: pathlib.Path) -> torch.nn.Module:

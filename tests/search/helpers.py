@@ -132,3 +132,12 @@ def wide_space(trial: optuna.Trial, cfg) -> ArchConfig:
     return ArchConfig.from_dict({
         "kind": "decoder", "vocab_size": cfg.task.vocab_size, "max_seq_len": cfg.task.seq_len, "d_model": 2048,
         "positions": "learned", "decoder": {"n_layers": 4, "attention": {"n_heads": 16, "masks": ["causal"]}}})
+
+
+def heavy_space(trial: optuna.Trial, cfg) -> ArchConfig:
+    """A decoder whose weights (~470 KB of safetensors) outgrow a 300 KB file-size limit."""
+    width = trial.suggest_int("d_ff", 256, 264)
+    return ArchConfig.from_dict({
+        "kind": "decoder", "vocab_size": cfg.task.vocab_size, "max_seq_len": cfg.task.seq_len, "d_model": 64,
+        "positions": "learned", "decoder": {"n_layers": 2, "attention": {"n_heads": 2, "masks": ["causal"]},
+                                            "ffn": {"name": "gelu", "d_ff": width}}})

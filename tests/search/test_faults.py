@@ -20,7 +20,7 @@ import pytest
 from qkvsearch.search.base.keys import RETRY_OF
 from qkvsearch.search.inspect.selection import counted, retried_numbers
 from qkvsearch.search.study.storage import HEARTBEAT_ATTR, open_storage
-from tests.conftest import TEST_SWEEP, compose_conf
+from tests.conftest import SWEEP_CMD, TEST_SWEEP, compose_conf
 from tests.search.faults import FAST_HEARTBEAT, SHORT, State, pid_of, qkv, running_mid_trial, wait_for
 
 pytestmark = pytest.mark.slow
@@ -268,3 +268,25 @@ def test_a_killed_writers_journal_lock_is_freed_after_its_grace_and_sigterm_stop
     waiting.send_signal(signal.SIGTERM)
     _, err = waiting.communicate(timeout=30)
     assert waiting.returncode == 128 + signal.SIGTERM and "interrupted (SIGTERM)" in err
+
+
+FULL_DISK = """
+import resource, signal, subprocess, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk (ENOSPC)
+resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))  # no file of this process may pass 300 KB
+sys.exit(subprocess.run(sys.argv[1:]).returncode)
+"""
+
+
+def test_a_trial_that_cannot_write_its_weights_fails_with_that_reason_and_the_study_goes_on(tmp_path):
+    args = [*SHORT, "+space._target_=tests.search.helpers.heavy_space", "trainer.max_steps=20", "n_trials=2",
+            "sampler=random", f"run_root={tmp_path}", *TEST_SWEEP]
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, *SWEEP_CMD, *args], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    trials = optuna.load_study(study_name="recall-tiny", storage=f"sqlite:///{tmp_path}/studies.db").get_trials()
+    assert [t.state for t in trials] == [State.FAIL, State.FAIL]  # both ran, neither lost the study
+    for trial in trials:
+        assert not list(tmp_path.glob(f"**/{trial.number:05d}/model.safetensors"))  # no partial file left behind
+        assert re.match(r"OSError: cannot write weights to \S+/model\.safetensors: .*(File too large|No space)",
+                        trial.user_attrs["fail_reason"]), trial.user_attrs["fail_reason"]
