@@ -14,7 +14,7 @@ from qkvsearch.spaces import Infeasible, Space
 from tests.conftest import CONF, compose_conf
 
 SPACES = sorted(p.stem for p in (pathlib.Path(CONF) / "space").glob("*.yaml"))
-TASK_FOR = {"tiny": "lm_stdlib", "decoder": "recall", "encoder": "digits", "encoder_decoder": "reverse"}
+TASK_FOR = {"tiny": "lm_stdlib", "bench": "lm_stdlib", "decoder": "recall", "encoder": "digits", "encoder_decoder": "reverse"}
 
 
 def _space(name: str):

@@ -53,7 +53,8 @@ def test_a_corpus_larger_than_the_memory_cap_trains(tmp_path):
     for i in range(48):  # 96 MB of text: 192 MB of uint16 tokens
         (tmp_path / "corpus" / f"doc{i:02d}.txt").write_text(f"document {i}: " + base)
     headroom = 96 * MB  # what the process may allocate beyond its imports
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    # one BLAS thread: OpenBLAS sizes its buffers by its thread count, and they count against the cap
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     result = subprocess.run([sys.executable, "-c", CAPPED, str(tmp_path), str(headroom)], capture_output=True, text=True,
                             env=env, timeout=600, cwd=ROOT)  # where tests.conftest imports from
     assert result.returncode == 0, result.stderr[-4000:]
