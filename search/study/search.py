@@ -17,6 +17,7 @@ import torch
 from qkvsearch.search.base.env import VISIBLE
 from qkvsearch.search.base.errors import Interrupted
 from qkvsearch.search.base.keys import FAIL_REASON, PRUNED_REASON, TRACEBACK
+from qkvsearch.search.base.records import record
 from qkvsearch.search.inspect.selection import frozen
 from qkvsearch.search.study.prepare import Worker
 from qkvsearch.search.study.progress import print_trial
@@ -36,6 +37,11 @@ def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None = 
     except optuna.exceptions.UpdateFinishedTrialError:
         log.warning("trial %d was failed by another worker while it ran (heartbeats late?); its retry runs instead",
                     trial.number)
+    except RuntimeError as error:
+        # Optuna's GridSampler asks the study to stop when its grid is used up, which raises
+        # outside Study.optimize (after the result is stored); the workers stop by the counts
+        if "Study.stop" not in str(error):
+            raise
 
 
 def note(trial: optuna.Trial, key: str, value: Any) -> None:
@@ -46,13 +52,13 @@ def note(trial: optuna.Trial, key: str, value: Any) -> None:
 
 def record_placement(trial: optuna.Trial, index: int) -> None:
     """Where the trial runs: host and pid, worker index, its GPU and its SLURM job."""
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    trial.set_user_attr("worker_index", index)
+    facts: dict[str, Any] = {"worker": f"{socket.gethostname()}:{os.getpid()}", "worker_index": index}
     if VISIBLE in os.environ:
-        trial.set_user_attr("cuda_visible_devices", os.environ[VISIBLE])
+        facts["cuda_visible_devices"] = os.environ[VISIBLE]
     if "SLURM_JOB_ID" in os.environ:  # as squeue and scancel name it (an array's task: 12_3); submitit's log folder too
         array = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-        trial.set_user_attr("slurm_job_id", "_".join(array) if all(array) else os.environ["SLURM_JOB_ID"])
+        facts["slurm_job_id"] = "_".join(array) if all(array) else os.environ["SLURM_JOB_ID"]
+    record(trial, facts)
 
 
 def run_trial(worker: Worker, trial: optuna.Trial) -> None:

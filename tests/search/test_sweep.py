@@ -201,3 +201,18 @@ def test_the_summary_describes_each_best_architecture_from_its_layers():
     text = console.export_text()
     assert "d_model 32, rotary; decoder x2: 4h/2kv d_k 8 sqrt_dk causal gelu 128; decoder x1: 4h/2kv d_k 8 sqrt_dk causal gelu 64" in text
     assert "qkv export study_name=x" in text
+
+
+def test_a_grid_sweep_runs_to_the_end_of_its_grid_and_stops_cleanly(tmp_path):
+    # Optuna's GridSampler asks the study to stop once its grid is used up, which raised
+    # from tell outside Study.optimize and ended a 648-trial grid sweep with a traceback
+    small = ["space=bench", "space.params.n_layers.choices=[1]", "space.params.d_model.choices=[32]",
+             "space.params.n_heads.choices=[1]", "space.params.positions.choices=[learned]",
+             "space.params.scaling.choices=[sqrt_dk]", "space.params.lr.choices=[3.0e-3]",
+             "space.reference.n_layers=1", "space.reference.d_model=32", "space.reference.n_heads=1"]
+    cfg = tiny_sweep_conf(tmp_path, *small, "sampler=grid", "pruner=none", "n_trials=2", "trainer.max_steps=10",
+                          "trainer.val_check_interval=5")
+    study = sweep(cfg)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert sorted(t.params["ffn"] for t in trials) == ["gelu", "swiglu"]  # the whole grid, once each
