@@ -15,10 +15,9 @@ import hydra
 import optuna
 from omegaconf import DictConfig
 
-from qkvsearch.models import ArchConfig
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.configs import compose_config, run_command
-from qkvsearch.search.base.keys import ARCH, CODE_VERSION, DUPLICATE_OF, EXPORTS, SPACE, TASK, TEST_SCORES
+from qkvsearch.search.base.keys import CODE_VERSION, DUPLICATE_OF, EXPORTS, SPACE, TASK, TEST_SCORES
 from qkvsearch.search.base.settings import check_study_name
 from qkvsearch.search.base.weights import load_trained
 from qkvsearch.search.export import ExportJob, Format, MainFormat, Provenance, portable, write_folder
@@ -29,7 +28,7 @@ from qkvsearch.search.export.text import text_side
 from qkvsearch.search.inspect.artifacts import trial_weights
 from qkvsearch.search.inspect.choose import select_trial
 from qkvsearch.search.inspect.finalists import finalists, margin
-from qkvsearch.search.inspect.selection import objective_names
+from qkvsearch.search.inspect.selection import architecture, objective_names
 from qkvsearch.search.study.prepare import task_of_study
 from qkvsearch.search.study.storage import load_named_study
 
@@ -69,7 +68,7 @@ def export(cfg: DictConfig) -> pathlib.Path:
     main = main_format(cfg)
     study = load_named_study(cfg.storage, cfg.study_name)
     trial = select_trial(study, cfg.trial, cfg.rule, cfg.within, cfg.max_params)
-    arch = ArchConfig.from_dict(trial.user_attrs[ARCH])
+    arch = architecture(study, trial)
     if not cfg.out:
         check_study_name(study.study_name)  # the default folder is named after it: keep it inside exports/
     out = pathlib.Path(cfg.out or pathlib.Path("exports") / f"{study.study_name}-trial{trial.number}")

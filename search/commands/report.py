@@ -24,11 +24,11 @@ from omegaconf import DictConfig
 from qkvsearch.models import ArchConfig, count_parameters
 from qkvsearch.models.describe import COLUMNS, layer_rows
 from qkvsearch.search.base.configs import run_command
-from qkvsearch.search.base.keys import ARCH, EXPORTS, N_PARAMS, TASK, TEST_SCORES, reason
+from qkvsearch.search.base.keys import EXPORTS, N_PARAMS, TASK, TEST_SCORES, reason
 from qkvsearch.search.base.weights import load_trained
 from qkvsearch.search.inspect.artifacts import AttentionMap, attention_maps, trial_weights
 from qkvsearch.search.inspect.finalists import baseline, finalists, margin, verdict
-from qkvsearch.search.inspect.selection import objective_names, top_trials
+from qkvsearch.search.inspect.selection import architecture, objective_names, top_trials
 from qkvsearch.search.inspect.trust import first_rung, proxy_trust, trust_warning
 from qkvsearch.search.study.prepare import task_of_study
 from qkvsearch.search.study.storage import load_named_study
@@ -237,8 +237,8 @@ def best_model_sections(study: optuna.Study, task_loader: Callable[[], Any] | No
     if not best:
         return [_section("Best architecture", _note("no complete trial yet"))]
     trial = best[0]
-    arch = ArchConfig.from_dict(trial.user_attrs[ARCH])
-    runner_up = ArchConfig.from_dict(best[1].user_attrs[ARCH]) if len(best) > 1 and len(study.directions) == 1 else None
+    arch = architecture(study, trial)
+    runner_up = architecture(study, best[1]) if len(best) > 1 and len(study.directions) == 1 else None
     out = [_section(f"Best architecture (trial {trial.number})", layer_table(arch, runner_up))]
     weights = trial_weights(study, trial, run_root)
     task_name = study.user_attrs.get(TASK)

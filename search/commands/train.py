@@ -18,10 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.configs import run_command
-from qkvsearch.search.base.keys import ARCH, OPTIM, TASK
+from qkvsearch.search.base.keys import OPTIM, TASK
 from qkvsearch.search.base.settings import sign_of
 from qkvsearch.search.base.weights import save_weights
 from qkvsearch.search.inspect.choose import select_trial
+from qkvsearch.search.inspect.selection import architecture
 from qkvsearch.search.study.prepare import build_task, task_of_study
 from qkvsearch.search.study.storage import load_named_study
 from qkvsearch.search.trial.callbacks import BestWeights
@@ -47,7 +48,7 @@ def load_arch(cfg: DictConfig) -> tuple[ArchConfig, dict[str, Any], optuna.Study
     study = load_named_study(cfg.storage, cfg.study_name)
     trial = select_trial(study, cfg.trial)  # a number, or the best (by its mean over seeds where finalists ran)
     source = {"study": cfg.study_name, "trial": trial.number, "optim": trial.user_attrs.get(OPTIM, {})}
-    return ArchConfig.from_dict(trial.user_attrs[ARCH]), source, study
+    return architecture(study, trial), source, study
 
 
 def task_overridden() -> bool:

@@ -7,11 +7,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from qkvsearch.models import ArchConfig
 from qkvsearch.models.describe import layer_rows
-from qkvsearch.search.base.keys import ARCH, DUPLICATE_OF, N_PARAMS, TEST_SCORES
+from qkvsearch.search.base.keys import DUPLICATE_OF, N_PARAMS, TEST_SCORES
 from qkvsearch.search.inspect.finalists import finalists, margin, verdict
-from qkvsearch.search.inspect.selection import counted, objective_names, top_trials
+from qkvsearch.search.inspect.selection import architecture, counted, objective_names, top_trials
 from qkvsearch.search.inspect.trust import first_rung, proxy_trust, trust_warning
 
 State = optuna.trial.TrialState
@@ -44,10 +43,10 @@ def best_text(study: optuna.Study) -> str:
     return f"{best.value:.4f} (trial {best.number})"
 
 
-def _architecture(trial: optuna.trial.FrozenTrial) -> str:
+def _architecture(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
     """A compact description of the trial's architecture (from :func:`layer_rows`), runs
     of identical layers written once with their count."""
-    arch = ArchConfig.from_dict(trial.user_attrs[ARCH])
+    arch = architecture(study, trial)
     parts = [f"d_model {arch.d_model}, {arch.positions.name}"]
     runs: list[tuple[str, str, int]] = []
     for row in layer_rows(arch):
@@ -87,7 +86,7 @@ def print_summary(study: optuna.Study, overrides: list[str], console: Console | 
             if show_acc:
                 values.append(f"{test['test_acc']:.4g}" if "test_acc" in test else "")
         note = f" (same as {trial.user_attrs[DUPLICATE_OF]})" if DUPLICATE_OF in trial.user_attrs else ""
-        table.add_row(str(trial.number), *values, f"{trial.user_attrs.get(N_PARAMS, 0):,}", _architecture(trial) + note)
+        table.add_row(str(trial.number), *values, f"{trial.user_attrs.get(N_PARAMS, 0):,}", _architecture(study, trial) + note)
     console.print()
     console.print(table)
     print_finalists(study, console)

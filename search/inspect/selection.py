@@ -11,8 +11,10 @@ from collections.abc import Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from qkvsearch.models import ArchConfig
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.base.keys import N_PARAMS, OBJECTIVES, pinned, reason
+from qkvsearch.search.base.keys import ARCH, ARCH_HASH, N_PARAMS, OBJECTIVES, pinned, reason
+from qkvsearch.search.base.records import ARCH_PREFIX
 
 
 def direction_sign(study: optuna.Study, index: int = 0) -> float:
@@ -39,8 +41,27 @@ def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def frozen(study: optuna.Study, number: int) -> FrozenTrial:
-    """The stored state of trial ``number``."""
-    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    """The stored state of trial ``number`` (looked up by number: no scan of the study)."""
+    storage = study._storage
+    return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+
+
+def architecture(study: optuna.Study, trial: FrozenTrial) -> ArchConfig:
+    """The architecture ``trial`` trained: the study keeps one copy per distinct
+    architecture, named by the fingerprint the trial records (studies made before that
+    kept it in each trial, and still read).
+
+    Raises:
+        QkvError: the trial never got past sampling, so it has no architecture.
+    """
+    if ARCH in trial.user_attrs:
+        return ArchConfig.from_dict(trial.user_attrs[ARCH])
+    fingerprint = trial.user_attrs.get(ARCH_HASH)
+    stored = study._storage.get_study_system_attrs(study._study_id).get(ARCH_PREFIX + str(fingerprint))
+    if fingerprint is None or stored is None:
+        raise QkvError(f"trial {trial.number} of study {study.study_name!r} records no architecture "
+                       f"(it stopped before sampling one) {reason(trial)}".rstrip())
+    return ArchConfig.from_dict(stored)
 
 
 def ranked(study: optuna.Study) -> list[FrozenTrial]:

@@ -101,6 +101,11 @@ class ResilientStorage(BaseStorage):
     def recovered_at(self) -> float:
         return self._outage.recovered_at
 
+    def through_outage(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Calls ``function`` (a write of several rows at once, ``base/records.py``) as every
+        storage call is made: retried while the server is away, up to the outage limit."""
+        return self._outage.call(function, *args, **kwargs)
+
     def __getattr__(self, name: str) -> Any:  # anything else the inner storage has
         return getattr(self._inner, name)
 

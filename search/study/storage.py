@@ -9,23 +9,27 @@ and the fault tests break if Optuna changes them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import hashlib
+import json
 import os
 import pathlib
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import optuna
 import sqlalchemy
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from qkvsearch.models.errors import QkvError
+from qkvsearch.search.base.keys import BASELINE, FINALIST_OF
+from qkvsearch.search.base.records import database_of
 from qkvsearch.search.base.settings import check_study_name
 from qkvsearch.search.study.resilient import Outage, ResilientStorage, lost_connection
 
@@ -42,8 +46,73 @@ def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
 
 
 def trial_count(study: optuna.Study, storage: BaseStorage) -> int:
-    """How many trials the study holds, counted by the storage (no trial is read)."""
-    return storage.get_n_trials(study._study_id)
+    """How many trials the study holds: a database counts them (no trial is read; Optuna's
+    own count reads every trial), other storages from what they hold."""
+    database = database_of(storage)
+    if database is None:
+        return storage.get_n_trials(study._study_id)
+    from optuna.storages._rdb import models
+
+    def count() -> int:
+        with database.scoped_session() as session:
+            return session.query(models.TrialModel).filter(models.TrialModel.study_id == study._study_id).count()
+    return _through(storage, count)
+
+
+def _through(storage: BaseStorage, call: Callable[[], Any]) -> Any:
+    """``call()`` (a query of the database behind ``storage``) as the storage makes its own
+    calls: through a server restart where it rides one out."""
+    through = getattr(storage, "through_outage", None)
+    return through(call) if through is not None else call()
+
+
+def open_trials(study: optuna.Study, storage: BaseStorage, states: Sequence[TrialState]) -> list[FrozenTrial]:
+    """The study's trials in ``states`` (running or queued: a few), without reading the
+    others: a database filters them itself, where Optuna's cache would first read every
+    trial it has not seen yet (all of them, for a worker that has just joined)."""
+    database = database_of(storage)
+    if database is None:
+        return study.get_trials(deepcopy=False, states=tuple(states))
+    return _through(storage, lambda: database.get_all_trials(study._study_id, deepcopy=False, states=tuple(states)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    """What :func:`~qkvsearch.search.study.workers.take_slot` needs of a study."""
+
+    counted: int  # trials that count towards n_trials (see workers.py)
+    waiting: bool  # a queued trial is there to take
+    running: bool  # another worker's trial runs
+
+
+def database_counts(study: optuna.Study, storage: BaseStorage) -> Counts | None:
+    """:class:`Counts` from a few small queries of the database (None for other storages):
+    states counted by the server, and only the rows that change the count read (the
+    finalists' and baselines' marks, the failed trials' numbers, the retries' lineage)."""
+    database = database_of(storage)
+    if database is None:
+        return None
+    from optuna.storages._rdb import models
+
+    trials, user, system = models.TrialModel, models.TrialUserAttributeModel, models.TrialSystemAttributeModel
+    study_id = study._study_id
+
+    def query() -> Counts:
+        with database.scoped_session() as session:
+            by_state = dict(session.query(trials.state, sqlalchemy.func.count(trials.trial_id))
+                            .filter(trials.study_id == study_id).group_by(trials.state).all())
+            marked = {number for (number,) in session.query(trials.number).join(user, user.trial_id == trials.trial_id)
+                      .filter(trials.study_id == study_id, user.key.in_([FINALIST_OF, BASELINE]))}
+            failed = {number for (number,) in session.query(trials.number)
+                      .filter(trials.study_id == study_id, trials.state == TrialState.FAIL)}
+            retried = {number for (value,) in session.query(system.value_json)
+                       .join(trials, system.trial_id == trials.trial_id)
+                       .filter(trials.study_id == study_id, system.key == "retry_history")
+                       for number in json.loads(value)}
+        total = sum(by_state.values())
+        return Counts(counted=total - len(marked) - len((failed - marked) & retried),
+                      waiting=by_state.get(TrialState.WAITING, 0) > 0, running=by_state.get(TrialState.RUNNING, 0) > 0)
+    return _through(storage, query)
 
 
 class StorageError(QkvError):
@@ -108,7 +177,14 @@ def open_storage(cfg: Any, must_exist: bool = False) -> BaseStorage:
         with storage_lock(cfg, "qkvsearch-schema"):  # one process creates the tables; the others wait
             if str(cfg.url).startswith("sqlite"):  # a file: nothing to wait out (a locked one is retried below)
                 return _open_rdb(str(cfg.url))
-            return Outage(storage_url(cfg), float(cfg.get("outage_s", 300))).call(_open_rdb, str(cfg.url))
+            # a server that is not there at the start is most often a wrong URL: say so at once,
+            # unless the user lets workers wait for one (SLURM jobs that may start in a restart);
+            # once this process has reached it, a failure is a restart, ridden out for outage_s
+            url = str(cfg.url)
+            wait_s = float(cfg.get("outage_s", 300)) if url in _REACHED else float(cfg.get("open_wait_s", 0))
+            storage = Outage(storage_url(cfg), wait_s).call(_open_rdb, url) if wait_s > 0 else _open_rdb(url)
+            _REACHED.add(url)
+            return storage
     except (sqlalchemy.exc.SQLAlchemyError, OSError, ImportError, ValueError) as error:
         raise StorageError(f"cannot open storage {storage_url(cfg)}: {error}") from None
 
@@ -152,6 +228,8 @@ def repair_journal_tail(path: pathlib.Path, lock: JournalFileSymlinkLock) -> Non
 def _open_rdb(url: str, attempts: int = 6) -> RDBStorage:
     """Opens an RDB storage; retries the races that a lock cannot exclude (SQLite busy)."""
     engine: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith(("postgresql://", "postgresql+psycopg2://")):  # a host that drops packets fails, not hangs
+        engine["connect_args"] = {"connect_timeout": 10}
     if url.startswith("sqlite:///"):
         pathlib.Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = {"connect_args": {"timeout": 60}}
@@ -212,7 +290,10 @@ def storage_lock(cfg: Any, key_name: str) -> Iterator[None]:
                 raise
             return connection
 
-        connection = Outage(url, float(cfg.get("outage_s", 300))).call(acquire)  # through a restart too
+        # through a restart once this process has reached the server; before, as opening does
+        wait_s = float(cfg.get("outage_s", 300)) if url in _REACHED else float(cfg.get("open_wait_s", 0))
+        connection = Outage(url, wait_s).call(acquire) if wait_s > 0 else acquire()
+        _REACHED.add(url)
         try:
             yield
         finally:
@@ -240,12 +321,15 @@ def storage_lock(cfg: Any, key_name: str) -> Iterator[None]:
 
 #: one engine (one pooled, pre-pinged connection) per PostgreSQL URL and process for the advisory locks
 _LOCK_ENGINES: dict[tuple[str, int], sqlalchemy.Engine] = {}
+#: the server URLs this process has reached once (a later failure is an outage, not a wrong URL)
+_REACHED: set[str] = set()
 
 
 def _lock_engine(url: str) -> sqlalchemy.Engine:
     key = (url, os.getpid())  # a forked process makes its own
     if key not in _LOCK_ENGINES:
-        _LOCK_ENGINES[key] = sqlalchemy.create_engine(url, pool_size=1, max_overflow=2, pool_pre_ping=True)
+        _LOCK_ENGINES[key] = sqlalchemy.create_engine(url, pool_size=1, max_overflow=2, pool_pre_ping=True,
+                                                      connect_args={"connect_timeout": 10})
     return _LOCK_ENGINES[key]
 
 

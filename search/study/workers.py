@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,12 +42,17 @@ from qkvsearch.search.base.keys import (
     FINALIST_SEED,
     RETRY_OF,
     WORKERS_JOINED,
+    pinned,
 )
+from qkvsearch.search.base.records import database_of
 from qkvsearch.search.base.signals import backoff
-from qkvsearch.search.inspect.selection import counted, frozen
+from qkvsearch.search.inspect.selection import frozen
 from qkvsearch.search.study.storage import (
     CONSTRAINTS_PREFIX,
     HEARTBEAT_ATTR,
+    Counts,
+    database_counts,
+    open_trials,
     slot_lock,
     trial_count,
     trial_id,
@@ -98,7 +104,7 @@ def reap_lost(study: optuna.Study, storage: BaseStorage, grace_s: float, retry: 
     now, failed = time.time(), []
     if now - getattr(storage, "recovered_at", 0.0) < grace_s:
         return failed  # right after an outage: every worker needs a grace to beat again
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for trial in open_trials(study, storage, (TrialState.RUNNING,)):
         last = trial.system_attrs.get(HEARTBEAT_ATTR)
         if last is None and trial.datetime_start is not None:
             last = trial.datetime_start.timestamp()
@@ -113,7 +119,7 @@ def reap_lost(study: optuna.Study, storage: BaseStorage, grace_s: float, retry: 
                                         f"worker lost: {silent} for {now - float(last):.0f} s (grace {grace_s:g} s); {fate}")
             if storage.set_trial_state_values(ident, state=TrialState.FAIL):
                 failed.append(trial.number)
-                retry(study, frozen(study, trial.number))
+                retry(study, storage.get_trial(ident))
     return failed
 
 
@@ -127,28 +133,106 @@ def reap_stale(study: optuna.Study, storage: BaseStorage, storage_cfg: Any, retr
 WAIT = "wait"
 
 
-def take_slot(study: optuna.Study, n_trials: int) -> optuna.Trial | str | None:
+class Tally:
+    """What counts towards ``n_trials`` (:func:`~qkvsearch.search.inspect.selection.counted`),
+    kept up to date from the trials that can still change: a finished trial never does,
+    so each is looked at once, and a look costs the trials since the oldest unfinished one,
+    not every trial ever run. One per study object (:func:`tally_of`)."""
+
+    def __init__(self) -> None:
+        self.settled = 0  # every trial before this position is finished and tallied
+        self.finished: set[int] = set()  # numbers of the finished trials tallied
+        self.finished_counted = 0  # finished, neither a finalist's nor a baseline's
+        self.failed: set[int] = set()  # failed search trials (they count unless retried)
+        self.retried: set[int] = set()  # failed trials with a retry (from each trial's retry_history)
+        self.open_counted = 0  # running or queued search trials, at the last look
+        self.waiting = self.running = False
+
+    def update(self, trials: list[FrozenTrial]) -> Tally:
+        """Brings the tally up to ``trials`` (the study's, by number, as Optuna lists them)."""
+        self.open_counted, self.waiting, self.running = 0, False, False
+        for position in range(self.settled, len(trials)):
+            trial = trials[position]
+            if trial.number not in self.finished:
+                self.retried.update(trial.system_attrs.get("retry_history", ()))
+                if trial.state.is_finished():
+                    self.finished.add(trial.number)
+                    if not pinned(trial):
+                        self.finished_counted += 1
+                        if trial.state == TrialState.FAIL:
+                            self.failed.add(trial.number)
+                else:
+                    self.open_counted += not pinned(trial)
+                    self.waiting |= trial.state == TrialState.WAITING
+                    self.running |= trial.state == TrialState.RUNNING
+            if position == self.settled and trial.number in self.finished:
+                self.settled += 1
+        return self
+
+    @property
+    def counts(self) -> Counts:
+        """The study's :class:`Counts` at the last update."""
+        return Counts(self.finished_counted - len(self.failed & self.retried) + self.open_counted,
+                      self.waiting, self.running)
+
+
+_TALLIES: weakref.WeakKeyDictionary[optuna.Study, Tally] = weakref.WeakKeyDictionary()
+
+
+def tally_of(study: optuna.Study) -> Tally:
+    """The study object's :class:`Tally`, brought up to date."""
+    return _TALLIES.setdefault(study, Tally()).update(study.get_trials(deepcopy=False))
+
+
+def counts_of(study: optuna.Study, storage: BaseStorage) -> Counts:
+    """The study's counts: a database counts them itself (a worker that has just joined
+    reads no trial under the lock); a journal file or memory from the trials that changed
+    since the last look (:class:`Tally`)."""
+    counts = database_counts(study, storage)
+    return counts if counts is not None else tally_of(study).counts
+
+
+def ask(study: optuna.Study, storage: BaseStorage) -> optuna.Trial:
+    """``study.ask()``, taking a queued trial first, without reading the trials that are
+    neither queued nor new (Optuna's ask reads every trial its cache has not seen to find
+    the queued ones)."""
+    for queued in open_trials(study, storage, (TrialState.WAITING,)):
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            if study._storage.set_trial_state_values(trial_id(queued), state=TrialState.RUNNING):
+                return optuna.Trial(study, trial_id(queued))
+    return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
+
+
+def take_slot(study: optuna.Study, n_trials: int, storage: BaseStorage | None = None) -> optuna.Trial | str | None:
     """One look at the study (the caller holds the slot lock): a queued trial (a retry or a
     finalist) first, else a new trial while the study counts fewer than ``n_trials``;
     :data:`WAIT` while other trials run (one may fail and be queued again); None once
     the study is done."""
-    trials = study.get_trials(deepcopy=False)
-    if any(t.state == TrialState.WAITING for t in trials) or len(counted(trials)) < n_trials:
-        return study.ask()
-    return WAIT if any(t.state == TrialState.RUNNING for t in trials) else None
+    storage = storage or study._storage
+    counts = counts_of(study, storage)
+    if counts.waiting or counts.counted < n_trials:
+        return ask(study, storage)
+    return WAIT if counts.running else None
 
 
 def next_trial(study: optuna.Study, storage: BaseStorage, storage_cfg: Any, n_trials: int,
                retry: RetryLost) -> optuna.Trial | None:
     """Starts the next trial (see :func:`take_slot`), failing lost trials first, and records
     its first heartbeat at once; returns None once the study is done. Waits as
-    :func:`backoff` says while other workers' trials run."""
+    :func:`backoff` says while other workers' trials run.
+
+    Under the lock a worker reads counts and the trials it must (running, queued), never
+    the whole study: a database counts for it; a journal is read up to date before the
+    lock is taken (a worker's first read of a large study takes seconds; Optuna keeps what
+    it has read), so that under it only what changed is read."""
     waits = backoff(float(storage_cfg.heartbeat_s))
     while True:
         signals.check()  # a Ctrl-C between trials stops here, before the study is written to
+        if database_of(storage) is None:
+            tally_of(study)
         with slot_lock(storage_cfg, study.study_name):
             reap_lost(study, storage, float(storage_cfg.grace_s), retry)
-            slot = take_slot(study, n_trials)
+            slot = take_slot(study, n_trials, storage)
             if slot != WAIT:
                 if slot is not None:
                     beat(storage, slot)

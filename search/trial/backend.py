@@ -27,6 +27,7 @@ from qkvsearch.search.base.keys import (
     SECONDS_AT,
     TRAIN_TOKENS,
 )
+from qkvsearch.search.base.records import record
 from qkvsearch.search.base.settings import LoopSettings, sign_of
 from qkvsearch.search.base.weights import save_weights
 from qkvsearch.search.inspect.artifacts import attach_architecture, attach_attention, trial_dir, would_be_best
@@ -118,11 +119,11 @@ class FabricBackend:
             **result.metrics, self.monitor: sign_of(self.monitor) * best.best,
             "n_params": float(trial.user_attrs[N_PARAMS]), "flops_per_token": float(trial.user_attrs[FLOPS_PER_TOKEN]),
         }
+        facts = {**speed_facts(trial, result, self.settings.peak_tflops), "best_step": best.best_step}
         if "latency_ms" in self.objectives:
             example = model_inputs(self.task.kind, self.task.sample_batch(1))
-            measured["latency_ms"] = measure_latency_ms(lit.model, example, torch.device(result.device))
-            trial.set_user_attr("latency_ms", measured["latency_ms"])
-        trial.set_user_attr("best_step", best.best_step)
+            measured["latency_ms"] = facts["latency_ms"] = measure_latency_ms(lit.model, example, torch.device(result.device))
+        record(trial, facts)  # one write for all of them
         values = [measured[name] for name in self.objectives]
         if self.store is not None and would_be_best(trial.study, values):
             lit.model.load_state_dict(best.state)
@@ -173,9 +174,7 @@ class FabricBackend:
             with helpers:
                 result = fit(lit, self.task, loop, callbacks, folder, self.settings.compile_backend)
         finally:  # a pruned trial's compute counts too
-            trial.set_user_attr(TRAIN_TOKENS, lit.tokens_seen)
-            trial.set_user_attr(SECONDS_AT, clock.at)
-        record_speed(trial, result, self.settings.peak_tflops)
+            record(trial, {TRAIN_TOKENS: lit.tokens_seen, SECONDS_AT: clock.at})
         return lit, best, result
 
 
@@ -198,19 +197,18 @@ def measure_latency_ms(model: torch.nn.Module, example: list[torch.Tensor], devi
     return statistics.median(times)
 
 
-def record_speed(trial: optuna.Trial, result: FitResult, peak_override: float | None = None) -> None:
+def speed_facts(trial: optuna.Trial, result: FitResult, peak_override: float | None = None) -> dict[str, Any]:
     """The trial's device, training tokens/s, model FLOP utilisation (where the device's
-    peak is known or given) and peak device memory, as user attributes."""
+    peak is known or given) and peak device memory, as user attributes to record."""
     tokens_per_s = result.tokens / max(result.train_seconds, 1e-9)
-    trial.set_user_attr("device", result.device)
-    trial.set_user_attr("device_name", result.device_name)
-    trial.set_user_attr("train_tokens_per_s", round(tokens_per_s, 1))
+    facts: dict[str, Any] = {"device": result.device, "device_name": result.device_name,
+                             "train_tokens_per_s": round(tokens_per_s, 1), "compiled": result.compiled}
     mfu = model_flops_utilisation(trial.user_attrs[FLOPS_PER_TOKEN], tokens_per_s / result.world_size,  # per device
                                   peak_tflops(result.device_name, peak_override))
     if mfu is not None:
-        trial.set_user_attr("mfu", float(f"{mfu:.3g}"))  # 3 significant digits: a tiny model's share is tiny, not 0
+        facts["mfu"] = float(f"{mfu:.3g}")  # 3 significant digits: a tiny model's share is tiny, not 0
     if result.peak_memory_bytes is not None:
-        trial.set_user_attr("peak_memory_mb", round(result.peak_memory_bytes / 2**20, 1))
-    trial.set_user_attr("compiled", result.compiled)
+        facts["peak_memory_mb"] = round(result.peak_memory_bytes / 2**20, 1)
     if result.compile_fallback:
-        trial.set_user_attr("compile_fallback", result.compile_fallback)
+        facts["compile_fallback"] = result.compile_fallback
+    return facts

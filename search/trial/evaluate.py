@@ -10,11 +10,11 @@ import torch
 
 from qkvsearch.models import ArchConfig
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.base.keys import ARCH, TEST_SCORES
+from qkvsearch.search.base.keys import ARCH_HASH, TEST_SCORES
 from qkvsearch.search.base.weights import load_trained
 from qkvsearch.search.inspect.artifacts import trial_weights
 from qkvsearch.search.inspect.finalists import baseline
-from qkvsearch.search.inspect.selection import top_trials
+from qkvsearch.search.inspect.selection import architecture, top_trials
 from qkvsearch.search.trial.lit import LitTransformer
 
 
@@ -57,12 +57,12 @@ def record_test_scores(study: optuna.Study, task: Any, run_root: str | pathlib.P
     base = baseline(study)
     for trial in [*top_trials(study, k), *([base.trial] if base else [])]:
         key = str(trial.number)
-        if key in scores or ARCH not in trial.user_attrs:
+        if key in scores or ARCH_HASH not in trial.user_attrs:
             continue
         weights = trial_weights(study, trial, run_root)
         if not weights.is_file():
             continue
-        scores[key] = score(ArchConfig.from_dict(trial.user_attrs[ARCH]), task.kind, weights, loader)
+        scores[key] = score(architecture(study, trial), task.kind, weights, loader)
         added = True
     if added:
         study.set_user_attr(TEST_SCORES, {**(study.user_attrs.get(TEST_SCORES) or {}), **scores})

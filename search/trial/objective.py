@@ -15,7 +15,6 @@ import optuna
 
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
 from qkvsearch.search.base.keys import (
-    ARCH,
     ARCH_HASH,
     CANDIDATE_HASH,
     DUPLICATE_OF,
@@ -25,6 +24,7 @@ from qkvsearch.search.base.keys import (
     PRUNED_REASON,
     pinned,
 )
+from qkvsearch.search.base.records import record, record_architecture
 from qkvsearch.search.trial.duplicates import Waits, candidate_hash, find_duplicate, wait_for_twin
 from qkvsearch.search.trial.lit import check_compatible
 from qkvsearch.spaces import Infeasible
@@ -71,11 +71,10 @@ class Objective:
     def sample(self, trial: optuna.Trial) -> ArchConfig:
         """Samples and checks a candidate; records what it is. Raises Infeasible."""
         arch = suggest_checked(self.space, self.task, trial)
-        trial.set_user_attr(ARCH_HASH, arch.fingerprint())
-        trial.set_user_attr(CANDIDATE_HASH, candidate_hash(arch, trial.user_attrs.get(OPTIM, {})))
-        trial.set_user_attr(N_PARAMS, count_parameters(arch))
-        trial.set_user_attr(FLOPS_PER_TOKEN, flops_per_token(arch))
-        trial.set_user_attr(ARCH, arch.to_dict())
+        fingerprint = arch.fingerprint()
+        record_architecture(trial, fingerprint, arch.to_dict())
+        record(trial, {ARCH_HASH: fingerprint, CANDIDATE_HASH: candidate_hash(arch, trial.user_attrs.get(OPTIM, {})),
+                       N_PARAMS: count_parameters(arch), FLOPS_PER_TOKEN: flops_per_token(arch)})
         return arch
 
     def __call__(self, trial: optuna.Trial) -> list[float]:

@@ -19,6 +19,7 @@ from optuna.artifacts import get_all_artifact_meta
 
 from qkvsearch.search.commands.dashboard import check_port
 from qkvsearch.search.commands.report import render, report
+from qkvsearch.search.inspect.selection import architecture
 from qkvsearch.search.study.storage import open_storage
 from qkvsearch.search.study.sweep import sweep
 from tests.conftest import compose_conf, tiny_sweep_conf
@@ -56,9 +57,7 @@ def test_trials_carry_their_architecture_and_the_best_its_attention_map(swept):
     from PIL import Image
 
     image = Image.open(root / "artifacts" / meta.artifact_id)
-    from qkvsearch.models import ArchConfig
-
-    arch = ArchConfig.from_dict(study.best_trial.user_attrs["arch"])
+    arch = architecture(study, study.best_trial)
     heads = max(layer.attention.n_heads for stack in arch.stacks.values() for layer in stack.layers)
     assert image.size[0] >= 250 * heads and image.size[1] >= 250  # panels big enough to read
 

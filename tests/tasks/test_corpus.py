@@ -10,6 +10,7 @@ import optuna
 import pytest
 
 from qkvsearch.models.errors import QkvError
+from qkvsearch.search.inspect.selection import architecture
 from qkvsearch.tasks.corpus import TextCorpus, split_of
 from tests.conftest import compose_conf
 
@@ -128,7 +129,7 @@ def test_a_sweep_on_a_folder_of_text_files(tmp_path):
                                  f"run_root={tmp_path}", "n_trials=2", "pruner=none"])
     study = sweep(cfg)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
-    assert all(t.user_attrs["arch"]["vocab_size"] == 256 for t in study.trials)
+    assert all(architecture(study, t).vocab_size == 256 for t in study.trials)
     assert list((tmp_path / "cache").iterdir())  # tokenized once, under run_root/cache
 
 

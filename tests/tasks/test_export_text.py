@@ -15,6 +15,7 @@ from qkvsearch.models import ArchConfig
 from qkvsearch.search.base.weights import load_trained
 from qkvsearch.search.commands.export import export
 from qkvsearch.search.inspect.artifacts import trial_weights
+from qkvsearch.search.inspect.selection import architecture
 from qkvsearch.search.study.prepare import task_of_study
 from qkvsearch.search.study.sweep import sweep
 from tests.conftest import compose_conf
@@ -73,7 +74,7 @@ def test_an_exported_language_model_generates_text_in_a_fresh_process(tmp_path, 
     task = task_of_study(study)
     assert got["ids"] == task.tokenizer.encode(prompt) and got["round_trip"] == prompt
     best = study.best_trial
-    net = load_trained(ArchConfig.from_dict(best.user_attrs["arch"]), trial_weights(study, best, tmp_path)).eval()
+    net = load_trained(architecture(study, best), trial_weights(study, best, tmp_path)).eval()
     window = net.config.max_seq_len
     # the reference sees the same window as generate: the prompt's latest 24 tokens, then half of them
     reference_ids, context = [], got["ids"][-window:]
@@ -116,7 +117,7 @@ def test_an_exported_classifier_predicts_label_names_in_a_fresh_process(tmp_path
                           "print(json.dumps({'labels': model.predict(texts), 'proba': model.predict_proba(texts)}))")
     task = task_of_study(study)
     best = study.best_trial
-    net = load_trained(ArchConfig.from_dict(best.user_attrs["arch"]), trial_weights(study, best, tmp_path)).eval()
+    net = load_trained(architecture(study, best), trial_weights(study, best, tmp_path)).eval()
     tokens = torch.zeros(3, 32, dtype=torch.long)
     mask = torch.zeros(3, 32, dtype=torch.bool)
     for i, text in enumerate(texts):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qkvsearch.search.inspect.selection import architecture
 from qkvsearch.tasks import AssociativeRecall, Digits, Reverse, StdlibCharLM
 
 
@@ -40,7 +41,6 @@ def test_the_stdlib_test_split_reads_files_the_train_split_did_not_need():
 
 @pytest.mark.slow
 def test_a_sweep_reports_its_best_trials_on_the_test_split(tmp_path, capsys):
-    from qkvsearch.models import ArchConfig
     from qkvsearch.search.inspect.artifacts import trial_weights
     from qkvsearch.search.study.prepare import build_task
     from qkvsearch.search.study.sweep import sweep
@@ -53,7 +53,7 @@ def test_a_sweep_reports_its_best_trials_on_the_test_split(tmp_path, capsys):
     assert set(scores) == {str(t.number) for t in study.trials}  # both are among the best 3
     task = build_task(cfg)
     for trial in study.trials:
-        again = score(ArchConfig.from_dict(trial.user_attrs["arch"]), task.kind, trial_weights(study, trial, tmp_path),
+        again = score(architecture(study, trial), task.kind, trial_weights(study, trial, tmp_path),
                       task.test_dataloader())
         assert again == pytest.approx(scores[str(trial.number)])
         assert scores[str(trial.number)]["test_loss"] != pytest.approx(trial.values[0])  # another split, another number

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qkvsearch.models.errors import QkvError
+from qkvsearch.search.inspect.selection import architecture
 from qkvsearch.tasks import TextClassification
 from tests.conftest import compose_conf
 
@@ -87,4 +88,4 @@ def test_a_sweep_classifies_the_rows_of_a_csv_file(tmp_path):
                                  f"run_root={tmp_path}", "n_trials=2", "pruner=none"])
     study = sweep(cfg)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
-    assert all(t.user_attrs["arch"]["head"]["n_classes"] == 3 for t in study.trials)
+    assert all(architecture(study, t).head.n_classes == 3 for t in study.trials)

@@ -1,0 +1,77 @@
+"""Writing several facts about a trial at once.
+
+Optuna writes each user attribute in a transaction of its own: on a database every one is
+a commit the server makes durable (an fsync on SQLite, a round trip on PostgreSQL), and
+a trial records a dozen facts at a time (what it is, where it runs, how fast it trained).
+:func:`record` writes them in one transaction on a database storage, and one by one
+elsewhere (a journal appends each line under its lock; memory costs nothing).
+
+The private Optuna names used (a trial's storage id and cached state, RDBStorage's session
+and its attribute writer) are read here only; tests/search/test_records.py breaks when
+Optuna changes them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, RDBStorage
+
+
+def database_of(storage: BaseStorage) -> RDBStorage | None:
+    """The RDBStorage behind ``storage`` (through Optuna's cache and the project's
+    resilient wrapper), or None when it is not a database."""
+    seen = 0
+    while not isinstance(storage, RDBStorage) and seen < 4:
+        inner = getattr(storage, "inner", None) or getattr(storage, "_backend", None)
+        if inner is None:
+            return None
+        storage, seen = inner, seen + 1
+    return storage if isinstance(storage, RDBStorage) else None
+
+
+def record(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
+    """Sets the user attributes ``attrs`` of a running trial, in one transaction on a
+    database (so all or none are written). Raises UpdateFinishedTrialError, as
+    ``Trial.set_user_attr`` does, when another worker already finished the trial."""
+    if not attrs:
+        return
+    database = database_of(trial.storage)
+    if database is None:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    ident = trial._trial_id
+
+    def write() -> None:
+        with _create_scoped_session(database.scoped_session, True) as session:
+            for key, value in attrs.items():
+                database._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, ident, key, value)
+
+    through = getattr(trial.storage, "through_outage", None)  # a server restart is waited out, as for every call
+    through(write) if through is not None else write()
+    trial._cached_frozen_trial.user_attrs.update(attrs)
+
+
+#: how a study's system attribute holding one architecture begins (then its fingerprint)
+ARCH_PREFIX = "qkv:arch:"
+#: architectures this process has stored, by storage: (study id, fingerprint); each is written once a process
+_STORED: weakref.WeakKeyDictionary[BaseStorage, set[tuple[int, str]]] = weakref.WeakKeyDictionary()
+
+
+def record_architecture(trial: optuna.Trial, fingerprint: str, arch: dict[str, Any]) -> None:
+    """Stores the architecture a trial trains once for its study (a study system attribute
+    named by its fingerprint), not in every trial: 10,000 trials of a few hundred distinct
+    architectures keep a few hundred copies, and optuna-dashboard's study page (which
+    sends every trial's user attributes) stays small."""
+    study_id = trial.study._study_id
+    stored = _STORED.setdefault(trial.storage, set())
+    if (study_id, fingerprint) not in stored:
+        trial.storage.set_study_system_attr(study_id, ARCH_PREFIX + fingerprint, arch)
+        stored.add((study_id, fingerprint))

@@ -1,0 +1,198 @@
+"""What a worker reads and writes on a large shared study (benchmarks/coordination.py
+measures it): counts kept from what changed, the study read outside the slot lock, a
+trial's facts written in one transaction, an architecture stored once per study."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+from qkvsearch.models import ArchConfig
+from qkvsearch.search.base.keys import ARCH, ARCH_HASH, BASELINE, FINALIST_OF
+from qkvsearch.search.base.records import ARCH_PREFIX, database_of, record
+from qkvsearch.search.inspect.selection import architecture, counted
+from qkvsearch.search.study import workers
+from qkvsearch.search.study.prepare import prepare
+from qkvsearch.search.study.search import run_trial
+from qkvsearch.search.study.storage import database_counts, open_resilient
+from qkvsearch.search.study.workers import RetryLost, Tally, next_trial
+from tests.conftest import tiny_sweep_conf
+
+
+def _random_history(rng: random.Random, n: int) -> list[optuna.trial.FrozenTrial]:
+    """A study's trials as a sweep leaves them: finished in every state, finalists and a
+    baseline, lost trials failed with their retries queued, running and waiting ones."""
+    trials: list[optuna.trial.FrozenTrial] = []
+    for number in range(n):
+        state = rng.choice([TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING,
+                            TrialState.WAITING])
+        user = {FINALIST_OF: 0} if rng.random() < 0.1 else {BASELINE: True} if rng.random() < 0.05 else {}
+        system = {}
+        failed = [t.number for t in trials if t.state == TrialState.FAIL]
+        if failed and rng.random() < 0.3:
+            system["retry_history"] = [rng.choice(failed)]
+        trial = optuna.trial.create_trial(state=TrialState.COMPLETE, value=1.0, user_attrs=user, system_attrs=system)
+        trial.state, trial.number = state, number
+        trials.append(trial)
+    return trials
+
+
+def test_the_tally_counts_what_counted_counts_as_trials_finish_and_retry():
+    rng = random.Random(0)
+    for _ in range(30):
+        trials, tally = _random_history(rng, rng.randint(0, 60)), Tally()
+        for _step in range(8):  # some open trials finish, new ones come (a retry of an old failure among them)
+            for trial in trials:
+                if not trial.state.is_finished() and rng.random() < 0.4:
+                    trial.state = rng.choice([TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL])
+            trials += [t for t in _random_history(rng, rng.randint(0, 5))]
+            for number, trial in enumerate(trials):
+                trial.number = number
+            counts = tally.update(trials).counts
+            assert counts.counted == len(counted(trials))
+            assert counts.waiting == any(t.state == TrialState.WAITING for t in trials)
+            assert counts.running == any(t.state == TrialState.RUNNING for t in trials)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_database_counts_what_counted_counts(tmp_path, seed):
+    rng = random.Random(seed)
+    history = _random_history(rng, 80)
+    cfg = tiny_sweep_conf(tmp_path)
+    storage = open_resilient(cfg.storage)
+    study = optuna.create_study(storage=storage, study_name="counts")
+    for trial in history:
+        ident = study._storage.create_new_trial(study._study_id)
+        for key, value in trial.user_attrs.items():
+            study._storage.set_trial_user_attr(ident, key, value)
+        for key, value in trial.system_attrs.items():
+            study._storage.set_trial_system_attr(ident, key, value)
+        if trial.state == TrialState.WAITING:
+            study._storage.set_trial_state_values(ident, TrialState.WAITING)
+        elif trial.state != TrialState.RUNNING:
+            study._storage.set_trial_state_values(ident, trial.state, [1.0] if trial.state == TrialState.COMPLETE else None)
+    stored = study.get_trials(deepcopy=False)
+    assert [t.state for t in stored] == [t.state for t in history]
+    counts = database_counts(study, storage)
+    assert counts.counted == len(counted(stored)) == Tally().update(stored).counts.counted
+    assert (counts.waiting, counts.running) == (TrialState.WAITING in {t.state for t in stored},
+                                                TrialState.RUNNING in {t.state for t in stored})
+
+
+class Reads:
+    """Counts the trials the database hands over, and which of them came under the lock."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage) -> None:
+        self.storage, self.locked, self.under_lock, self.outside = storage, False, 0, 0
+        real = storage._get_trials
+
+        def counting(*args, **kwargs):
+            got = real(*args, **kwargs)
+            if self.locked:
+                self.under_lock += len(got)
+            else:
+                self.outside += len(got)
+            return got
+        storage._get_trials = counting
+
+
+def test_a_worker_joining_a_large_study_takes_a_trial_reading_only_the_open_ones(tmp_path, monkeypatch):
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=400", "pruner=none")
+    storage = open_resilient(cfg.storage)
+    study = optuna.create_study(storage=storage, study_name=cfg.study_name)
+    distribution = optuna.distributions.IntDistribution(1, 3)
+    study.add_trials([optuna.trial.create_trial(value=float(i % 7), params={"n_layers": 1 + i % 3},
+                                                distributions={"n_layers": distribution},
+                                                intermediate_values={s: 1.0 for s in range(12)}) for i in range(300)])
+    running = study.ask()  # a trial another worker runs, and a queued retry
+    study.enqueue_trial({"n_layers": 2})
+    fresh = open_resilient(cfg.storage)  # a worker that joins now: nothing of the study in its cache
+    reads = Reads(database_of(fresh))
+    joined = optuna.load_study(study_name=cfg.study_name, storage=fresh)
+    real_lock = workers.slot_lock
+
+    @contextlib.contextmanager
+    def watched(*args):
+        with real_lock(*args):
+            reads.locked = True
+            try:
+                yield
+            finally:
+                reads.locked = False
+    monkeypatch.setattr(workers, "slot_lock", watched)
+    trial = next_trial(joined, fresh, cfg.storage, 400, RetryLost(2))
+    assert trial.number == 301 and trial.params == {}  # the queued one, popped
+    # a few looks (reaping, the queue) at the 2 open trials, none of the 300 finished: the database counts them
+    assert reads.under_lock + reads.outside <= 6
+    study.tell(running, 1.0)
+    joined.tell(trial, 2.0)
+    reads.under_lock = 0
+    assert next_trial(joined, fresh, cfg.storage, 400, RetryLost(2)).number == 302
+    assert reads.under_lock <= 6
+
+
+def _write_transactions(storage: optuna.storages.RDBStorage, action) -> int:
+    state = {"dirty": False, "writes": 0}
+
+    def statement(_conn, _cursor, sql, *_):
+        state["dirty"] = state["dirty"] or sql.lstrip().split(None, 1)[0].upper() in ("INSERT", "UPDATE", "DELETE")
+
+    def commit(*_):
+        state["writes"] += state["dirty"]
+        state["dirty"] = False
+    sqlalchemy.event.listen(storage.engine, "before_cursor_execute", statement)
+    sqlalchemy.event.listen(storage.engine, "commit", commit)
+    try:
+        action()
+    finally:
+        sqlalchemy.event.remove(storage.engine, "before_cursor_execute", statement)
+        sqlalchemy.event.remove(storage.engine, "commit", commit)
+    return state["writes"]
+
+
+def test_a_trials_facts_are_written_in_one_transaction_and_a_finished_trial_refuses_them(tmp_path):
+    cfg = tiny_sweep_conf(tmp_path)
+    storage = open_resilient(cfg.storage)
+    study = optuna.create_study(storage=storage, study_name="facts")
+    trial = study.ask()
+    facts = {f"fact{i}": i for i in range(12)}
+    assert _write_transactions(database_of(storage), lambda: record(trial, facts)) == 1
+    assert _write_transactions(database_of(storage), lambda: [trial.set_user_attr(k, v) for k, v in facts.items()]) == 12
+    assert study.trials[0].user_attrs == facts and trial.user_attrs == facts  # stored, and the live trial knows them
+    study.tell(trial, 1.0)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # as set_user_attr raises it
+        record(trial, {"late": 1})
+    assert "late" not in study.trials[0].user_attrs
+    memory = optuna.create_study()  # no database: one write each, the same result
+    other = memory.ask()
+    record(other, facts)
+    assert memory.trials[0].user_attrs == facts
+
+
+def test_a_sweep_stores_each_architecture_once_and_every_reader_finds_it(tmp_path):
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=6", "pruner=none", "trainer.max_steps=10", "trainer.val_check_interval=5",
+                          "task=recall", "task.data.n_train=256", "task.data.n_val=64")
+    prepared = prepare(cfg)
+    worker = prepared.worker
+    same = {"n_layers": 1, "d_model": 32, "n_heads": 2, "positions": "rotary", "scaling": "sqrt_dk", "mask": "causal",
+            "ffn": "gelu", "ffn_mult": 2}
+    worker.study.enqueue_trial(same)
+    worker.study.enqueue_trial(same)  # the same architecture twice: one stored copy
+    while (trial := next_trial(worker.study, worker.storage, cfg.storage, 6, worker.retry)) is not None:
+        run_trial(worker, trial)
+    study = optuna.load_study(study_name=cfg.study_name, storage=str(cfg.storage.url))
+    stored = {k: v for k, v in study._storage.get_study_system_attrs(study._study_id).items() if k.startswith(ARCH_PREFIX)}
+    hashes = {t.user_attrs[ARCH_HASH] for t in study.trials if ARCH_HASH in t.user_attrs}
+    assert set(stored) == {ARCH_PREFIX + h for h in hashes}  # one copy per distinct architecture
+    assert all(ARCH not in t.user_attrs for t in study.trials)  # none in the trials (the dashboard sends those)
+    for trial in study.trials:
+        if ARCH_HASH in trial.user_attrs:
+            assert architecture(study, trial).fingerprint() == trial.user_attrs[ARCH_HASH]
+    old = study.trials[0]  # a study from before keeps the architecture in each trial: still read
+    old.user_attrs[ARCH] = stored[ARCH_PREFIX + old.user_attrs[ARCH_HASH]]
+    assert architecture(study, old) == ArchConfig.from_dict(old.user_attrs[ARCH])
