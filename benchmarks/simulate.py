@@ -111,6 +111,13 @@ def value_at(curve: list, tokens: float) -> float:
     return value
 
 
+def values_at(curve: list, tokens: np.ndarray) -> np.ndarray:
+    """:func:`value_at` at many compute points at once."""
+    points = np.asarray(curve, dtype=float).reshape(-1, 4)
+    index = np.searchsorted(points[:, 0], tokens, side="right") - 1
+    return np.where(index >= 0, points[np.maximum(index, 0), 3], np.inf)
+
+
 def compute_to(curve: list, target: float, weight: int) -> float:
     return next((point[weight] for point in curve if point[3] <= target), math.inf)
 
@@ -232,7 +239,7 @@ def plot(records: list[dict[str, Any]], table: Any, workers: int, path: pathlib.
         group = [r for r in records if r["strategy"] == strategy and r["workers"] == workers]
         if not group:
             continue
-        regrets = np.array([[value_at(r["curve"], x * full) - table.best_value for x in grid] for r in group])
+        regrets = np.array([values_at(r["curve"], grid * full) - table.best_value for r in group])
         regrets = np.where(np.isfinite(regrets), regrets, np.nan)
         median = np.nanmedian(regrets, axis=0)
         axis.plot(grid, median, label=f"{strategy} ({len(group)} replays)")
