@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 
-from qkvsearch.models import ArchConfig
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.weights import load_trained
 from qkvsearch.search.commands.export import export
@@ -18,6 +17,7 @@ from qkvsearch.search.export.check import example_inputs
 from qkvsearch.search.export.hf_families import FAMILIES
 from qkvsearch.search.export.textio import generate_ids
 from qkvsearch.search.inspect.artifacts import trial_weights
+from qkvsearch.search.inspect.selection import architecture
 from qkvsearch.search.study.prepare import task_of_study
 from qkvsearch.search.study.sweep import sweep
 from qkvsearch.tasks.tokenizer import Tokenizer, train_tokenizer
@@ -44,7 +44,7 @@ def studies(tmp_path_factory):
 
 def searched_model(study, root):
     best = study.best_trial
-    return load_trained(ArchConfig.from_dict(best.user_attrs["arch"]), trial_weights(study, best, root)).eval()
+    return load_trained(architecture(study, best), trial_weights(study, best, root)).eval()
 
 
 @pytest.mark.parametrize("name", list(KINDS))

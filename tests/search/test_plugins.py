@@ -10,6 +10,8 @@ import optuna
 import pytest
 
 import qkvsearch.conf
+from qkvsearch.search.base.keys import ARCH_HASH
+from qkvsearch.search.base.records import ARCH_PREFIX
 from tests.conftest import SWEEP_CMD, TEST_SWEEP
 from tests.search.faults import SHORT
 
@@ -72,9 +74,11 @@ def test_plugins_register_components_and_data_modules_of_ones_own_folder(tmp_pat
     result = qkv_sweep(project(tmp_path), "plugins=[mycomp,mydata]", "task.data._target_=mydata.MyRecall", "n_trials=4",
                        "study_name=mine")
     assert result.returncode == 0, result.stderr[-3000:]
-    trials = optuna.load_study(study_name="mine", storage=f"sqlite:///{tmp_path}/runs/studies.db").trials
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-    scalings = {t.user_attrs["arch"]["decoder"]["attention"]["scaling"]["name"] for t in trials}
+    study = optuna.load_study(study_name="mine", storage=f"sqlite:///{tmp_path}/runs/studies.db")
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    stored = study._storage.get_study_system_attrs(study._study_id)  # raw: 'halved' is registered in the sweep only
+    scalings = {stored[ARCH_PREFIX + str(t.user_attrs[ARCH_HASH])]["decoder"]["attention"]["scaling"]["name"]
+                for t in study.trials}
     assert "halved" in scalings
 
 
