@@ -6,8 +6,12 @@ fused against the reference attention path at sequence 2048.
    sweep trial does (the trial loop of search/trial/loop.py on Lightning Fabric, bf16-mixed, fused
    AdamW, random tokens), eager and with compile; prints tokens/s and model FLOP utilisation
    against the device's dense bf16 peak (search/study/devices.py's table, or --peak-tflops).
+   The same with ``compile_mode=reduce-overhead`` (the step captured in CUDA graphs).
 2. One attention layer (d_model 1024, 16 heads, causal, batch 4, seq 2048, bf16): forward +
    backward time and peak memory of the fused path against the reference path.
+3. ``--packing``: trials per hour of real ``qkv sweep``s of the ``tiny`` and ``decoder``
+   spaces with k = 1, 2, 4, 8, 16 workers on GPU 0 (``trials_per_gpu=k``), the speed-up
+   over k = 1, and what ``trials_per_gpu=auto`` would choose there.
 
 Without CUDA it says so and exits 0. Run: python benchmarks/gpu.py [--steps 30] [--batch 8]
 """
@@ -16,7 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -62,15 +70,16 @@ def gpt2_trial(steps: int, batch: int) -> tuple:
     return arch, task, lit, settings
 
 
-def trial_speed(steps: int, batch: int, compile_backend: str | None, peak: float | None) -> tuple[float, float | None, str]:
+def trial_speed(steps: int, batch: int, compile_backend: str | None, peak: float | None,
+                compile_mode: str | None = None) -> tuple[float, float | None, str]:
     from qkvsearch.models import flops_per_token
     from qkvsearch.search.trial.hardware import model_flops_utilisation, peak_tflops
     from qkvsearch.search.trial.loop import fit
 
     arch, task, lit, settings = gpt2_trial(steps, batch)
     warm = fit(lit, task, dataclasses.replace(settings, max_steps=5, val_check_interval=5), [],
-               compile_backend=compile_backend)  # compilation and allocator warm-up
-    result = fit(lit, task, settings, [], compile_backend=compile_backend)
+               compile_backend=compile_backend, compile_mode=compile_mode)  # compilation and allocator warm-up
+    result = fit(lit, task, settings, [], compile_backend=compile_backend, compile_mode=compile_mode)
     tokens_per_s = result.tokens / result.train_seconds
     mfu = model_flops_utilisation(flops_per_token(arch), tokens_per_s, peak_tflops(result.device_name, peak))
     note = "compiled" if result.compiled else f"eager ({result.compile_fallback or warm.compile_fallback or 'as asked'})"
@@ -119,6 +128,35 @@ def attention_paths(repeats: int) -> None:
           f"fused is {ref_s / fused_s:.1f}x faster with {ref_b / max(fused_b, 1):.1f}x less peak memory (goal >= 4x, >= 10x)")
 
 
+def packing(ks: list[int], trials: int) -> None:
+    """Trials per hour with k workers sharing GPU 0, per space, each a real sweep."""
+    from qkvsearch.search.base.configs import compose_config
+    from qkvsearch.search.study.devices import largest_trial_memory, plan_workers
+
+    for space, task in (("tiny", "lm_stdlib"), ("decoder", "recall")):
+        auto = plan_workers(compose_config("sweep", [f"space={space}", f"task={task}", "trainer=gpu", "gpus=[0]",
+                                                     "workers=auto", "trials_per_gpu=auto"]))
+        need = largest_trial_memory(compose_config("sweep", [f"space={space}", f"task={task}", "trainer=gpu"]))
+        print(f"{space}: trials_per_gpu=auto chooses {auto.workers} on GPU 0 (largest trial ~{(need or 0) / 2**30:.2f} GiB)")
+        base = None
+        for k in ks:
+            with tempfile.TemporaryDirectory() as root:
+                command = [sys.executable, "-m", "qkvsearch.search.cli", "sweep", f"space={space}", f"task={task}",
+                           "trainer=gpu", "gpus=[0]", f"workers={k}", f"trials_per_gpu={k}", f"n_trials={max(trials, 2 * k)}",
+                           "finalists=0", "baseline=false", "pruner=none", f"run_root={root}", "artifacts=null"]
+                began = time.perf_counter()
+                done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                wall = time.perf_counter() - began
+                if done.returncode != 0:
+                    print(f"  k={k}: failed ({done.stderr.strip().splitlines()[-1:] or ['?']})")
+                    continue
+                n = max(trials, 2 * k)
+                per_hour = n / wall * 3600
+                base = base or per_hour
+                print(f"  k={k:2d}: {n} trials in {wall:6.1f} s, {per_hour:7.0f} trials/hour, {per_hour / base:.2f}x k=1",
+                      flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -126,6 +164,9 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="only profile an eager trial's steps")
+    parser.add_argument("--packing", action="store_true", help="only trials per hour against workers per GPU")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--packing-trials", type=int, default=16)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
@@ -137,11 +178,15 @@ def main() -> None:
     if args.profile:
         profile_trial(args.steps, args.batch)
         return
-    for backend in (None, "inductor"):
-        tokens_per_s, mfu, note = trial_speed(args.steps, args.batch, backend, args.peak_tflops)
+    if args.packing:
+        packing(args.ks, args.packing_trials)
+        return
+    for backend, mode, name in ((None, None, "eager"), ("inductor", None, "compile"),
+                                ("inductor", "reduce-overhead", "compile, CUDA graphs")):
+        tokens_per_s, mfu, note = trial_speed(args.steps, args.batch, backend, args.peak_tflops, mode)
         share = f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU unknown (give --peak-tflops)"
-        print(f"GPT-2-small trial, batch {args.batch} x 1024, {'compile' if backend else 'eager'}: "
-              f"{tokens_per_s:,.0f} tokens/s, {share} (goal >= 40% on an H100); {note}")
+        print(f"GPT-2-small trial, batch {args.batch} x 1024, {name}: "
+              f"{tokens_per_s:,.0f} tokens/s, {share} (goal >= 45% on an H200); {note}")
     attention_paths(args.repeats)
 
 

@@ -32,6 +32,7 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit, logs 
 step tests "${TESTS_S:-240}" $PY -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py ${TESTS_K:+-k "$TESTS_K"}
 [ -n "${PROFILE:-}" ] && step profile 90 $PY benchmarks/gpu.py --profile --steps 10 --batch "${BATCH:-8}"
 step bench "${BENCH_S:-200}" $PY benchmarks/gpu.py --steps 30 --batch "${BATCH:-8}"
+step packing "${PACKING_S:-240}" $PY benchmarks/gpu.py --packing --ks ${KS:-1 4 16} --packing-trials "${PACKING_TRIALS:-16}"
 RUN=$(mktemp -d)
 step sweep "${SWEEP_S:-150}" $PY -m qkvsearch.search.cli sweep trainer=gpu space=decoder task=recall n_trials=16 workers=4 trials_per_gpu=4 \
     trainer.max_steps=400 trainer.val_check_interval=100 trainer.limit_val_batches=4 "run_root=$RUN" study_name=gpu_node

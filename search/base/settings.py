@@ -141,6 +141,10 @@ def check_sweep(cfg: DictConfig) -> list[str]:
     limit = cfg.memory_limit_gb
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0):
         raise QkvError(f"memory_limit_gb must be null (the device's free memory) or a number > 0, got {limit!r}")
+    modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if cfg.get("compile_mode") not in modes:
+        raise QkvError(f"compile_mode must be one of {', '.join(str(m).lower() if m is None else m for m in modes)}; "
+                       f"got {cfg.compile_mode!r}")
     LoopSettings.from_config(OmegaConf.to_container(cfg.trainer, resolve=True))
     return directions
 

@@ -278,6 +278,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         loop=LoopSettings.from_config(OmegaConf.to_container(cfg.trainer, resolve=True)),
         optim=OmegaConf.to_container(cfg.optim, resolve=True), seed=cfg.seed,
         compile_backend=cfg.compile_backend if cfg.compile else None,
+        compile_mode=cfg.get("compile_mode") if cfg.compile else None,
         memory_limit_gb=cfg.memory_limit_gb, peak_tflops=cfg.peak_tflops,
     )
     backend = FabricBackend(

@@ -48,6 +48,7 @@ class TrialSettings:
         optim: ``LitTransformer``'s optimiser settings; a space's sampled ``optim`` overrides them.
         seed: trial N initialises its model from seed ``seed + N`` (reproducible trials).
         compile_backend: run each model through ``torch.compile`` with this backend (None: eager).
+        compile_mode: ``torch.compile``'s mode (``reduce-overhead``: CUDA graphs, on CUDA only).
         memory_limit_gb: the most memory a trial may plan to use (None: what the device has free).
         peak_tflops: the device's peak for model FLOP utilisation (None: the known devices' table).
     """
@@ -56,6 +57,7 @@ class TrialSettings:
     optim: dict[str, Any]
     seed: int = 0
     compile_backend: str | None = None
+    compile_mode: str | None = None
     memory_limit_gb: float | None = None
     peak_tflops: float | None = None
 
@@ -161,6 +163,7 @@ class FabricBackend:
             trial.set_user_attr("ranks", loop.world_size)
             spec = {"task_data": self.ranks.task_data, "arch": arch.to_dict(), "seed": seed, "optim": optim,
                     "settings": dataclasses.asdict(loop), "compile_backend": self.settings.compile_backend,
+                    "compile_mode": self.settings.compile_mode,
                     "threads": torch.get_num_threads(), "plugins": self.ranks.plugins}
             helpers = helper_ranks(loop.world_size, spec, folder / "ranks")
         L.seed_everything(seed, verbose=False)
@@ -172,7 +175,8 @@ class FabricBackend:
             callbacks.append(OptunaPruning(trial, self.monitor, last_step=loop.max_steps, prune=prune))
         try:
             with helpers:
-                result = fit(lit, self.task, loop, callbacks, folder, self.settings.compile_backend)
+                result = fit(lit, self.task, loop, callbacks, folder, self.settings.compile_backend,
+                             self.settings.compile_mode)
         finally:  # a pruned trial's compute counts too
             record(trial, {TRAIN_TOKENS: lit.tokens_seen, SECONDS_AT: clock.at})
         return lit, best, result

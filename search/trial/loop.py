@@ -100,14 +100,23 @@ def _why(error: BaseException) -> str:
     return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"[:500]
 
 
-def compile_model(lit: LitTransformer, backend: str) -> str | None:
-    """Runs ``lit``'s forward passes through ``torch.compile``; returns why not when that fails."""
+#: torch.compile modes that capture CUDA graphs, which need a CUDA device and static shapes
+GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compile_model(lit: LitTransformer, backend: str, mode: str | None = None, device_type: str = "cpu") -> str | None:
+    """Runs ``lit``'s forward passes through ``torch.compile``; returns why not (or why not
+    in ``mode``) when that fails. A graph-capturing mode off CUDA compiles in the default
+    mode instead, saying so: on a CPU there is no launch overhead for graphs to save."""
+    note = None
+    if mode in GRAPH_MODES and device_type != "cuda":
+        note, mode = f"compile_mode={mode} captures CUDA graphs; on {device_type} the default mode ran", None
     try:
-        lit.set_runner(torch.compile(lit.model, backend=backend))
+        lit.set_runner(torch.compile(lit.model, backend=backend, mode=mode))
     except Exception as error:  # noqa: BLE001 - any failure of the compiler leaves the eager model
         lit.set_runner(None)
         return _why(error)
-    return None
+    return note
 
 
 def _is_compile_error(error: BaseException) -> bool:
@@ -121,11 +130,12 @@ class _Run:
     and what the loop has counted so far."""
 
     def __init__(self, lit: LitTransformer, task: Any, settings: LoopSettings, fabric: Any,
-                 compile_backend: str | None) -> None:
+                 compile_backend: str | None, compile_mode: str | None = None) -> None:
         self.lit, self.settings, self.fabric = lit, settings, fabric
         if fabric.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what runs in fp32
-        self.fallback = compile_model(lit, compile_backend) if compile_backend else None
+        self.fallback = (compile_model(lit, compile_backend, compile_mode, fabric.device.type)
+                         if compile_backend else None)
         task.setup("fit")
         optimizers = lit.configure_optimizers()
         self.scheduler = optimizers["lr_scheduler"]["scheduler"]
@@ -221,14 +231,15 @@ class _Run:
 
 
 def fit(lit: LitTransformer, task: Any, settings: LoopSettings, callbacks: list[Any],
-        folder: pathlib.Path | None = None, compile_backend: str | None = None) -> FitResult:
+        folder: pathlib.Path | None = None, compile_backend: str | None = None,
+        compile_mode: str | None = None) -> FitResult:
     """Trains ``lit`` on ``task`` for ``settings.max_steps`` steps, validating every
     ``val_check_interval`` steps; callbacks as the module docstring says. With ``folder``,
     the losses go to ``folder/logs/metrics.csv``. With ``compile_backend`` the model runs
     through ``torch.compile``; if compiling fails (at once or in the first step) it trains
     eagerly and the result says why."""
     fabric = make_fabric(settings, folder, callbacks)
-    run = _Run(lit, task, settings, fabric, compile_backend)
+    run = _Run(lit, task, settings, fabric, compile_backend, compile_mode)
     try:
         for step in range(1, settings.max_steps + 1):
             loss = run.step(step)

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     L.seed_everything(spec["seed"], verbose=False)
     lit = LitTransformer(ArchConfig.from_dict(spec["arch"]), task.kind, **spec["optim"])
     try:  # how it ended goes to ranks/rank<N>.json; rank 0 records the trial
-        result = fit(lit, task, settings, [], None, spec["compile_backend"])
+        result = fit(lit, task, settings, [], None, spec["compile_backend"], spec.get("compile_mode"))
         outcome = {"outcome": "complete", "metrics": result.metrics, "device": result.device}
     except (optuna.TrialPruned, NonFiniteLoss) as error:  # a decision every rank took at the same step
         outcome = {"outcome": "pruned", "reason": str(error)}
