@@ -36,6 +36,17 @@ def test_the_lower_median_counts_never_as_last_and_a_ratio_over_never_is_undefin
     assert math.isnan(simulate.ratio_interval([1.0], [math.inf], rng)[0])
 
 
+def test_the_anytime_curve_read_at_many_points_is_the_incumbent_at_each():
+    import numpy as np
+
+    simulate = load_simulate()
+    rng = np.random.default_rng(1)
+    tokens = np.cumsum(rng.integers(1, 50, size=30)).astype(float)
+    curve = [[t, 0.0, 0.0, v] for t, v in zip(tokens, np.minimum.accumulate(rng.random(30) + 2), strict=True)]
+    points = np.concatenate([[0.0, tokens[0] - 1], tokens, tokens + 0.5, rng.uniform(0, tokens[-1] * 1.2, 200)])
+    assert simulate.values_at(curve, points).tolist() == [simulate.value_at(curve, x) for x in points]
+
+
 @pytest.mark.slow
 def test_replays_resume_and_the_report_reads_them(tmp_path):
     simulate = load_simulate()
