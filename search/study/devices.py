@@ -108,26 +108,21 @@ def largest_trial_memory(cfg: Any, samples: int = 200) -> int | None:
 
 def _per_gpu(cfg: Any, per_gpu: Any, chosen: list[str], largest: Callable[[], int | None]) -> int:
     """``trials_per_gpu`` resolved (``auto``) and checked against the GPUs' free memory."""
+    if per_gpu == 1:
+        return 1
     free = gpu_free_memory(chosen)
+    need = largest() if free is not None else None
+    if need is None:  # nothing to measure with: auto is one worker per GPU, a number is taken as given
+        return 1 if per_gpu == "auto" else per_gpu
+    emptiest = min(chosen, key=lambda gpu: free[gpu])
+    fit = max(trials_that_fit(need, free[emptiest]), 1)  # not even one: each trial's own preflight prunes it
     if per_gpu == "auto":
-        if free is None:
-            return 1  # nothing to measure with: one worker per GPU, as before
-        need = largest()
-        if need is None:
-            return 1
-        emptiest = min(chosen, key=lambda gpu: free[gpu])
-        fit = trials_that_fit(need, free[emptiest])
-        if fit == 0:  # not even one: each trial's own preflight prunes what does not fit, with its reason
-            return 1
         return fit
-    if per_gpu > 1 and free is not None and (need := largest()) is not None:
-        emptiest = min(chosen, key=lambda gpu: free[gpu])
-        fit = trials_that_fit(need, free[emptiest])
-        if per_gpu > max(fit, 1):
-            raise QkvError(
-                f"trials_per_gpu={per_gpu} does not fit: the space's largest trial needs ~{need / GiB:.2f} GiB and a "
-                f"worker ~{WORKER_OVERHEAD / GiB:.0f} GiB more, and GPU {emptiest} has {free[emptiest] / GiB:.1f} GiB "
-                f"free ({USABLE:.0%} usable): at most {max(fit, 1)} per GPU (or trials_per_gpu=auto)")
+    if per_gpu > fit:
+        raise QkvError(
+            f"trials_per_gpu={per_gpu} does not fit: the space's largest trial needs ~{need / GiB:.2f} GiB and a "
+            f"worker ~{WORKER_OVERHEAD / GiB:.0f} GiB more, and GPU {emptiest} has {free[emptiest] / GiB:.1f} GiB "
+            f"free ({USABLE:.0%} usable): at most {fit} per GPU (or trials_per_gpu=auto)")
     return per_gpu
 
 
