@@ -196,6 +196,7 @@ def ask(study: optuna.Study, storage: BaseStorage) -> optuna.Trial:
     """``study.ask()``, taking a queued trial first, without reading the trials that are
     neither queued nor new (Optuna's ask reads every trial its cache has not seen to find
     the queued ones)."""
+    study._thread_local.cached_all_trials = None  # as Study.ask does: the sampler reads the study afresh
     for queued in open_trials(study, storage, (TrialState.WAITING,)):
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             if study._storage.set_trial_state_values(trial_id(queued), state=TrialState.RUNNING):
