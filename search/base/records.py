@@ -7,7 +7,7 @@ a trial records a dozen facts at a time (what it is, where it runs, how fast it 
 elsewhere (a journal appends each line under its lock; memory costs nothing).
 
 The private Optuna names used (a trial's storage id and cached state, RDBStorage's session
-and its attribute writer) are read here only; tests/search/test_records.py breaks when
+and its attribute writer) are read here only; tests/search/test_coordination.py breaks when
 Optuna changes them.
 """
 
