@@ -26,6 +26,10 @@ ROWS = {
     "qkv sweep --help": [*QKV, "sweep", "--help"],
     "qkv sweeep (a typo)": [*QKV, "sweeep"],
     "qkv sweep n_trails=5 (a typo)": [*QKV, "sweep", "n_trails=5"],
+    "qkv export --cfg job": [*QKV, "export", "--cfg", "job"],
+    "  the export command's own imports (before: paid first)": [sys.executable, "-c",
+                                                                 "import qkvsearch.search.commands.export"],
+    "qkv dashboard --cfg job": [*QKV, "dashboard", "--cfg", "job"],
     "imports before extra workers start (launch)": [sys.executable, "-c", "import qkvsearch.search.commands.sweep"],
     "a worker's imports (qkvsearch.search.study.sweep)": [sys.executable, "-c", "import qkvsearch.search.study.sweep"],
     "  of which torch": [sys.executable, "-c", "import torch"],
@@ -47,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    print(f"{'command':<46} {'CPU s':>7} {'bare s':>7} {'ratio':>7}")
+    print(f"{'command':<56} {'CPU s':>7} {'bare s':>7} {'ratio':>7}")
     for name, command in ROWS.items():
         mine, bare = [], []
         for i in range(args.repeats):
@@ -55,7 +59,7 @@ def main() -> None:
             for cmd, out in (pair if i % 2 == 0 else pair[::-1]):
                 out.append(cpu_seconds(cmd))
         m, b = statistics.median(mine), statistics.median(bare)
-        print(f"{name:<46} {m:7.2f} {b:7.3f} {m / max(b, 1e-3):6.1f}x")
+        print(f"{name:<56} {m:7.2f} {b:7.3f} {m / max(b, 1e-3):6.1f}x")
 
 
 if __name__ == "__main__":

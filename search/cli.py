@@ -11,12 +11,12 @@ from qkvsearch.search.base import signals
 from qkvsearch.search.base.errors import Interrupted, StorageUnreachable
 
 COMMANDS = {
-    "sweep": ("qkvsearch.search.commands.sweep", "search architectures: an Optuna study of Lightning-trained trials"),
-    "train": ("qkvsearch.search.commands.train", "train one architecture (a config file or a study's trial)"),
-    "export": ("qkvsearch.search.commands.export", "write a trial as a standalone PyTorch module folder, checked without qkvsearch"),
-    "dashboard": ("qkvsearch.search.commands.dashboard", "serve optuna-dashboard on the sweep's storage (127.0.0.1 by default)"),
-    "report": ("qkvsearch.search.commands.report", "write a self-contained HTML report of a study"),
-    "space": ("qkvsearch.search.commands.space", "`qkv space show space=NAME`: a space's parameters and how many samples are feasible"),
+    "sweep": ("qkvsearch.search.commands.sweep:main", "search architectures: an Optuna study of Lightning-trained trials"),
+    "train": ("qkvsearch.search.commands.apps:train", "train one architecture (a config file or a study's trial)"),
+    "export": ("qkvsearch.search.commands.apps:export", "write a trial as a standalone PyTorch module folder, checked without qkvsearch"),
+    "dashboard": ("qkvsearch.search.commands.apps:dashboard", "serve optuna-dashboard on the sweep's storage (127.0.0.1 by default)"),
+    "report": ("qkvsearch.search.commands.apps:report", "write a self-contained HTML report of a study"),
+    "space": ("qkvsearch.search.commands.apps:space", "`qkv space show space=NAME`: a space's parameters and how many samples are feasible"),
 }
 
 USAGE = """usage: qkv COMMAND [hydra overrides...]
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     # a traceback of its own internals), so a broken config file ends as one line below.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
-        importlib.import_module(COMMANDS[command][0]).main()
+        module, app = COMMANDS[command][0].split(":")
+        getattr(importlib.import_module(module), app)()
     except Exception as error:
         message = config_error(error)
         if message is None or os.environ.get("QKV_DEBUG"):

@@ -9,6 +9,8 @@ import site
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("models", "spaces", "tasks", "search")
 
@@ -51,3 +53,15 @@ def test_the_error_base_and_the_cheap_checks_import_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", ["sweep", "train", "export", "report", "dashboard", "space"])
+def test_a_command_composes_its_config_without_importing_torch(command, tmp_path):
+    # `--cfg job` (and a config error) answer before the command's module, and torch,
+    # Lightning and transformers with it, are imported: well under a second, not ten
+    code = ("import sys; from qkvsearch.search.cli import main; main(sys.argv[1:]);"
+            " print(sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code, command, "--cfg", "job"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

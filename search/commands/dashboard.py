@@ -10,12 +10,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import hydra
 import optuna
 from omegaconf import DictConfig
 
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.base.configs import run_command
 from qkvsearch.search.base.errors import Interrupted
 from qkvsearch.search.inspect.artifacts import open_store
 from qkvsearch.search.study.storage import open_storage, storage_url
@@ -101,9 +99,3 @@ def serve(cfg: DictConfig) -> None:
         print("dashboard stopped", file=sys.stderr)
     finally:
         server.server_close()
-
-
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="dashboard")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point of ``qkv dashboard``."""
-    run_command(serve, cfg)

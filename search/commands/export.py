@@ -11,12 +11,11 @@ from __future__ import annotations
 import datetime
 import pathlib
 
-import hydra
 import optuna
 from omegaconf import DictConfig
 
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.base.configs import compose_config, run_command
+from qkvsearch.search.base.configs import compose_config
 from qkvsearch.search.base.keys import CODE_VERSION, DUPLICATE_OF, EXPORTS, SPACE, TASK, TEST_SCORES
 from qkvsearch.search.base.settings import check_study_name
 from qkvsearch.search.base.weights import load_trained
@@ -113,10 +112,3 @@ def main_format(cfg: DictConfig) -> MainFormat:
 
         return HuggingFace(cfg.hf.family)
     raise QkvError(f"format: unknown {cfg.format!r}; valid: standalone, hf")
-
-
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point of ``qkv export``."""
-    out = run_command(export, cfg)
-    print(f"exported to {out} (checked in a fresh process without qkvsearch)")

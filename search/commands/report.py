@@ -15,7 +15,6 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
-import hydra
 import optuna
 import plotly.graph_objects as go
 import plotly.offline
@@ -23,7 +22,6 @@ from omegaconf import DictConfig
 
 from qkvsearch.models import ArchConfig, count_parameters
 from qkvsearch.models.describe import COLUMNS, layer_rows
-from qkvsearch.search.base.configs import run_command
 from qkvsearch.search.base.keys import EXPORTS, N_PARAMS, TASK, TEST_SCORES, reason
 from qkvsearch.search.base.weights import load_trained
 from qkvsearch.search.inspect.artifacts import AttentionMap, attention_maps, trial_weights
@@ -291,10 +289,3 @@ def report(cfg: DictConfig) -> pathlib.Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(study, task_loader, cfg.run_root), encoding="utf-8")
     return out
-
-
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="report")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point of ``qkv report``."""
-    out = run_command(report, cfg)
-    print(f"report written to {out} (self-contained: open it in any browser, offline)")

@@ -8,14 +8,12 @@ import dataclasses
 import re
 import statistics
 
-import hydra
 import optuna
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
 from qkvsearch.models import count_parameters, flops_per_token
-from qkvsearch.search.base.configs import run_command
 from qkvsearch.search.study.prepare import build_space, build_task
 from qkvsearch.search.trial.objective import suggest_checked
 from qkvsearch.spaces import FunctionSpace, Infeasible, Space
@@ -79,9 +77,3 @@ def show(cfg: DictConfig, console: Console | None = None) -> SampleStats:
     for reason, count in stats.reasons.most_common(5):
         console.print(f"  rejected {count}x: {reason}")
     return stats
-
-
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="space_show")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point of ``qkv space show``."""
-    run_command(show, cfg)

@@ -7,7 +7,6 @@ import pathlib
 import time
 from typing import Any
 
-import hydra
 import lightning as L
 import optuna
 import torch
@@ -17,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
 from qkvsearch.models.errors import QkvError
-from qkvsearch.search.base.configs import run_command
 from qkvsearch.search.base.keys import OPTIM, TASK
 from qkvsearch.search.base.settings import sign_of
 from qkvsearch.search.base.weights import save_weights
@@ -102,9 +100,3 @@ def train(cfg: DictConfig) -> pathlib.Path:
     print(f"best {monitor} {chosen:.4f} at step {best.best_step} (trivial baseline val_loss "
           f"{summary['trivial_val_loss']:.4f}){tested}; written to {out}")
     return out
-
-
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point of ``qkv train``."""
-    run_command(train, cfg)
