@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         return
     command = argv[0]
-    from qkvsearch.search.cli_conf import CommandConf, suggest
+    from qkvsearch.search.cli_conf import CommandConf, slurm_array, suggest
 
     if command not in COMMANDS:
         hint = suggest(command, list(COMMANDS))
@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in rest):  # answered from the YAML: no torch, no Lightning
         print(conf.help(command, COMMANDS[command][1]))
         return
+    if command == "sweep":
+        rest, note = slurm_array(rest)
+        if note:
+            print(note, flush=True)
     try:
         conf.check(rest)
     except ValueError as error:

@@ -100,3 +100,34 @@ def suggest(name: str, known: list[str]) -> str:
     """`` (did you mean 'sweep'?)`` for a close name in ``known``, else nothing."""
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+#: SLURM launchers that run one worker per job, where ``workers=N`` becomes one job array
+ARRAY_LAUNCHERS = ("slurm_gpu", "submitit_slurm")
+
+
+def slurm_array(args: list[str]) -> tuple[list[str], str | None]:
+    """``qkv sweep hydra/launcher=slurm_gpu workers=N``: one SLURM job array of N tasks, one
+    worker each (Hydra's submitit launcher submits a multirun's jobs as one array), instead
+    of one job running N workers. Rewritten here as the multirun ``worker_index=range(0,N)
+    workers=1``; returns the arguments and the line that says so (None: left as they are).
+    With ``worker_index`` given, or the node preset (``slurm_node``: ``workers`` counts a
+    node's workers), nothing changes."""
+    launcher = next((a.split("=", 1)[1] for a in args if a.startswith("hydra/launcher=")), None)
+    workers = [a for a in args if a.startswith("workers=")]
+    if launcher not in ARRAY_LAUNCHERS or len(workers) != 1 or any(a.startswith("worker_index=") for a in args):
+        return args, None
+    value = workers[0].split("=", 1)[1]
+    if not value.isdigit() or int(value) < 2:
+        return args, None
+    count = int(value)
+    # `--cfg job` (Hydra prints one job's config, never a multirun's): the first task's
+    shown = any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in args)
+    out = [] if shown else ["-m"]
+    for arg in args:  # in place: Hydra reads the overrides as one run of arguments
+        if arg == workers[0]:
+            out += ["workers=1", "worker_index=0" if shown else f"worker_index=range(0,{count})"]
+        elif arg not in ("-m", "--multirun"):
+            out.append(arg)
+    return out, f"qkv sweep: workers={count} on SLURM: one job array of {count} tasks, one worker each" + (
+        " (the first task's config)" if shown else "")

@@ -173,3 +173,36 @@ def test_an_override_that_does_not_parse_is_a_clean_error():
     result = _qkv("sweep", "n_trials=[")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "qkv sweep: error: no viable alternative at input '['" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["hydra/launcher=slurm_gpu", "workers=64", "storage=postgres"],
+     ["-m", "hydra/launcher=slurm_gpu", "workers=1", "worker_index=range(0,64)", "storage=postgres"]),
+    (["hydra/launcher=slurm_gpu", "workers=64", "--cfg", "job"],  # Hydra shows one job: the first task's
+     ["hydra/launcher=slurm_gpu", "workers=1", "worker_index=0", "--cfg", "job"]),
+    (["-m", "workers=3", "hydra/launcher=submitit_slurm"],
+     ["-m", "workers=1", "worker_index=range(0,3)", "hydra/launcher=submitit_slurm"]),
+    # left alone: the node preset (workers counts a node's), worker_index given, one worker, auto, no SLURM
+    (["-m", "hydra/launcher=slurm_node", "workers=8", "worker_index=0,1"], None),
+    (["-m", "hydra/launcher=slurm_gpu", "workers=2", "worker_index=0,1"], None),
+    (["hydra/launcher=slurm_gpu", "workers=1"], None),
+    (["hydra/launcher=slurm_gpu", "workers=auto"], None),
+    (["workers=4"], None),
+])
+def test_workers_on_a_one_worker_per_job_slurm_launcher_become_one_job_array(args, expected):
+    from qkvsearch.search.cli_conf import slurm_array
+
+    rewritten, note = slurm_array(args)
+    assert rewritten == (args if expected is None else expected)
+    assert (note is None) == (expected is None)
+
+
+def test_a_slurm_array_sweep_composes_one_job_per_task():
+    # Hydra itself reads the rewritten multirun: worker_index=range(0,4) sweeps four jobs
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from qkvsearch.search.cli_conf import slurm_array
+
+    rewritten, _ = slurm_array(["hydra/launcher=slurm_gpu", "workers=4"])
+    (sweep,) = [o for o in OverridesParser.create().parse_overrides([a for a in rewritten if a != "-m"]) if o.is_sweep_override()]
+    assert sweep.key_or_group == "worker_index" and list(sweep.sweep_iterator()) == [0, 1, 2, 3]

@@ -78,27 +78,42 @@ def trial_mid_training(proc: subprocess.Popen, storage: str, name: str) -> optun
     raise AssertionError("no trial started")
 
 
-def test_two_slurm_jobs_work_on_one_study_to_exactly_n_trials(tmp_path, slurm_env, submit, postgres_url):
+def test_workers_on_slurm_are_one_job_array_working_on_one_study_to_exactly_n_trials(tmp_path, slurm_env, submit, postgres_url):
     # (the journal storage on a shared filesystem: the requeue test below)
     extra, storage = storage_args("postgres", tmp_path, postgres_url)
-    name = f"slurm-two-{tmp_path.name[-6:]}"
-    proc = submit(*SHORT, *extra, f"run_root={tmp_path}", "n_trials=4", f"study_name={name}",
-                  "worker_index=0,1")
-    seen = set()
+    name = f"slurm-array-{tmp_path.name[-6:]}"
+    proc = submit(*SHORT, *extra, f"run_root={tmp_path}", "n_trials=4", f"study_name={name}", "workers=4")
+    seen: set[tuple[str, ...]] = set()
     while proc.poll() is None:
-        seen |= {tuple(job) for job in squeue(slurm_env) if job[1] == "RUNNING"}
-        time.sleep(0.5)
+        seen |= {tuple(job) for job in squeue(slurm_env)}
+        time.sleep(0.3)
     out = proc.stdout.read().decode()
     assert proc.returncode == 0, out[-3000:]
-    assert len({job[0] for job in seen}) == 2, seen  # squeue listed both jobs while they ran
-    assert all(job[2:] == ("1", "2G", "10:00") for job in seen)  # the resources the config asked for
+    assert "one job array of 4 tasks, one worker each" in out
+    # one array (one id before the underscore) of 4 tasks; a pending range shows as 12_[2-3]
+    arrays = {job[0].split("_")[0] for job in seen}
+    assert len(arrays) == 1, seen
+    (array,) = arrays
+    tasks = {int(i) for job in seen for i in _task_ids(job[0])}
+    assert tasks == {0, 1, 2, 3}, seen
+    assert all(job[2:] == ("1", "2G", "10:00") for job in seen if job[1] == "RUNNING")  # the resources asked for
     trials = load(storage, name).get_trials()
     assert len(counted(trials)) == 4 and all(t.state == State.COMPLETE for t in trials)
     jobs = {t.user_attrs["slurm_job_id"] for t in trials}
-    assert jobs <= {job[0] for job in seen}
+    assert all(job.split("_")[0] == array for job in jobs), jobs  # each trial names its array task
     assert f"each job's log: {tmp_path}/slurm/<job id>/<job id>_0_log.out" in out
-    for job in jobs:  # each job's log lands under run_root/slurm/<job id>/
+    for job in jobs:  # each task's log lands under run_root/slurm/<job id>/
         assert (tmp_path / "slurm" / job / f"{job}_0_log.out").exists(), sorted(p.name for p in (tmp_path / "slurm").iterdir())
+
+
+def _task_ids(job_id: str) -> list[int]:
+    """The array task ids ``squeue`` names in ``12_3`` or ``12_[1-3,5%256]``."""
+    tail = job_id.split("_", 1)[1].strip("[]").split("%")[0]
+    ids: list[int] = []
+    for part in tail.split(","):
+        low, _, high = part.partition("-")
+        ids += range(int(low), int(high or low) + 1)
+    return ids
 
 
 def test_a_cancelled_job_has_its_trial_retried_and_the_study_still_ends_at_n_trials(tmp_path, slurm_env, submit, postgres_url):
