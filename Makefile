@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		$(BIN)/pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"; \
 	fi
-	$(BIN)/pip install -e ".[test,postgres,onnx,cluster,hf]"
+	$(BIN)/pip install -e ".[test,postgres,grpc,onnx,cluster,hf]"
 	touch $@
 
 sweep: setup

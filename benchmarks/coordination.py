@@ -19,9 +19,10 @@ Prints per storage, size and worker count:
 Then, with --inspect, the commands that read a whole study: `qkv report`, the end-of-
 sweep summary and optuna-dashboard's study page (its payload size too).
 
-Run: python benchmarks/coordination.py [--trials 1000 10000] [--storages sqlite journal postgresql]
+Run: python benchmarks/coordination.py [--trials 1000 10000] [--storages sqlite journal postgresql grpc]
                                         [--workers 1 8 32] [--asks 4] [--space tiny] [--inspect]
 PostgreSQL: --postgres URL, else a throwaway server is started (the PostgreSQL packages).
+grpc: the same database through `qkv storage-proxy`, started here on a free port.
 Results are appended to benchmarks/results/coordination.jsonl with the date and machine.
 """
 
@@ -35,7 +36,9 @@ import multiprocessing
 import os
 import pathlib
 import platform
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,9 +87,13 @@ class NoTraining:
         return [value]
 
 
-def overrides_for(kind: str, where: pathlib.Path, url: str | None, space: str, name: str, n_trials: int) -> list[str]:
+def overrides_for(kind: str, where: pathlib.Path, url: str | None, space: str, name: str, n_trials: int,
+                  proxy_port: int | None = None) -> list[str]:
     storage = {"sqlite": ["storage=sqlite"], "journal": ["storage=journal"],
-               "postgresql": ["storage=postgres", f"storage.url={url}"]}[kind]
+               "postgresql": ["storage=postgres", f"storage.url={url}"],
+               # the workers through `qkv storage-proxy` (filled, like any study, through the database)
+               "grpc": ["storage=grpc", f"storage.port={proxy_port}", f"storage.url={url}"] if proxy_port
+               else ["storage=postgres", f"storage.url={url}"]}[kind]
     return [*storage, f"run_root={where}", f"space={space}", "task=recall", f"study_name={name}", f"n_trials={n_trials}",
             "finalists=0", "baseline=false", "artifacts=null", "threads=1"]
 
@@ -275,6 +282,23 @@ def postgres_url(given: str | None) -> tuple[str, Any]:
     return cluster.url, cluster
 
 
+def start_proxy(url: str) -> tuple[subprocess.Popen, int]:
+    """``qkv storage-proxy`` for ``url`` on a free port of 127.0.0.1, listening."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "qkvsearch.search.cli", "storage-proxy", f"storage.url={url}",
+                             f"port={port}", "threads=64"], stdout=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("the storage proxy did not start")
+
+
 def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
@@ -285,7 +309,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--storages", nargs="+", default=["sqlite", "journal", "postgresql"],
-                        choices=["sqlite", "journal", "postgresql"])
+                        choices=["sqlite", "journal", "postgresql", "grpc"])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--asks", type=int, default=4, help="trials each worker takes")
     parser.add_argument("--space", default="tiny")
@@ -295,7 +319,8 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     root = args.root or pathlib.Path(tempfile.mkdtemp(prefix="qkv-coord-"))
-    url, cluster = postgres_url(args.postgres) if "postgresql" in args.storages else (None, None)
+    server = {"postgresql", "grpc"} & set(args.storages)
+    url, cluster = postgres_url(args.postgres) if server else (None, None)
     stamp = {"date": datetime.date.today().isoformat(), "machine": machine()}
     print(f"coordination: {stamp['machine']}; studies under {root}", flush=True)
     header = (f"{'storage':10} {'trials':>6} {'W':>3} {'first s':>13} {'hold ms':>13} {'wait ms':>15} {'ask ms':>15} "
@@ -303,7 +328,7 @@ def main() -> None:
     try:
         for kind in args.storages:
             for n in args.trials:
-                name = f"coord-{args.space}-{n}"
+                name = f"coord-{args.space}-{n}" + ("-grpc" if kind == "grpc" else "")
                 base = overrides_for(kind, root / kind, url, args.space, name, n)
                 context = multiprocessing.get_context("fork")
                 start = time.perf_counter()
@@ -312,10 +337,11 @@ def main() -> None:
                 filler.join()
                 print(f"{kind}: {n} trials ready in {time.perf_counter() - start:.0f} s", flush=True)
                 print(header, flush=True)
+                proxy, port = start_proxy(url) if kind == "grpc" else (None, None)
                 for w in args.workers:
                     have = len(optuna.load_study(study_name=name, storage=open_storage(
                         compose_config("sweep", base).storage)).get_trials(deepcopy=False))
-                    row = drive(overrides_for(kind, root / kind, url, args.space, name, have + w * args.asks),
+                    row = drive(overrides_for(kind, root / kind, url, args.space, name, have + w * args.asks, port),
                                 w, args.asks)
                     print(f"{kind:10} {have:>6} {w:>3} {row['first_median_s']:>6.2f}/{row['first_max_s']:<6.2f} "
                           f"{row['hold_median_ms']:>6.1f}/{row['hold_p99_ms']:<6.1f} "
@@ -326,6 +352,9 @@ def main() -> None:
                     with RESULTS.open("a") as out:
                         out.write(json.dumps({**stamp, "storage": kind, "space": args.space, "trials_before": have,
                                               "workers": w, "asks": args.asks, **row}) + "\n")
+                if proxy is not None:
+                    proxy.terminate()
+                    proxy.wait()
                 if args.inspect:
                     seen = inspect(base)
                     print(f"{kind:10} {n:>6} inspect: " + ", ".join(f"{k} {v:.2f}" for k, v in seen.items()), flush=True)

@@ -16,6 +16,8 @@ COMMANDS = {
     "export": ("qkvsearch.search.commands.apps:export", "write a trial as a standalone PyTorch module folder, checked without qkvsearch"),
     "dashboard": ("qkvsearch.search.commands.apps:dashboard", "serve optuna-dashboard on the sweep's storage (127.0.0.1 by default)"),
     "report": ("qkvsearch.search.commands.apps:report", "write a self-contained HTML report of a study"),
+    "storage-proxy": ("qkvsearch.search.commands.apps:storage_proxy",
+                      "serve a sweep's PostgreSQL database to storage=grpc workers (Optuna's gRPC proxy, 127.0.0.1 by default)"),
     "space": ("qkvsearch.search.commands.apps:space", "`qkv space show space=NAME`: a space's parameters and how many samples are feasible"),
 }
 

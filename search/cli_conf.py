@@ -16,7 +16,7 @@ from qkvsearch.search.base.env import CONFIG_DIR_FLAGS, VALUE_FLAGS
 CONF_DIR = pathlib.Path(__file__).resolve().parent.parent / "conf"
 #: The primary config of each command.
 PRIMARY = {"sweep": "sweep", "train": "train", "export": "export", "dashboard": "dashboard", "report": "report",
-           "space": "space_show"}
+           "space": "space_show", "storage-proxy": "storage_proxy"}
 
 
 class UnknownName(ValueError):

@@ -55,7 +55,7 @@ def test_the_error_base_and_the_cheap_checks_import_no_torch():
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("command", ["sweep", "train", "export", "report", "dashboard", "space"])
+@pytest.mark.parametrize("command", ["sweep", "train", "export", "report", "dashboard", "space", "storage-proxy"])
 def test_a_command_composes_its_config_without_importing_torch(command, tmp_path):
     # `--cfg job` (and a config error) answer before the command's module, and torch,
     # Lightning and transformers with it, are imported: well under a second, not ten

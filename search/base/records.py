@@ -14,7 +14,7 @@ Optuna changes them.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -31,6 +31,13 @@ def database_of(storage: BaseStorage) -> RDBStorage | None:
             return None
         storage, seen = inner, seen + 1
     return storage if isinstance(storage, RDBStorage) else None
+
+
+def through_outage(storage: BaseStorage, call: Callable[[], Any]) -> Any:
+    """``call()`` (a query or write of the database behind ``storage``) as the storage makes
+    its own calls: through a server restart where it rides one out (``ResilientStorage``)."""
+    through = getattr(storage, "through_outage", None)
+    return through(call) if through is not None else call()
 
 
 def record(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
@@ -54,8 +61,7 @@ def record(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
             for key, value in attrs.items():
                 database._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, ident, key, value)
 
-    through = getattr(trial.storage, "through_outage", None)  # a server restart is waited out, as for every call
-    through(write) if through is not None else write()
+    through_outage(trial.storage, write)  # a server restart is waited out, as for every call
     trial._cached_frozen_trial.user_attrs.update(attrs)
 
 

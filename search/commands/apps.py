@@ -51,3 +51,8 @@ def train(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv train``."""
     run_command(lambda c: _command("train", "train")(c), cfg)
 
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="storage_proxy")
+def storage_proxy(cfg: DictConfig) -> None:
+    """Hydra entry point of ``qkv storage-proxy``."""
+    run_command(lambda c: _command("proxy", "serve")(c), cfg)

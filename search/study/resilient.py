@@ -35,16 +35,35 @@ def lost_connection(error: BaseException | None) -> BaseException | None:
     """The lost connection ``error`` is or wraps (Optuna wraps it in StorageInternalError), else None."""
     while error is not None:
         if isinstance(error, CONNECTION_ERRORS) or (isinstance(error, sqlalchemy.exc.DBAPIError)
-                                                    and error.connection_invalidated):
+                                                    and error.connection_invalidated) or _proxy_lost(error):
             return error
         error = error.__cause__ or error.__context__
     return None
 
 
+def _proxy_lost(error: BaseException) -> bool:
+    """A gRPC storage proxy that cannot be reached (UNAVAILABLE), or one whose own database
+    connection was lost (its call failed with the driver's OperationalError: UNKNOWN)."""
+    code = getattr(error, "code", None)
+    if not type(error).__module__.startswith("grpc") or not callable(code):
+        return False
+    name = getattr(code(), "name", "")
+    details = str(getattr(error, "details", lambda: "")() or "")
+    return name == "UNAVAILABLE" or (name == "UNKNOWN" and any(e.__name__ in details for e in CONNECTION_ERRORS))
+
+
 def _first_line(error: BaseException) -> str:
     """The database's own words: the driver's error, without SQLAlchemy's statement and links."""
-    text = str(getattr(error, "orig", None) or error)
+    details = getattr(error, "details", None)  # a gRPC error's own words
+    text = str(details() if callable(details) and details() else getattr(error, "orig", None) or error)
     return (text.strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """What a storage call raises when its server is away: Optuna's and SQLAlchemy's errors,
+    and gRPC's once the gRPC proxy's client is in use (grpcio is optional)."""
+    grpc = sys.modules.get("grpc")
+    return (StorageInternalError, sqlalchemy.exc.SQLAlchemyError, *((grpc.RpcError,) if grpc else ()))
 
 
 class Outage:
@@ -63,7 +82,7 @@ class Outage:
         while True:
             try:
                 result = function(*args, **kwargs)
-            except (StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as error:
+            except _storage_errors() as error:
                 lost = lost_connection(error)
                 if lost is None:
                     raise

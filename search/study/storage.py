@@ -18,7 +18,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import optuna
@@ -29,11 +29,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.keys import BASELINE, FINALIST_OF
-from qkvsearch.search.base.records import database_of
+from qkvsearch.search.base.records import database_of, through_outage
 from qkvsearch.search.base.settings import check_study_name
 from qkvsearch.search.study.resilient import Outage, ResilientStorage, lost_connection
 
-STORAGE_KINDS = ("rdb", "journal")
+STORAGE_KINDS = ("rdb", "journal", "grpc")
 #: Trial system attribute that carries a running trial's last heartbeat (seconds since the epoch).
 HEARTBEAT_ATTR = "qkv:heartbeat"
 #: How Optuna's system attributes of a trial's constraint values begin (``constraints:max_params``).
@@ -56,14 +56,7 @@ def trial_count(study: optuna.Study, storage: BaseStorage) -> int:
     def count() -> int:
         with database.scoped_session() as session:
             return session.query(models.TrialModel).filter(models.TrialModel.study_id == study._study_id).count()
-    return _through(storage, count)
-
-
-def _through(storage: BaseStorage, call: Callable[[], Any]) -> Any:
-    """``call()`` (a query of the database behind ``storage``) as the storage makes its own
-    calls: through a server restart where it rides one out."""
-    through = getattr(storage, "through_outage", None)
-    return through(call) if through is not None else call()
+    return through_outage(storage, count)
 
 
 def open_trials(study: optuna.Study, storage: BaseStorage, states: Sequence[TrialState]) -> list[FrozenTrial]:
@@ -73,7 +66,7 @@ def open_trials(study: optuna.Study, storage: BaseStorage, states: Sequence[Tria
     database = database_of(storage)
     if database is None:
         return study.get_trials(deepcopy=False, states=tuple(states))
-    return _through(storage, lambda: database.get_all_trials(study._study_id, deepcopy=False, states=tuple(states)))
+    return through_outage(storage, lambda: database.get_all_trials(study._study_id, deepcopy=False, states=tuple(states)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +105,7 @@ def database_counts(study: optuna.Study, storage: BaseStorage) -> Counts | None:
         total = sum(by_state.values())
         return Counts(counted=total - len(marked) - len((failed - marked) & retried),
                       waiting=by_state.get(TrialState.WAITING, 0) > 0, running=by_state.get(TrialState.RUNNING, 0) > 0)
-    return _through(storage, query)
+    return through_outage(storage, query)
 
 
 class StorageError(QkvError):
@@ -120,7 +113,10 @@ class StorageError(QkvError):
 
 
 def storage_url(cfg: Any) -> str:
-    """Returns the URL (or journal path) that names the storage, for messages and the dashboard."""
+    """Returns the URL (or journal path, or the proxy's address) that names the storage, for
+    messages and the dashboard."""
+    if cfg.kind == "grpc":
+        return f"grpc://{cfg.host}:{cfg.port}"
     return str(cfg.url if cfg.kind == "rdb" else cfg.path)
 
 
@@ -128,6 +124,8 @@ def storage_file(cfg: Any) -> pathlib.Path | None:
     """The file behind a SQLite or journal storage (None for a server)."""
     if cfg.get("kind") == "journal":
         return pathlib.Path(cfg.path)
+    if cfg.get("kind") == "grpc":
+        return None
     url = str(cfg.get("url") or "")
     return pathlib.Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
 
@@ -137,6 +135,8 @@ def open_resilient(cfg: Any) -> BaseStorage:
     :class:`ResilientStorage`, riding out a restart of up to ``storage.outage_s`` seconds
     (SQLite and journal files have no server to wait for)."""
     storage = open_storage(cfg)
+    if cfg.kind == "grpc":  # the proxy restarting, or its database behind it
+        return ResilientStorage(storage, Outage(storage_url(cfg), float(cfg.get("outage_s", 300))))
     if not isinstance(storage, RDBStorage) or str(cfg.url).startswith("sqlite"):
         return storage
     # outside Optuna's own cache of finished trials, which it puts around an RDBStorage it is given
@@ -165,6 +165,8 @@ def open_storage(cfg: Any, must_exist: bool = False) -> BaseStorage:
         raise StorageError(
             f"storage.heartbeat_s ({heartbeat_s}) must be >= 1 and storage.grace_s ({grace_s}) larger than it"
         )
+    if kind == "grpc":
+        return _open_proxy(cfg)
     try:
         if kind == "journal":
             # absolute: the lock is a symlink to this path, and a relative one would dangle from
@@ -187,6 +189,27 @@ def open_storage(cfg: Any, must_exist: bool = False) -> BaseStorage:
             return storage
     except (sqlalchemy.exc.SQLAlchemyError, OSError, ImportError, ValueError) as error:
         raise StorageError(f"cannot open storage {storage_url(cfg)}: {error}") from None
+
+
+def _open_proxy(cfg: Any) -> BaseStorage:
+    """A client of the gRPC storage proxy at ``storage.host:port`` (``qkv storage-proxy``):
+    a proxy that does not answer is a clear error at once (or after ``open_wait_s``)."""
+    try:
+        import grpc  # noqa: F401  (Optuna imports it lazily: missing, it would fail at the first call)
+        from optuna.storages import GrpcStorageProxy
+    except ImportError:
+        raise StorageError("storage=grpc needs grpcio: pip install 'qkvsearch[grpc]'") from None
+    where = storage_url(cfg)
+    wait_s = float(cfg.get("outage_s", 300)) if where in _REACHED else float(cfg.get("open_wait_s", 0))
+    proxy = GrpcStorageProxy(host=str(cfg.host), port=int(cfg.port))
+    try:
+        proxy.wait_server_ready(timeout=max(wait_s, 5.0))
+    except ConnectionError:
+        proxy.close()
+        raise StorageError(f"cannot open storage {where}: no storage proxy answers there within {max(wait_s, 5.0):.0f} s; "
+                           f"start one with `qkv storage-proxy storage.url=...` or point storage.host/port at it") from None
+    _REACHED.add(where)
+    return proxy
 
 
 def repair_journal_tail(path: pathlib.Path, lock: JournalFileSymlinkLock) -> None:
@@ -278,7 +301,8 @@ def storage_lock(cfg: Any, key_name: str) -> Iterator[None]:
     """
     key = int(hashlib.sha256(key_name.encode()).hexdigest()[:15], 16)
     url = str(cfg.get("url") or "")
-    if cfg.kind == "rdb" and url.startswith("postgresql"):
+    # (behind a gRPC proxy too: the proxy has no lock, its database's advisory lock serves)
+    if cfg.kind in ("rdb", "grpc") and url.startswith("postgresql"):
         engine = _lock_engine(url)
 
         def acquire() -> sqlalchemy.Connection:
@@ -308,7 +332,8 @@ def storage_lock(cfg: Any, key_name: str) -> Iterator[None]:
         return
     path = storage_file(cfg)
     if path is None:
-        raise StorageError(f"no cross-process lock for storage {url!r}; use sqlite, postgresql or a journal file")
+        raise StorageError(f"no cross-process lock for storage {url!r}; use sqlite, postgresql (behind storage=grpc too) "
+                           "or a journal file")
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(f"{path.name}.{key:x}.lock")
     with open(lock_path, "a+") as handle:

@@ -1,0 +1,109 @@
+"""``storage=grpc``: workers that reach their PostgreSQL study through Optuna's gRPC storage
+proxy (``qkv storage-proxy``), started for real; the proxy killed -9 and started again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from qkvsearch.search.inspect.selection import counted
+from tests.conftest import TEST_SWEEP
+from tests.search.faults import FAST_HEARTBEAT, SHORT, qkv, running_mid_trial, wait_for
+
+pytest.importorskip("grpc")
+State = optuna.trial.TrialState
+QKV = [sys.executable, "-m", "qkvsearch.search.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _proxy(url: str, port: int) -> subprocess.Popen:
+    """``qkv storage-proxy`` in its own process; returns once it listens."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*QKV, "storage-proxy", f"storage.url={url}", f"port={port}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = proc.stdout.readline()
+    assert f"storage proxy for {url} at 127.0.0.1:{port}" in line, line + proc.stdout.read()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.1)
+    raise AssertionError("the proxy never listened")
+
+
+@pytest.fixture
+def proxies():
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_workers_through_the_proxy_finish_exactly_n_trials_across_a_kill_9_of_the_proxy(tmp_path, postgres_url, proxies):
+    port, name = _free_port(), f"grpc-{tmp_path.name[-6:]}"
+    proxies.append(_proxy(postgres_url, port))
+    args = [*SHORT, *FAST_HEARTBEAT, "trainer.max_steps=100", "storage=grpc", f"storage.port={port}",
+            f"storage.url={postgres_url}", f"study_name={name}", "n_trials=4", f"run_root={tmp_path}", *TEST_SWEEP]
+    workers = [qkv(*args, f"worker_index={i}", log=tmp_path / f"w{i}.log") for i in range(2)]
+
+    def load() -> optuna.Study:
+        return optuna.load_study(study_name=name, storage=postgres_url)  # the database itself, beside the proxy
+
+    wait_for(lambda: _loaded(lambda: running_mid_trial(load)), 240, "a trial mid-training")
+    proxies[0].send_signal(signal.SIGKILL)  # the proxy dies under running trials: their reports and heartbeats fail
+    proxies[0].wait()
+    time.sleep(3)
+    proxies.append(_proxy(postgres_url, port))
+    for proc in workers:
+        assert proc.wait(timeout=400) == 0, (tmp_path / "w0.log").read_text()[-2000:] + (tmp_path / "w1.log").read_text()[-2000:]
+    logs = (tmp_path / "w0.log").read_text() + (tmp_path / "w1.log").read_text()
+    assert "connection lost" in logs and "connection back" in logs and "Traceback" not in logs
+    trials = load().get_trials()
+    assert not [t for t in trials if not t.state.is_finished()]
+    assert len(counted(trials)) == 4 and all(t.state == State.COMPLETE for t in counted(trials))
+    assert {t.user_attrs["worker_index"] for t in trials} == {0, 1}  # both workers trained through the proxy
+
+
+def _loaded(find):
+    try:
+        return find()
+    except KeyError:  # the study is not there yet
+        return []
+
+
+def test_no_proxy_there_is_one_clear_line_before_anything_runs(tmp_path, postgres_url):
+    port = _free_port()
+    result = subprocess.run([*QKV, "sweep", "storage=grpc", f"storage.port={port}", f"storage.url={postgres_url}",
+                             f"run_root={tmp_path}", *TEST_SWEEP], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"cannot open storage grpc://127.0.0.1:{port}: no storage proxy answers there" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "workers").exists()
+
+
+def test_the_proxy_refuses_a_journal_and_a_port_in_use_in_one_line(tmp_path):
+    journal = subprocess.run([*QKV, "storage-proxy", "storage=journal", f"storage.path={tmp_path}/j.log"],
+                             capture_output=True, text=True, timeout=120)
+    assert journal.returncode == 2 and "the proxy serves a database" in journal.stderr and "journal" in journal.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run([*QKV, "storage-proxy", f"storage.url=sqlite:///{tmp_path}/s.db", f"port={port}"],
+                              capture_output=True, text=True, timeout=120)
+    assert busy.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in busy.stderr
