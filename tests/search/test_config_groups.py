@@ -129,7 +129,8 @@ def test_every_trainer_config_makes_a_lightning_trainer(trainer):
     assert type(built.accelerator).__name__.lower().startswith({"cpu": "cpu", "gpu": "cuda", "auto": ""}[cfg.trainer.accelerator])
 
 
-@pytest.mark.parametrize("storage", [s for s in _options("storage") if s != "postgres"])
+# (the servers, PostgreSQL and the gRPC proxy, have tests of their own: test_postgres, test_grpc)
+@pytest.mark.parametrize("storage", [s for s in _options("storage") if s not in ("postgres", "grpc")])
 def test_file_storages_open_under_the_run_root(storage, tmp_path):
     cfg = compose_conf("sweep", [f"storage={storage}", f"run_root={tmp_path}"])
     opened = open_storage(cfg.storage)
