@@ -82,7 +82,10 @@ def own_cluster():
 def _workers(cluster, tmp_path, outages, n_trials=4):
     from tests.search.faults import FAST_HEARTBEAT, SHORT
 
+    # open_wait_s: a worker still importing when the server goes down opens it during the
+    # restart (as a SLURM job may); without it, a server never reached is an error at once
     args = [*SHORT, *FAST_HEARTBEAT, "trainer.max_steps=120", "storage=postgres", f"storage.url={cluster.url}",
+            "storage.open_wait_s=120",
             "study_name=restart", f"n_trials={n_trials}", f"run_root={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     return [subprocess.Popen([*SWEEP_CMD, *args, f"worker_index={i}", f"storage.outage_s={outage}", *TEST_SWEEP],
