@@ -8,6 +8,7 @@ command is about to run: ``--cfg job``, ``--help`` and a config error answer wit
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import hydra
@@ -16,43 +17,44 @@ from omegaconf import DictConfig
 from qkvsearch.search.base.configs import run_command
 
 
-def _command(module: str, name: str) -> Any:
-    return getattr(importlib.import_module(f"qkvsearch.search.commands.{module}"), name)
+def _command(module: str, name: str) -> Callable[[DictConfig], Any]:
+    """The command function ``name`` of ``qkvsearch.search.commands.<module>``, imported when called."""
+    return lambda cfg: getattr(importlib.import_module(f"qkvsearch.search.commands.{module}"), name)(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
 def export(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv export``."""
-    out = run_command(lambda c: _command("export", "export")(c), cfg)
+    out = run_command(_command("export", "export"), cfg)
     print(f"exported to {out} (checked in a fresh process without qkvsearch)")
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="report")
 def report(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv report``."""
-    out = run_command(lambda c: _command("report", "report")(c), cfg)
+    out = run_command(_command("report", "report"), cfg)
     print(f"report written to {out} (self-contained: open it in any browser, offline)")
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="dashboard")
 def dashboard(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv dashboard``."""
-    run_command(lambda c: _command("dashboard", "serve")(c), cfg)
+    run_command(_command("dashboard", "serve"), cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="space_show")
 def space(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv space show``."""
-    run_command(lambda c: _command("space", "show")(c), cfg)
+    run_command(_command("space", "show"), cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
 def train(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv train``."""
-    run_command(lambda c: _command("train", "train")(c), cfg)
+    run_command(_command("train", "train"), cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="storage_proxy")
 def storage_proxy(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv storage-proxy``."""
-    run_command(lambda c: _command("proxy", "serve")(c), cfg)
+    run_command(_command("proxy", "serve"), cfg)
