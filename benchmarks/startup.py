@@ -6,9 +6,11 @@ time, not wall time: this machine is shared, and a waiting process costs no CPU.
 two rows are the floor of a worker: a trial trains with torch and Lightning, and importing
 Lightning imports torchmetrics (Lightning checks its version by importing it), which
 imports scipy and matplotlib when they are installed (scikit-learn, which the digits task
-reads its data from, brings scipy).
+reads its data from, brings scipy). qkvsearch spares torchmetrics' imports of scipy.signal
+and transformers (search/base/lean_imports.py); the QKV_FULL_IMPORTS=1 row is the cost
+without that.
 
-    python benchmarks/startup.py [--repeats 5]
+    python benchmarks/startup.py [--repeats 5] [--only TEXT]
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ ROWS = {
     "qkv dashboard --cfg job": [*QKV, "dashboard", "--cfg", "job"],
     "imports before extra workers start (launch)": [sys.executable, "-c", "import qkvsearch.search.commands.sweep"],
     "a worker's imports (qkvsearch.search.study.sweep)": [sys.executable, "-c", "import qkvsearch.search.study.sweep"],
+    "  the same, QKV_FULL_IMPORTS=1 (torchmetrics whole)": ["env", "QKV_FULL_IMPORTS=1", sys.executable, "-c",
+                                                            "import qkvsearch.search.study.sweep"],
     "  of which torch": [sys.executable, "-c", "import torch"],
     "  of which torch + Lightning": [sys.executable, "-c", "import torch, lightning"],
 }
@@ -50,9 +54,12 @@ def cpu_seconds(command: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", default="", help="the rows whose name contains this text")
     args = parser.parse_args()
     print(f"{'command':<56} {'CPU s':>7} {'bare s':>7} {'ratio':>7}")
     for name, command in ROWS.items():
+        if args.only not in name:
+            continue
         mine, bare = [], []
         for i in range(args.repeats):
             pair = [(command, mine), (BARE, bare)]

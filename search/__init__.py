@@ -14,3 +14,7 @@
 
 Below ``search`` sit ``tasks -> spaces -> models``.
 """
+
+from qkvsearch.search.base.lean_imports import install as _lean_imports
+
+_lean_imports()  # Lightning's torchmetrics without scipy.signal and transformers (base/lean_imports.py)

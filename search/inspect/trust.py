@@ -14,7 +14,6 @@ import dataclasses
 import math
 
 import optuna
-from scipy import stats
 
 from qkvsearch.search.base.keys import DUPLICATE_OF, FLOPS_PER_TOKEN, N_PARAMS, PRUNED_BY, PRUNED_REASON
 from qkvsearch.search.inspect.selection import ranked
@@ -39,6 +38,9 @@ class Agreement:
 def _agreement(predictor: str, step: int | None, xs: list[float], ys: list[float]) -> Agreement:
     if len(xs) < MIN_TRIALS or len(set(xs)) < 2 or len(set(ys)) < 2:
         return Agreement(predictor, step, len(xs), math.nan, math.nan)
+    # imported here, not at the top: 1.5 CPU-s that a worker which never ranks need not pay
+    from scipy import stats
+
     return Agreement(predictor, step, len(xs), float(stats.spearmanr(xs, ys).statistic),
                      float(stats.kendalltau(xs, ys).statistic))
 

@@ -59,7 +59,7 @@ def test_workers_through_the_proxy_finish_exactly_n_trials_across_a_kill_9_of_th
     port, name = _free_port(), f"grpc-{tmp_path.name[-6:]}"
     proxies.append(_proxy(postgres_url, port))
     args = [*SHORT, *FAST_HEARTBEAT, "trainer.max_steps=100", "storage=grpc", f"storage.port={port}",
-            f"storage.url={postgres_url}", f"study_name={name}", "n_trials=4", f"run_root={tmp_path}", *TEST_SWEEP]
+            f"storage.url={postgres_url}", "storage.open_wait_s=120", f"study_name={name}", "n_trials=4", f"run_root={tmp_path}", *TEST_SWEEP]
     workers = [qkv(*args, f"worker_index={i}", log=tmp_path / f"w{i}.log") for i in range(2)]
 
     def load() -> optuna.Study:
