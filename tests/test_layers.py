@@ -65,3 +65,24 @@ def test_a_command_composes_its_config_without_importing_torch(command, tmp_path
                             timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train"], "give exactly one of arch=PATH.yaml or study_name=NAME"),
+    (["export", "study_name=nope"], "study 'nope' not found"),
+    (["report", "study_name=nope"], "study 'nope' not found"),
+    (["train", "study_name=nope"], "study 'nope' not found"),
+    (["dashboard", "run_root=elsewhere"], "no storage at elsewhere/studies.db"),
+])
+def test_a_missing_study_is_refused_before_the_command_imports_torch(args, message, tmp_path):
+    import optuna
+
+    (tmp_path / "runs").mkdir()
+    optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path}/runs/studies.db")
+    code = ("import sys\nfrom qkvsearch.search.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit as end:\n"
+            "    print(sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules)); raise")
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

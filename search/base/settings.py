@@ -50,6 +50,16 @@ def check_study_name(name: Any) -> str:
     return name
 
 
+def check_one_source(arch: Any, study_name: Any) -> None:
+    """For ``qkv train``: exactly one of an architecture file and a study to take a trial from.
+
+    Raises:
+        QkvError: neither or both given.
+    """
+    if (arch is None) == (study_name is None):
+        raise QkvError("give exactly one of arch=PATH.yaml or study_name=NAME (with trial=N or the best trial)")
+
+
 def check_objectives(objectives: list[str]) -> list[str]:
     """Returns the directions of ``objectives``; raises QkvError naming a bad entry."""
     if not objectives:

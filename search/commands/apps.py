@@ -3,6 +3,8 @@
 Each command's module imports torch, Lightning and the export libraries (several CPU-seconds,
 more on a loaded machine), so it is imported only once Hydra has composed the config and the
 command is about to run: ``--cfg job``, ``--help`` and a config error answer without them.
+Before that import, each command makes the checks that need only the storage (the study is
+there, the storage opens): a mistyped study name is one line in about a second, not ten.
 """
 
 from __future__ import annotations
@@ -15,31 +17,55 @@ import hydra
 from omegaconf import DictConfig
 
 from qkvsearch.search.base.configs import run_command
+from qkvsearch.search.base.settings import check_one_source
+from qkvsearch.search.study.storage import load_named_study, open_storage
 
 
-def _command(module: str, name: str) -> Callable[[DictConfig], Any]:
-    """The command function ``name`` of ``qkvsearch.search.commands.<module>``, imported when called."""
-    return lambda cfg: getattr(importlib.import_module(f"qkvsearch.search.commands.{module}"), name)(cfg)
+def _command(module: str, name: str, check: Callable[[DictConfig], Any] | None = None,
+             ) -> Callable[[DictConfig], Any]:
+    """The command function ``name`` of ``qkvsearch.search.commands.<module>``, imported when
+    called, after ``check`` (the light checks that can refuse the input before that import)."""
+
+    def command(cfg: DictConfig) -> Any:
+        if check is not None:
+            check(cfg)
+        return getattr(importlib.import_module(f"qkvsearch.search.commands.{module}"), name)(cfg)
+
+    return command
+
+
+def _study_exists(cfg: DictConfig) -> None:
+    load_named_study(cfg.storage, cfg.study_name)
+
+
+def _storage_exists(cfg: DictConfig) -> None:
+    open_storage(cfg.storage, must_exist=True)
+
+
+def _train_source(cfg: DictConfig) -> None:
+    check_one_source(cfg.arch, cfg.study_name)
+    if cfg.study_name is not None:
+        _study_exists(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
 def export(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv export``."""
-    out = run_command(_command("export", "export"), cfg)
+    out = run_command(_command("export", "export", _study_exists), cfg)
     print(f"exported to {out} (checked in a fresh process without qkvsearch)")
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="report")
 def report(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv report``."""
-    out = run_command(_command("report", "report"), cfg)
+    out = run_command(_command("report", "report", _study_exists), cfg)
     print(f"report written to {out} (self-contained: open it in any browser, offline)")
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="dashboard")
 def dashboard(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv dashboard``."""
-    run_command(_command("dashboard", "serve"), cfg)
+    run_command(_command("dashboard", "serve", _storage_exists), cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="space_show")
@@ -51,7 +77,7 @@ def space(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
 def train(cfg: DictConfig) -> None:
     """Hydra entry point of ``qkv train``."""
-    run_command(_command("train", "train"), cfg)
+    run_command(_command("train", "train", _train_source), cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="storage_proxy")

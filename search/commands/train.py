@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from qkvsearch.models import ArchConfig, count_parameters, flops_per_token
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.keys import OPTIM, TASK
-from qkvsearch.search.base.settings import sign_of
+from qkvsearch.search.base.settings import check_one_source, sign_of
 from qkvsearch.search.base.weights import save_weights
 from qkvsearch.search.inspect.choose import select_trial
 from qkvsearch.search.inspect.selection import architecture
@@ -36,8 +36,7 @@ def load_arch(cfg: DictConfig) -> tuple[ArchConfig, dict[str, Any], optuna.Study
         QkvError: neither or both of ``arch`` and ``study_name`` given, a missing file,
             or a study or trial that does not exist or never completed.
     """
-    if (cfg.arch is None) == (cfg.study_name is None):
-        raise QkvError("give exactly one of arch=PATH.yaml or study_name=NAME (with trial=N or the best trial)")
+    check_one_source(cfg.arch, cfg.study_name)
     if cfg.arch is not None:
         path = pathlib.Path(cfg.arch)
         if not path.is_file():
