@@ -15,7 +15,7 @@ from rich.table import Table
 
 from qkvsearch.models import count_parameters, flops_per_token
 from qkvsearch.search.study.prepare import build_space, build_task
-from qkvsearch.search.trial.objective import suggest_checked
+from qkvsearch.search.trial.objective import random_draws
 from qkvsearch.spaces import FunctionSpace, Infeasible, Space
 
 
@@ -33,20 +33,14 @@ class SampleStats:
 def sample_space(space: Space | FunctionSpace, task, n: int, seed: int = 0) -> SampleStats:
     """Samples ``n`` random trials in memory and checks each as a sweep would."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     stats = SampleStats(n, 0, collections.Counter(), [], [])
-    for _ in range(n):
-        trial = study.ask()
-        try:
-            arch = suggest_checked(space, task, trial)
-        except Infeasible as error:
-            stats.reasons[_reason_kind(error)] += 1
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    for draw in random_draws(space, task, n, seed):
+        if isinstance(draw, Infeasible):
+            stats.reasons[_reason_kind(draw)] += 1
             continue
         stats.feasible += 1
-        stats.n_params.append(count_parameters(arch))
-        stats.flops.append(flops_per_token(arch))
-        study.tell(trial, 0.0)
+        stats.n_params.append(count_parameters(draw))
+        stats.flops.append(flops_per_token(draw))
     return stats
 
 

@@ -80,29 +80,20 @@ def trials_that_fit(largest: int, free: int) -> int:
 def largest_trial_memory(cfg: Any, samples: int = 200) -> int | None:
     """The most memory a training step of the sweep's space needs, over ``samples`` random
     feasible samples (None: the task has no fixed batch size to count with)."""
-    import optuna
-
     from qkvsearch.search.study.prepare import build_space, build_task
     from qkvsearch.search.trial.hardware import estimate_memory
-    from qkvsearch.search.trial.objective import suggest_checked
+    from qkvsearch.search.trial.objective import random_draws
     from qkvsearch.spaces import Infeasible
 
     task = build_task(cfg)
     batch_size = getattr(task, "batch_size", None)
     if not isinstance(batch_size, int):
         return None
-    space = build_space(cfg, task)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=int(cfg.seed)))
+    precision = cfg.trainer.get("precision", "32-true")
     most = 0
-    for _ in range(samples):
-        trial = study.ask()
-        try:
-            arch = suggest_checked(space, task, trial)
-        except Infeasible:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            continue
-        most = max(most, estimate_memory(arch, batch_size, task.seq_len, cfg.trainer.get("precision", "32-true")).total)
-        study.tell(trial, 0.0)
+    for draw in random_draws(build_space(cfg, task), task, samples, int(cfg.seed)):
+        if not isinstance(draw, Infeasible):
+            most = max(most, estimate_memory(draw, batch_size, task.seq_len, precision).total)
     return most or None
 
 

@@ -9,6 +9,7 @@ is the code that runs for real.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import optuna
@@ -43,6 +44,23 @@ def suggest_checked(space: Any, task: Any, trial: optuna.Trial) -> ArchConfig:
         trial.set_user_attr(PRUNED_REASON, f"infeasible: {error}")
         raise Infeasible(str(error)) from None
     return arch
+
+
+def random_draws(space: Any, task: Any, n: int, seed: int = 0) -> Iterator[ArchConfig | Infeasible]:
+    """``n`` random trials of ``space``, sampled in a study in memory and checked as a sweep
+    checks them: each an architecture, or the Infeasible that rejected it. What ``qkv space
+    show`` counts, and what ``trials_per_gpu=auto`` measures the largest trial over."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    for _ in range(n):
+        trial = study.ask()
+        try:
+            arch = suggest_checked(space, task, trial)
+        except Infeasible as error:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            yield error
+            continue
+        study.tell(trial, 0.0)
+        yield arch
 
 
 class Backend(Protocol):
