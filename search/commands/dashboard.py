@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import errno
-import ipaddress
 import pathlib
-import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -15,32 +12,12 @@ from omegaconf import DictConfig
 
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.errors import Interrupted
+from qkvsearch.search.base.network import check_port, is_loopback
 from qkvsearch.search.inspect.artifacts import open_store
 from qkvsearch.search.study.storage import open_storage, storage_url
 
-
-def check_port(host: str, port: int) -> None:
-    """Raises QkvError with a clear message when ``host:port`` cannot be bound."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                raise QkvError(f"port {port} on {host} is in use; choose another with port=N") from None
-            raise QkvError(f"cannot listen on {host}:{port}: {error.strerror}") from None
-
-
 #: HTTP methods a read-only dashboard answers; every other one is refused.
 READING = ("GET", "HEAD", "OPTIONS")
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_only(app: Callable[..., Any]) -> Callable[..., Any]:

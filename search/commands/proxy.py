@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.errors import Interrupted
-from qkvsearch.search.commands.dashboard import check_port, is_loopback
+from qkvsearch.search.base.network import check_port, is_loopback
 from qkvsearch.search.study.storage import open_storage, storage_url
 
 

@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.artifacts import get_all_artifact_meta
 
-from qkvsearch.search.commands.dashboard import check_port
+from qkvsearch.search.base.network import check_port
 from qkvsearch.search.commands.report import render, report
 from qkvsearch.search.inspect.selection import architecture
 from qkvsearch.search.study.storage import open_storage
@@ -147,7 +147,8 @@ def test_the_dashboard_refuses_an_unauthenticated_delete_on_loopback_unless_writ
 
 
 def test_serving_beyond_loopback_warns_and_is_read_only_by_default():
-    from qkvsearch.search.commands.dashboard import exposure_warning, is_loopback
+    from qkvsearch.search.base.network import is_loopback
+    from qkvsearch.search.commands.dashboard import exposure_warning
 
     assert exposure_warning("127.0.0.1", writable=True) is None and is_loopback("::1") and is_loopback("localhost")
     warning = exposure_warning("0.0.0.0", writable=True)
