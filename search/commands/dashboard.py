@@ -42,8 +42,9 @@ def exposure_warning(host: str, writable: bool) -> str | None:
             f"host and tunnel instead: ssh -L 8080:127.0.0.1:8080 <node>")
 
 
-def serve(cfg: DictConfig) -> None:
-    """Checks the storage and the port, then serves until interrupted."""
+def serve(cfg: DictConfig, storage: Any = None) -> None:
+    """Checks the storage and the port, then serves until interrupted. ``storage``: the one
+    ``cfg.storage`` describes, when the caller has opened it already."""
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
     import optuna_dashboard
@@ -51,7 +52,7 @@ def serve(cfg: DictConfig) -> None:
     if not isinstance(cfg.read_only, bool):
         raise QkvError(f"read_only must be true or false, got {cfg.read_only!r}")
     writable = not cfg.read_only
-    storage = open_storage(cfg.storage, must_exist=True)
+    storage = storage if storage is not None else open_storage(cfg.storage, must_exist=True)
     studies = optuna.get_all_study_summaries(storage)
     if not studies:
         raise QkvError(f"no study found in {storage_url(cfg.storage)}; run `qkv sweep` first, or give storage=...")

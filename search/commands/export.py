@@ -62,10 +62,11 @@ def retrain(cfg: DictConfig, study: optuna.Study, trial: optuna.trial.FrozenTria
     return train(train_cfg) / "model.safetensors"
 
 
-def export(cfg: DictConfig) -> pathlib.Path:
-    """Writes and checks the export folder; returns its path."""
+def export(cfg: DictConfig, study: optuna.Study | None = None) -> pathlib.Path:
+    """Writes and checks the export folder; returns its path. ``study``: the one
+    ``cfg.study_name`` names, when the caller has loaded it already."""
     main = main_format(cfg)
-    study = load_named_study(cfg.storage, cfg.study_name)
+    study = study if study is not None else load_named_study(cfg.storage, cfg.study_name)
     trial = select_trial(study, cfg.trial, cfg.rule, cfg.within, cfg.max_params)
     arch = architecture(study, trial)
     if not cfg.out:

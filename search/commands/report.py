@@ -277,9 +277,10 @@ def render(study: optuna.Study, task_loader: Callable[[], Any] | None = None, ru
             f"<body><h1>{title}</h1><p>{html.escape(summary)}</p>{''.join(sections)}</body></html>")
 
 
-def report(cfg: DictConfig) -> pathlib.Path:
-    """Writes the report of ``cfg.study_name`` (default: the latest study) and returns its path."""
-    study = load_named_study(cfg.storage, cfg.study_name)
+def report(cfg: DictConfig, study: optuna.Study | None = None) -> pathlib.Path:
+    """Writes the report of ``cfg.study_name`` (default: the latest study) and returns its path.
+    ``study``: that study, when the caller has loaded it already."""
+    study = study if study is not None else load_named_study(cfg.storage, cfg.study_name)
     name = study.study_name
 
     def task_loader() -> Any:

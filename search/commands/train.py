@@ -28,7 +28,7 @@ from qkvsearch.search.trial.evaluate import score, test_loader
 from qkvsearch.search.trial.lit import LitTransformer, check_compatible, quiet_lightning
 
 
-def load_arch(cfg: DictConfig) -> tuple[ArchConfig, dict[str, Any], optuna.Study | None]:
+def load_arch(cfg: DictConfig, study: optuna.Study | None = None) -> tuple[ArchConfig, dict[str, Any], optuna.Study | None]:
     """The architecture to train, where it came from (with a study's trial, the optimiser
     settings its space sampled, under ``optim``), and its study (None for a file).
 
@@ -42,7 +42,7 @@ def load_arch(cfg: DictConfig) -> tuple[ArchConfig, dict[str, Any], optuna.Study
         if not path.is_file():
             raise QkvError(f"arch: no file at {path}")
         return ArchConfig.from_dict(yaml.safe_load(path.read_text())), {"arch_file": str(path.resolve())}, None
-    study = load_named_study(cfg.storage, cfg.study_name)
+    study = study if study is not None else load_named_study(cfg.storage, cfg.study_name)
     trial = select_trial(study, cfg.trial)  # a number, or the best (by its mean over seeds where finalists ran)
     source = {"study": cfg.study_name, "trial": trial.number, "optim": trial.user_attrs.get(OPTIM, {})}
     return architecture(study, trial), source, study
@@ -55,11 +55,12 @@ def task_overridden() -> bool:
     return HydraConfig.initialized() and any(o.startswith(("task=", "task.")) for o in HydraConfig.get().overrides.task)
 
 
-def train(cfg: DictConfig) -> pathlib.Path:
-    """Trains and writes ``arch.yaml``, ``model.safetensors`` (best weights) and metrics to ``out_dir``."""
+def train(cfg: DictConfig, study: optuna.Study | None = None) -> pathlib.Path:
+    """Trains and writes ``arch.yaml``, ``model.safetensors`` (best weights) and metrics to ``out_dir``.
+    ``study``: the one ``cfg.study_name`` names, when the caller has loaded it already."""
     quiet_lightning()
     L.seed_everything(cfg.seed, verbose=False)
-    arch, source, study = load_arch(cfg)
+    arch, source, study = load_arch(cfg, study)
     # a study's trial trains on the task the study was made with, unless the command line chooses one
     from_study = study is not None and not task_overridden()
     task = task_of_study(study) if from_study else build_task(cfg)
