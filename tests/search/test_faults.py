@@ -65,21 +65,18 @@ def _assert_complete_without_loss(study: optuna.Study, n_trials: int, killed: se
             assert t.params == original.params, "a retry must train the same architecture"
 
 
-# (the file storages' kill -9 paths are the heartbeat-window test's, on SQLite, journal and
-# PostgreSQL, and test_workers'; this one's cost is six processes, so it runs on the server a
-# cluster shares)
-@pytest.mark.parametrize("kind", ["postgres"])
-def test_three_workers_killed_at_random_still_finish_exactly_n_trials(kind, tmp_path, request):
-    postgres_url = request.getfixturevalue("postgres_url") if kind == "postgres" else None
-    if kind == "postgres":  # a fresh database per run of this test
-        import sqlalchemy
+# On the server a cluster shares: its cost is six processes, and the kill -9 paths of SQLite
+# and the journal file are the heartbeat-window test's (on all three storages) and test_workers'
+def test_three_workers_killed_at_random_still_finish_exactly_n_trials(tmp_path, postgres_url):
+    import sqlalchemy
 
-        engine = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("DROP DATABASE IF EXISTS faults"))
-            connection.execute(sqlalchemy.text("CREATE DATABASE faults"))
-        engine.dispose()
-        postgres_url = postgres_url.rsplit("/", 1)[0] + "/faults"
+    kind = "postgres"
+    engine = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:  # a fresh database per run of this test
+        connection.execute(sqlalchemy.text("DROP DATABASE IF EXISTS faults"))
+        connection.execute(sqlalchemy.text("CREATE DATABASE faults"))
+    engine.dispose()
+    postgres_url = postgres_url.rsplit("/", 1)[0] + "/faults"
     storage_args, where = _storage_args(kind, tmp_path, postgres_url)
     n_trials, name = 6, "faults"
     args = [*SHORT, *FAST_HEARTBEAT, *storage_args, f"run_root={tmp_path}", f"n_trials={n_trials}",
