@@ -12,6 +12,7 @@ from typing import Any
 
 import hydra
 import optuna
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -161,7 +162,13 @@ def build_sampler(cfg: DictConfig, space: Space | FunctionSpace, index: int) -> 
         extra["search_space"] = grid_of(space)
     if cfg.sampler.get("seed") is not None:  # workers of one study must not propose the same points
         extra["seed"] = cfg.sampler.seed + 1000 * index
-    return instantiate(cfg.sampler, **extra)
+    try:
+        return instantiate(cfg.sampler, **extra)
+    except InstantiationException as error:  # the sampler's own reason, not Hydra's wrapping of it
+        cause = error.__cause__
+        if isinstance(cause, QkvError):
+            raise cause from None
+        raise QkvError(f"sampler ({cfg.sampler._target_}): {cause or error}") from None
 
 
 def grid_of(space: Space) -> dict[str, list[Any]]:
