@@ -213,13 +213,33 @@ def work(overrides: list[str], asks: int, barrier: Any, results: Any) -> None:
                  "cpu": time.process_time() - cpu, "start": start, "end": done, "writes": writes.count - written})
 
 
+def gather(procs: list[Any], results: Any) -> list[dict[str, Any]]:
+    """Each worker's result as it comes. A worker that died without one (the OOM killer, a
+    crash) stops the run with its exit code, instead of a queue that waits for ever."""
+    import queue
+
+    got: list[dict[str, Any]] = []
+    while len(got) < len(procs):
+        try:
+            got.append(results.get(timeout=5))
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for proc in procs:
+                    proc.kill()
+                codes = sorted({p.exitcode for p in dead})
+                raise SystemExit(f"{len(dead)} of {len(procs)} workers died without a result (exit codes {codes}; "
+                                 "-9 is SIGKILL, as the OOM killer sends): fewer workers, or more memory") from None
+    return got
+
+
 def drive(overrides: list[str], workers: int, asks: int) -> dict[str, Any]:
     context = multiprocessing.get_context("fork")
     barrier, results = context.Barrier(workers), context.Queue()
     procs = [context.Process(target=work, args=(overrides, asks, barrier, results)) for _ in range(workers)]
     for proc in procs:
         proc.start()
-    got = [results.get(timeout=3600) for _ in procs]
+    got = gather(procs, results)
     for proc in procs:
         proc.join()
     flat = {key: [v for g in got for v in g[key]] for key in ("holds", "waits", "asks", "samples")}
