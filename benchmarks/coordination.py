@@ -132,6 +132,15 @@ class Writes:
         self.dirty = False
 
 
+def copies_of(templates: list[optuna.trial.FrozenTrial], n: int) -> list[optuna.trial.FrozenTrial]:
+    """``n`` new trials, copies of ``templates`` in turn (their states, values, parameters,
+    attributes and intermediate values)."""
+    return [optuna.trial.create_trial(
+        state=t.state, values=t.values, params=t.params, distributions=t.distributions, user_attrs=t.user_attrs,
+        system_attrs=t.system_attrs, intermediate_values=t.intermediate_values)
+        for i in range(n) for t in [templates[i % len(templates)]]]
+
+
 def fill(overrides: list[str], n: int) -> None:
     """Makes the study and fills it to ``n`` trials: a few dozen made by the real trial path
     (with the configured sampler and pruner), then copies of them."""
@@ -147,13 +156,7 @@ def fill(overrides: list[str], n: int) -> None:
         trial = next_trial(study, worker.storage, worker.storage_cfg, n, worker.retry)
         run_trial(worker, trial)
     templates = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-    have = len(study.get_trials(deepcopy=False))
-    copies = []
-    for i in range(n - have):
-        t = templates[i % len(templates)]
-        copies.append(optuna.trial.create_trial(
-            state=t.state, values=t.values, params=t.params, distributions=t.distributions, user_attrs=t.user_attrs,
-            system_attrs=t.system_attrs, intermediate_values=t.intermediate_values))
+    copies = copies_of(templates, n - len(study.get_trials(deepcopy=False)))
     for start in range(0, len(copies), 500):
         study.add_trials(copies[start:start + 500])
 

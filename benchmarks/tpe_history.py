@@ -40,10 +40,7 @@ def worker_for(where: pathlib.Path, space: str, *extra: str):
 
 def study_of(n: int, templates: list, directions, sampler) -> optuna.Study:
     study = optuna.create_study(directions=directions, sampler=sampler)
-    study.add_trials([optuna.trial.create_trial(
-        state=t.state, values=t.values, params=t.params, distributions=t.distributions, user_attrs=t.user_attrs,
-        system_attrs=t.system_attrs, intermediate_values=t.intermediate_values)
-        for i in range(n) for t in [templates[i % len(templates)]]])
+    study.add_trials(coordination.copies_of(templates, n))
     return study
 
 
