@@ -85,6 +85,8 @@ class Outage:
             except _storage_errors() as error:
                 lost = lost_connection(error)
                 if lost is None:
+                    if began is not None:  # the server answered, with its own error: the outage is over
+                        self._back(began)
                     raise
                 now = time.monotonic()
                 if began is None:
@@ -99,11 +101,18 @@ class Outage:
                 signals.pause(min(delay, max(0.0, self.outage_s - (now - began))))
                 delay = min(2 * delay, 10.0)
                 continue
+            except Exception:
+                if began is not None:  # an answer all the same (a finished trial's UpdateFinishedTrialError)
+                    self._back(began)
+                raise
             if began is not None:
-                self.recovered_at = time.time()
-                print(f"qkv: warning: storage {self.where}: connection back after {time.monotonic() - began:.0f} s",
-                      file=sys.stderr, flush=True)
+                self._back(began)
             return result
+
+    def _back(self, began: float) -> None:
+        self.recovered_at = time.time()
+        print(f"qkv: warning: storage {self.where}: connection back after {time.monotonic() - began:.0f} s",
+              file=sys.stderr, flush=True)
 
 
 class ResilientStorage(BaseStorage):
