@@ -18,6 +18,7 @@ import os
 import pathlib
 import sys
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -78,34 +79,93 @@ class Counts:
     running: bool  # another worker's trial runs
 
 
+#: A trial row with a lower id than one seen this long ago has been committed (or rolled
+#: back) by now: each row is written in one short transaction, after its id was drawn.
+COMMIT_HORIZON_S = 60.0
+#: Up to this many trial ids, the marks and lineage of the trials that can still change are
+#: read by id; past it (a worker's first look), by the range of ids
+_BY_ID = 500
+
+
+class DatabaseTally:
+    """:class:`Counts` of one study in a database, kept from the rows that can still change:
+    a finished trial never does, so its state, marks (a finalist's or baseline's) and the
+    lineage of its retry are read once. A look reads the ids and states of the trials
+    since the oldest one not settled (running, queued, or seen less than
+    :data:`COMMIT_HORIZON_S` ago: rows can commit out of id order, and a late one must
+    still be counted), and the marks and lineage of those not yet tallied; the first look
+    reads the whole study once. One per study object (:func:`database_counts`)."""
+
+    def __init__(self, study_id: int, clock: Any = time.monotonic) -> None:
+        self.study_id, self.clock = study_id, clock
+        self.settled = 0  # every row of the study with a trial id below this is finished and tallied
+        self.tallied: set[int] = set()  # trial ids from settled on, finished and tallied
+        self.first_seen: dict[int, float] = {}  # trial ids from settled on: when this tally first saw each
+        self.finished_counted = 0  # finished, neither a finalist's nor a baseline's
+        self.failed: set[int] = set()  # numbers of failed search trials (they count unless retried)
+        self.retried: set[int] = set()  # numbers of failed trials with a retry (each retry's retry_history)
+        self.rows_read = 0  # trial rows the last look read (what the tests and the benchmark watch)
+
+    def update(self, database: RDBStorage) -> Counts:
+        """One look: reads what can have changed, then brings the tally up to it."""
+        from optuna.storages._rdb import models
+
+        trials, user, system = models.TrialModel, models.TrialUserAttributeModel, models.TrialSystemAttributeModel
+        with database.scoped_session() as session:
+            rows = (session.query(trials.trial_id, trials.number, trials.state)
+                    .filter(trials.study_id == self.study_id, trials.trial_id >= self.settled).all())
+            fresh = [row for row in rows if row.trial_id not in self.tallied]
+            ids = [row.trial_id for row in fresh]
+
+            def of(model: Any, query: Any) -> Any:
+                if len(ids) <= _BY_ID:
+                    return query.filter(model.trial_id.in_(ids)) if ids else None
+                return (query.join(trials, model.trial_id == trials.trial_id)
+                        .filter(trials.study_id == self.study_id, trials.trial_id >= self.settled))
+            marks = of(user, session.query(user.trial_id).filter(user.key.in_([FINALIST_OF, BASELINE])))
+            lineage = of(system, session.query(system.trial_id, system.value_json).filter(system.key == "retry_history"))
+            marked = {trial for (trial,) in marks} if marks is not None else set()
+            retries = {trial: json.loads(value) for trial, value in lineage} if lineage is not None else {}
+        now = self.clock()
+        open_counted = waiting = running = 0
+        for row in fresh:
+            self.first_seen.setdefault(row.trial_id, now)
+            self.retried.update(retries.get(row.trial_id, ()))
+            if row.state.is_finished():
+                self.tallied.add(row.trial_id)
+                if row.trial_id not in marked:
+                    self.finished_counted += 1
+                    if row.state == TrialState.FAIL:
+                        self.failed.add(row.number)
+            else:
+                open_counted += row.trial_id not in marked
+                waiting |= row.state == TrialState.WAITING
+                running |= row.state == TrialState.RUNNING
+        for ident in sorted(row.trial_id for row in rows):  # settle the finished prefix old enough to be whole
+            if ident not in self.tallied or now - self.first_seen[ident] < COMMIT_HORIZON_S:
+                break
+            self.settled = ident + 1
+        self.tallied = {i for i in self.tallied if i >= self.settled}
+        self.first_seen = {i: t for i, t in self.first_seen.items() if i >= self.settled}
+        self.rows_read = len(rows)
+        return Counts(counted=self.finished_counted - len(self.failed & self.retried) + open_counted,
+                      waiting=bool(waiting), running=bool(running))
+
+
+_DATABASE_TALLIES: weakref.WeakKeyDictionary[optuna.Study, DatabaseTally] = weakref.WeakKeyDictionary()
+
+
 def database_counts(study: optuna.Study, storage: BaseStorage) -> Counts | None:
-    """:class:`Counts` from a few small queries of the database (None for other storages):
-    states counted by the server, and only the rows that change the count read (the
-    finalists' and baselines' marks, the failed trials' numbers, the retries' lineage)."""
+    """The study's :class:`Counts` from its database (None for other storages), through the
+    study object's :class:`DatabaseTally`: after the first look, a look reads the few rows
+    that changed, not every trial ever run."""
     database = database_of(storage)
     if database is None:
         return None
-    from optuna.storages._rdb import models
-
-    trials, user, system = models.TrialModel, models.TrialUserAttributeModel, models.TrialSystemAttributeModel
-    study_id = study._study_id
-
-    def query() -> Counts:
-        with database.scoped_session() as session:
-            by_state = dict(session.query(trials.state, sqlalchemy.func.count(trials.trial_id))
-                            .filter(trials.study_id == study_id).group_by(trials.state).all())
-            marked = {number for (number,) in session.query(trials.number).join(user, user.trial_id == trials.trial_id)
-                      .filter(trials.study_id == study_id, user.key.in_([FINALIST_OF, BASELINE]))}
-            failed = {number for (number,) in session.query(trials.number)
-                      .filter(trials.study_id == study_id, trials.state == TrialState.FAIL)}
-            retried = {number for (value,) in session.query(system.value_json)
-                       .join(trials, system.trial_id == trials.trial_id)
-                       .filter(trials.study_id == study_id, system.key == "retry_history")
-                       for number in json.loads(value)}
-        total = sum(by_state.values())
-        return Counts(counted=total - len(marked) - len((failed - marked) & retried),
-                      waiting=by_state.get(TrialState.WAITING, 0) > 0, running=by_state.get(TrialState.RUNNING, 0) > 0)
-    return through_outage(storage, query)
+    tally = _DATABASE_TALLIES.get(study)
+    if tally is None or tally.study_id != study._study_id:
+        tally = _DATABASE_TALLIES[study] = DatabaseTally(study._study_id)
+    return through_outage(storage, lambda: tally.update(database))
 
 
 class StorageError(QkvError):

@@ -44,7 +44,6 @@ from qkvsearch.search.base.keys import (
     WORKERS_JOINED,
     pinned,
 )
-from qkvsearch.search.base.records import database_of
 from qkvsearch.search.base.signals import backoff
 from qkvsearch.search.inspect.selection import frozen
 from qkvsearch.search.study.storage import (
@@ -185,9 +184,8 @@ def tally_of(study: optuna.Study) -> Tally:
 
 
 def counts_of(study: optuna.Study, storage: BaseStorage) -> Counts:
-    """The study's counts: a database counts them itself (a worker that has just joined
-    reads no trial under the lock); a journal file or memory from the trials that changed
-    since the last look (:class:`Tally`)."""
+    """The study's counts from the trials that changed since the last look: a database's
+    rows (:class:`~.storage.DatabaseTally`), a journal file's or memory's trials (:class:`Tally`)."""
     counts = database_counts(study, storage)
     return counts if counts is not None else tally_of(study).counts
 
@@ -223,14 +221,13 @@ def next_trial(study: optuna.Study, storage: BaseStorage, storage_cfg: Any, n_tr
     :func:`backoff` says while other workers' trials run.
 
     Under the lock a worker reads counts and the trials it must (running, queued), never
-    the whole study: a database counts for it; a journal is read up to date before the
-    lock is taken (a worker's first read of a large study takes seconds; Optuna keeps what
-    it has read), so that under it only what changed is read."""
+    the whole study: the counts are brought up to date before the lock is taken (a
+    worker's first look at a large study reads all of it once), so that under it only
+    what changed since is read (:class:`Tally`, :class:`~.storage.DatabaseTally`)."""
     waits = backoff(float(storage_cfg.heartbeat_s))
     while True:
         signals.check()  # a Ctrl-C between trials stops here, before the study is written to
-        if database_of(storage) is None:
-            tally_of(study)
+        counts_of(study, storage)  # what changed since the last look, read before the lock is taken
         with slot_lock(storage_cfg, study.study_name):
             reap_lost(study, storage, float(storage_cfg.grace_s), retry)
             slot = take_slot(study, n_trials, storage)

@@ -16,10 +16,11 @@ from qkvsearch.models import ArchConfig
 from qkvsearch.search.base.keys import ARCH, ARCH_HASH, BASELINE, FINALIST_OF
 from qkvsearch.search.base.records import ARCH_PREFIX, database_of, record
 from qkvsearch.search.inspect.selection import architecture, counted
+from qkvsearch.search.study import storage as storage_module
 from qkvsearch.search.study import workers
 from qkvsearch.search.study.prepare import prepare
 from qkvsearch.search.study.search import run_trial
-from qkvsearch.search.study.storage import database_counts, open_resilient
+from qkvsearch.search.study.storage import COMMIT_HORIZON_S, DatabaseTally, database_counts, open_resilient
 from qkvsearch.search.study.workers import RetryLost, Tally, next_trial
 from tests.conftest import tiny_sweep_conf
 
@@ -82,6 +83,90 @@ def test_the_database_counts_what_counted_counts(tmp_path, seed):
     assert counts.counted == len(counted(stored)) == Tally().update(stored).counts.counted
     assert (counts.waiting, counts.running) == (TrialState.WAITING in {t.state for t in stored},
                                                 TrialState.RUNNING in {t.state for t in stored})
+
+
+class Clock:
+    """Monotonic time the test moves by hand (the tally's commit horizon is in seconds)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _write(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int:
+    """Stores a ``_random_history`` trial as a sweep would leave it: its marks and lineage at creation."""
+    ident = study._storage.create_new_trial(study._study_id, template_trial=optuna.trial.create_trial(
+        state=TrialState.WAITING, user_attrs=trial.user_attrs, system_attrs=trial.system_attrs))
+    if trial.state != TrialState.WAITING:
+        study._storage.set_trial_state_values(ident, TrialState.RUNNING)
+    return ident
+
+
+@pytest.mark.parametrize(("seed", "by_id"), [(0, 500), (1, 5)])
+def test_the_database_tally_follows_a_study_that_grows_and_finishes_out_of_order(tmp_path, monkeypatch, seed, by_id):
+    """Look after look, the incremental count equals the whole study's, while old trials stay
+    running, finish and fail, retries and finalists come, and time settles the finished prefix;
+    once settled, a look reads the trials since the oldest open one, not the study. (With
+    ``by_id`` 5, the marks and lineage are mostly read by range, as on a first look.)"""
+    monkeypatch.setattr(storage_module, "_BY_ID", by_id)
+    rng, clock = random.Random(seed), Clock()
+    storage = open_resilient(tiny_sweep_conf(tmp_path).storage)
+    study = optuna.create_study(storage=storage, study_name="grows")
+    tally, open_ids = DatabaseTally(study._study_id, clock), []
+    for step in range(25):
+        for trial in _random_history(rng, rng.randint(0, 12)):
+            ident = _write(study, trial)
+            if not trial.state.is_finished():
+                open_ids.append(ident)
+            else:
+                study._storage.set_trial_state_values(ident, trial.state, [1.0] if trial.state == TrialState.COMPLETE else None)
+        for ident in list(open_ids):
+            if rng.random() < (0.3 if step < 20 else 1.0):  # the last steps finish everything
+                study._storage.set_trial_state_values(ident, rng.choice([TrialState.COMPLETE, TrialState.FAIL]),
+                                                      None)
+                open_ids.remove(ident)
+        clock.now += 20
+        stored = study.get_trials(deepcopy=False)
+        counts = tally.update(database_of(storage))
+        assert counts.counted == len(counted(stored)), step
+        assert counts.waiting == any(t.state == TrialState.WAITING for t in stored)
+        assert counts.running == any(t.state == TrialState.RUNNING for t in stored)
+    clock.now += COMMIT_HORIZON_S
+    tally.update(database_of(storage))
+    assert len(stored) > 100 and tally.settled > max(t._trial_id for t in stored)  # everything finished, all settled
+    late = study.ask()
+    assert tally.update(database_of(storage)).counted == len(counted(stored)) + 1 and tally.rows_read == 1
+    study.tell(late, 1.0)
+
+
+def test_a_row_that_commits_after_a_higher_id_still_counts_within_the_horizon(tmp_path):
+    """PostgreSQL draws a trial's id before its transaction commits, so a row can appear after
+    rows with higher ids (two workers' finalists queued at once). Within the commit horizon
+    the tally still reads it; settling past it at once would miss it for ever."""
+    from optuna.storages._rdb import models
+
+    clock = Clock()
+    storage = open_resilient(tiny_sweep_conf(tmp_path).storage)
+    study = optuna.create_study(storage=storage, study_name="late")
+    database = database_of(storage)
+
+    def row(ident: int) -> None:  # a finished trial whose id was drawn earlier than it commits
+        with database.scoped_session() as session:
+            session.add(models.TrialModel(trial_id=ident, number=ident, study_id=study._study_id,
+                                          state=TrialState.PRUNED))
+            session.commit()
+    for ident in (1, 2, 4):
+        row(ident)
+    tally = DatabaseTally(study._study_id, clock)
+    assert tally.update(database).counted == 3
+    clock.now += COMMIT_HORIZON_S / 2
+    row(3)  # committed late, within the horizon
+    assert tally.update(database).counted == 4
+    clock.now += COMMIT_HORIZON_S
+    assert tally.update(database).counted == 4 and tally.settled == 5  # the whole prefix is settled now
+    assert tally.update(database).counted == 4 and tally.rows_read == 0
 
 
 class Reads:
