@@ -162,9 +162,7 @@ def database_counts(study: optuna.Study, storage: BaseStorage) -> Counts | None:
     database = database_of(storage)
     if database is None:
         return None
-    tally = _DATABASE_TALLIES.get(study)
-    if tally is None or tally.study_id != study._study_id:
-        tally = _DATABASE_TALLIES[study] = DatabaseTally(study._study_id)
+    tally = _DATABASE_TALLIES.setdefault(study, DatabaseTally(study._study_id))
     return through_outage(storage, lambda: tally.update(database))
 
 
