@@ -2,8 +2,9 @@
 
 Liveness is the workers' (``workers.py``): a running trial's heartbeat is its system
 attribute :data:`HEARTBEAT_ATTR`, the same on every kind of storage. The few private
-Optuna names this project reads (a trial's and a study's storage ids) are read here, once,
-and the fault tests break if Optuna changes them.
+Optuna names this project reads (a trial's and a study's storage ids; RDBStorage's trial
+reader, its session and row models, and a row's start column, naive UTC) are read here,
+and tests/search/test_coordination.py and test_faults.py break if Optuna changes them.
 """
 
 from __future__ import annotations
@@ -68,6 +69,40 @@ def open_trials(study: optuna.Study, storage: BaseStorage, states: Sequence[Tria
     if database is None:
         return study.get_trials(deepcopy=False, states=tuple(states))
     return through_outage(storage, lambda: database.get_all_trials(study._study_id, deepcopy=False, states=tuple(states)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Running:
+    """What reaping needs of a running trial: when its worker last showed it was alive."""
+
+    trial_id: int
+    number: int
+    heartbeat: float | None  # the last :data:`HEARTBEAT_ATTR`, None where it never beat
+    started: float | None  # its start, seconds since the epoch
+
+
+def running_trials(study: optuna.Study, storage: BaseStorage) -> list[Running]:
+    """The study's running trials, each with its heartbeat and start: a database reads these
+    three columns (one query), not the trials' parameters, attributes and intermediate values."""
+    database = database_of(storage)
+    if database is None:
+        return [Running(trial_id(t), t.number, t.system_attrs.get(HEARTBEAT_ATTR),
+                        t.datetime_start.timestamp() if t.datetime_start is not None else None)
+                for t in open_trials(study, storage, (TrialState.RUNNING,))]
+    from optuna.storages._rdb import models
+
+    trials, system = models.TrialModel, models.TrialSystemAttributeModel
+
+    def read() -> list[Running]:
+        with database.scoped_session() as session:
+            rows = (session.query(trials.trial_id, trials.number, trials._datetime_start_utc, system.value_json)
+                    .outerjoin(system, sqlalchemy.and_(system.trial_id == trials.trial_id, system.key == HEARTBEAT_ATTR))
+                    .filter(trials.study_id == study._study_id, trials.state == TrialState.RUNNING)
+                    .order_by(trials.trial_id).all())
+        return [Running(ident, number, json.loads(beat) if beat is not None else None,  # Optuna stores naive UTC
+                        started.replace(tzinfo=datetime.UTC).timestamp() if started is not None else None)
+                for ident, number, started, beat in rows]
+    return through_outage(storage, read)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +341,61 @@ def repair_journal_tail(path: pathlib.Path, lock: JournalFileSymlinkLock) -> Non
         lock.release()
 
 
-def _open_rdb(url: str, attempts: int = 6) -> RDBStorage:
+#: trials a database storage reads in one query when it reads many (a worker's first look)
+READ_CHUNK = 500
+
+
+class ChunkedRDBStorage(RDBStorage):
+    """Optuna's RDBStorage, reading a large set of trials in pieces of :data:`READ_CHUNK`.
+
+    Optuna reads every trial its cache has not seen in one query, and holds the ORM rows of
+    all of them (parameters, attributes, intermediate values) at once: at 10,000 trials
+    that peak is several times what the trials keep once built, and a process's heap
+    does not give it back (``benchmarks/memory.py``). Read in pieces, the peak is one piece.
+    The trials returned are the same; a read of few trials, or one filtered by state (the
+    running or queued ones), is Optuna's own single query."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_up_to: dict[int, int] = {}  # study id: the highest trial id read whole
+
+    def _get_trials(self, study_id: int, states: Any, included_trial_ids: set[int],
+                    trial_id_greater_than: int) -> list[FrozenTrial]:
+        known = self._read_up_to.get(study_id)
+        if states is not None or (known is not None and trial_id_greater_than >= known - READ_CHUNK):
+            trials = super()._get_trials(study_id, states, included_trial_ids, trial_id_greater_than)
+        else:
+            trials = self._read_in_pieces(study_id, included_trial_ids, trial_id_greater_than)
+        if states is None and trials:
+            self._read_up_to[study_id] = max(known or -1, trials[-1]._trial_id)
+        return trials
+
+    def _read_in_pieces(self, study_id: int, included: set[int], above: int) -> list[FrozenTrial]:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from sqlalchemy import orm
+
+        model = models.TrialModel
+        with _create_scoped_session(self.scoped_session) as session:
+            models.StudyModel.find_or_raise_by_id(study_id, session)
+            wanted = model.trial_id > above
+            old = [ident for ident in included if ident <= above]
+            if old:
+                wanted = sqlalchemy.or_(wanted, model.trial_id.in_(old))
+            ids = [ident for (ident,) in session.query(model.trial_id).filter(model.study_id == study_id, wanted)
+                   .order_by(model.trial_id)]
+        related = [orm.selectinload(getattr(model, name)) for name in
+                   ("params", "values", "user_attributes", "system_attributes", "intermediate_values")]
+
+        def piece(start: int) -> list[FrozenTrial]:  # its rows are gone when it returns
+            with _create_scoped_session(self.scoped_session) as session:
+                rows = (session.query(model).options(*related).filter(model.trial_id.in_(ids[start:start + READ_CHUNK]))
+                        .order_by(model.trial_id).all())
+                return [self._build_frozen_trial_from_trial_model(row) for row in rows]
+        return [trial for start in range(0, len(ids), READ_CHUNK) for trial in piece(start)]
+
+
+def _open_rdb(url: str, attempts: int = 6) -> ChunkedRDBStorage:
     """Opens an RDB storage; retries the races that a lock cannot exclude (SQLite busy)."""
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith(("postgresql://", "postgresql+psycopg2://")):  # a host that drops packets fails, not hangs
@@ -316,7 +405,7 @@ def _open_rdb(url: str, attempts: int = 6) -> RDBStorage:
         engine = {"connect_args": {"timeout": 60}}
     for attempt in range(attempts):
         try:
-            return RDBStorage(url, engine_kwargs=engine)
+            return ChunkedRDBStorage(url, engine_kwargs=engine)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as error:
             racing = isinstance(error, sqlalchemy.exc.IntegrityError) or any(
                 text in str(error) for text in ("already exists", "locked", "duplicate key")

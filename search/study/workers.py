@@ -52,6 +52,7 @@ from qkvsearch.search.study.storage import (
     Counts,
     database_counts,
     open_trials,
+    running_trials,
     slot_lock,
     trial_count,
     trial_id,
@@ -103,21 +104,19 @@ def reap_lost(study: optuna.Study, storage: BaseStorage, grace_s: float, retry: 
     now, failed = time.time(), []
     if now - getattr(storage, "recovered_at", 0.0) < grace_s:
         return failed  # right after an outage: every worker needs a grace to beat again
-    for trial in open_trials(study, storage, (TrialState.RUNNING,)):
-        last = trial.system_attrs.get(HEARTBEAT_ATTR)
-        if last is None and trial.datetime_start is not None:
-            last = trial.datetime_start.timestamp()
+    for running in running_trials(study, storage):
+        last = running.heartbeat if running.heartbeat is not None else running.started
         if last is None or now - float(last) <= grace_s:
             continue
-        fate = (f"retried as trial {trial_count(study, storage)}" if retry.will_retry(trial)
+        ident = running.trial_id
+        fate = (f"retried as trial {trial_count(study, storage)}" if retry.will_retry(storage.get_trial(ident))
                 else f"not retried: max_retries ({retry.max_retry}) reached")
-        ident = trial_id(trial)
-        silent = "no heartbeat" if HEARTBEAT_ATTR in trial.system_attrs else "no heartbeat ever"
+        silent = "no heartbeat" if running.heartbeat is not None else "no heartbeat ever"
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             storage.set_trial_user_attr(ident, FAIL_REASON,
                                         f"worker lost: {silent} for {now - float(last):.0f} s (grace {grace_s:g} s); {fate}")
             if storage.set_trial_state_values(ident, state=TrialState.FAIL):
-                failed.append(trial.number)
+                failed.append(running.number)
                 retry(study, storage.get_trial(ident))
     return failed
 
@@ -190,15 +189,16 @@ def counts_of(study: optuna.Study, storage: BaseStorage) -> Counts:
     return counts if counts is not None else tally_of(study).counts
 
 
-def ask(study: optuna.Study, storage: BaseStorage) -> optuna.Trial:
+def ask(study: optuna.Study, storage: BaseStorage, queued: bool = True) -> optuna.Trial:
     """``study.ask()``, taking a queued trial first, without reading the trials that are
     neither queued nor new (Optuna's ask reads every trial its cache has not seen to find
-    the queued ones)."""
+    the queued ones). ``queued=False``: the caller's counts, read under the slot lock, saw
+    none queued, so none is looked for."""
     study._thread_local.cached_all_trials = None  # as Study.ask does: the sampler reads the study afresh
-    for queued in open_trials(study, storage, (TrialState.WAITING,)):
+    for queued_trial in open_trials(study, storage, (TrialState.WAITING,)) if queued else ():
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            if study._storage.set_trial_state_values(trial_id(queued), state=TrialState.RUNNING):
-                return optuna.Trial(study, trial_id(queued))
+            if study._storage.set_trial_state_values(trial_id(queued_trial), state=TrialState.RUNNING):
+                return optuna.Trial(study, trial_id(queued_trial))
     return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
 
 
@@ -210,7 +210,7 @@ def take_slot(study: optuna.Study, n_trials: int, storage: BaseStorage | None = 
     storage = storage or study._storage
     counts = counts_of(study, storage)
     if counts.waiting or counts.counted < n_trials:
-        return ask(study, storage)
+        return ask(study, storage, queued=counts.waiting)
     return WAIT if counts.running else None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import weakref
 
 import optuna
 import pytest
@@ -281,3 +282,60 @@ def test_a_sweep_stores_each_architecture_once_and_every_reader_finds_it(tmp_pat
     old = study.trials[0]  # a study from before keeps the architecture in each trial: still read
     old.user_attrs[ARCH] = stored[ARCH_PREFIX + old.user_attrs[ARCH_HASH]]
     assert architecture(study, old) == ArchConfig.from_dict(old.user_attrs[ARCH])
+
+
+class Held:
+    """The most trial rows (ORM objects) a storage held at once while it read."""
+
+    def __init__(self) -> None:
+        from optuna.storages._rdb import models
+
+        self.alive: weakref.WeakSet = weakref.WeakSet()
+        self.most = 0
+        self.model = models.TrialModel
+        sqlalchemy.event.listen(self.model, "load", self.loaded)
+
+    def loaded(self, row, _context) -> None:
+        self.alive.add(row)
+        self.most = max(self.most, len(self.alive))
+
+    def close(self) -> None:
+        sqlalchemy.event.remove(self.model, "load", self.loaded)
+
+
+def _as_read(trials):
+    return [(t._trial_id, t.number, t.state, t.values, t.params, t.user_attrs, t.system_attrs, t.intermediate_values)
+            for t in trials]
+
+
+def test_a_worker_joining_a_large_study_reads_it_in_pieces_and_gets_the_same_trials(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage_module, "READ_CHUNK", 4)
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=40")
+    study = optuna.create_study(storage=open_resilient(cfg.storage), study_name=cfg.study_name)
+    distribution = optuna.distributions.IntDistribution(1, 3)
+    study.add_trials([optuna.trial.create_trial(value=float(i % 7), params={"n_layers": 1 + i % 3},
+                                                distributions={"n_layers": distribution}, user_attrs={"i": i},
+                                                intermediate_values={s: 1.0 / (s + 1) for s in range(5)})
+                      for i in range(17)])
+    running = study.ask()
+    study.add_trials([optuna.trial.create_trial(value=1.0)] * 3)
+    plain = optuna.storages.RDBStorage(str(cfg.storage.url))
+    held = Held()
+    try:
+        fresh = open_resilient(cfg.storage)  # a worker that joins: its cache holds nothing yet
+        joined = optuna.load_study(study_name=cfg.study_name, storage=fresh)
+        first = joined.get_trials(deepcopy=False)
+        assert held.most <= 4  # Optuna's own storage holds all 21 rows at once
+        assert _as_read(first) == _as_read(plain.get_all_trials(study._study_id, deepcopy=False))
+        study.tell(running, 3.0)  # an open trial finishes, new ones come: the cache's next look is Optuna's
+        study.add_trials([optuna.trial.create_trial(value=2.0)] * 2)
+        assert _as_read(joined.get_trials(deepcopy=False)) == _as_read(plain.get_all_trials(study._study_id, deepcopy=False))
+        assert joined.get_trials(deepcopy=False)[17].values == [3.0] and len(joined.get_trials(deepcopy=False)) == 23
+    finally:
+        held.close()
+    held = Held()
+    try:
+        plain_study = optuna.load_study(study_name=cfg.study_name, storage=plain)
+        assert len(plain_study.get_trials(deepcopy=False)) == 23 and held.most == 23  # what the pieces avoid
+    finally:
+        held.close()

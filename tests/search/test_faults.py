@@ -187,11 +187,23 @@ def test_a_worker_killed_between_taking_a_trial_and_its_first_heartbeat_holds_no
     assert sum(t.user_attrs.get(RETRY_OF) == 0 for t in trials) == 1
 
 
+@pytest.fixture
+def zone(request, monkeypatch):
+    """The process's local time zone set to ``request.param`` (a POSIX TZ string), then back."""
+    monkeypatch.setenv("TZ", request.param)
+    time.tzset()
+    yield request.param
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize("zone", ["UTC0", "IST-5:30"], indirect=True)  # a database keeps a trial's start in UTC
 @pytest.mark.parametrize("storage_name", ["sqlite", "journal"])
-def test_a_silent_trial_and_one_that_never_beat_are_failed_with_why_and_retried(storage_name, tmp_path):
+def test_a_silent_trial_and_one_that_never_beat_are_failed_with_why_and_retried(storage_name, zone, tmp_path):
     """A worker killed mid-trial stops beating; one killed between taking its trial and the
     first heartbeat leaves a running trial with none at all (Optuna's own reaper never fails
-    that one). Past the grace both are failed, saying so, and queued again."""
+    that one). Past the grace both are failed, saying so, and queued again, wherever the
+    machine's clock is set."""
     from qkvsearch.search.study.workers import RetryLost, beat, reap_lost
 
     cfg = compose_conf("sweep", [f"run_root={tmp_path}", f"storage={storage_name}"]).storage
