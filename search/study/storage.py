@@ -125,20 +125,27 @@ _BY_ID = 500
 class DatabaseTally:
     """:class:`Counts` of one study in a database, kept from the rows that can still change:
     a finished trial never does, so its state, marks (a finalist's or baseline's) and the
-    lineage of its retry are read once. A look reads the ids and states of the trials
-    since the oldest one not settled (running, queued, or seen less than
-    :data:`COMMIT_HORIZON_S` ago: rows can commit out of id order, and a late one must
-    still be counted), and the marks and lineage of those not yet tallied; the first look
-    reads the whole study once. One per study object (:func:`database_counts`)."""
+    lineage of its retry are read once.
+
+    A look reads the ids and states of the new rows and of the open ones (running, queued),
+    and the marks and lineage of those not yet tallied. Rows can commit out of id order
+    (PostgreSQL draws an id before its transaction commits), so a finished row is settled
+    only once it has been seen for :data:`COMMIT_HORIZON_S`; until then each look also
+    counts the rows in the unsettled range, and reads the range again only when that count
+    shows a row it has not seen (a late one). The first look reads the whole study once.
+    One per study object (:func:`database_counts`)."""
 
     def __init__(self, study_id: int, clock: Any = time.monotonic) -> None:
         self.study_id, self.clock = study_id, clock
         self.settled = 0  # every row of the study with a trial id below this is finished and tallied
+        self.top = 0  # every row seen has a trial id below this
         self.tallied: set[int] = set()  # trial ids from settled on, finished and tallied
+        self.open: set[int] = set()  # trial ids from settled on, running or queued at the last look
         self.first_seen: dict[int, float] = {}  # trial ids from settled on: when this tally first saw each
         self.finished_counted = 0  # finished, neither a finalist's nor a baseline's
         self.failed: set[int] = set()  # numbers of failed search trials (they count unless retried)
         self.retried: set[int] = set()  # numbers of failed trials with a retry (each retry's retry_history)
+        self.marked_open: set[int] = set()  # open trial ids that are a finalist's or a baseline
         self.rows_read = 0  # trial rows the last look read (what the tests and the benchmark watch)
 
     def update(self, database: RDBStorage) -> Counts:
@@ -146,37 +153,50 @@ class DatabaseTally:
         from optuna.storages._rdb import models
 
         trials, user, system = models.TrialModel, models.TrialUserAttributeModel, models.TrialSystemAttributeModel
+        mine = trials.study_id == self.study_id
         with database.scoped_session() as session:
-            rows = (session.query(trials.trial_id, trials.number, trials.state)
-                    .filter(trials.study_id == self.study_id, trials.trial_id >= self.settled).all())
-            fresh = [row for row in rows if row.trial_id not in self.tallied]
+            unsettled = trials.trial_id >= self.settled
+            whole = self.top == self.settled or len(self.open) > _BY_ID or (
+                session.query(sqlalchemy.func.count(trials.trial_id))
+                .filter(mine, unsettled, trials.trial_id < self.top).scalar() != len(self.tallied) + len(self.open))
+            changed = unsettled if whole else sqlalchemy.or_(trials.trial_id >= self.top, trials.trial_id.in_(self.open))
+            rows = session.query(trials.trial_id, trials.number, trials.state).filter(mine, changed).all()
+            fresh = [row for row in rows if row.trial_id not in self.tallied and row.trial_id not in self.open]
             ids = [row.trial_id for row in fresh]
 
             def of(model: Any, query: Any) -> Any:
                 if len(ids) <= _BY_ID:
                     return query.filter(model.trial_id.in_(ids)) if ids else None
-                return (query.join(trials, model.trial_id == trials.trial_id)
-                        .filter(trials.study_id == self.study_id, trials.trial_id >= self.settled))
+                return query.join(trials, model.trial_id == trials.trial_id).filter(mine, unsettled)
             marks = of(user, session.query(user.trial_id).filter(user.key.in_([FINALIST_OF, BASELINE])))
             lineage = of(system, session.query(system.trial_id, system.value_json).filter(system.key == "retry_history"))
             marked = {trial for (trial,) in marks} if marks is not None else set()
             retries = {trial: json.loads(value) for trial, value in lineage} if lineage is not None else {}
         now = self.clock()
-        open_counted = waiting = running = 0
-        for row in fresh:
-            self.first_seen.setdefault(row.trial_id, now)
+        for row in fresh:  # marks and lineage are written with the row: read once, when it is first seen
+            self.first_seen[row.trial_id] = now
             self.retried.update(retries.get(row.trial_id, ()))
+            if row.trial_id in marked:
+                self.marked_open.add(row.trial_id)
+        open_counted = waiting = running = 0
+        for row in rows:
+            if row.trial_id in self.tallied:
+                continue
+            self.top = max(self.top, row.trial_id + 1)
             if row.state.is_finished():
+                self.open.discard(row.trial_id)
                 self.tallied.add(row.trial_id)
-                if row.trial_id not in marked:
+                if row.trial_id not in self.marked_open:
                     self.finished_counted += 1
                     if row.state == TrialState.FAIL:
                         self.failed.add(row.number)
+                self.marked_open.discard(row.trial_id)
             else:
-                open_counted += row.trial_id not in marked
+                self.open.add(row.trial_id)
+                open_counted += row.trial_id not in self.marked_open
                 waiting |= row.state == TrialState.WAITING
                 running |= row.state == TrialState.RUNNING
-        for ident in sorted(row.trial_id for row in rows):  # settle the finished prefix old enough to be whole
+        for ident in sorted(self.first_seen):  # settle the finished prefix old enough to be whole
             if ident not in self.tallied or now - self.first_seen[ident] < COMMIT_HORIZON_S:
                 break
             self.settled = ident + 1

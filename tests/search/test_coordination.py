@@ -145,7 +145,8 @@ def test_the_database_tally_follows_a_study_that_grows_and_finishes_out_of_order
 def test_a_row_that_commits_after_a_higher_id_still_counts_within_the_horizon(tmp_path):
     """PostgreSQL draws a trial's id before its transaction commits, so a row can appear after
     rows with higher ids (two workers' finalists queued at once). Within the commit horizon
-    the tally still reads it; settling past it at once would miss it for ever."""
+    the tally still reads it (a count of the unsettled range shows it); settling past it at
+    once would miss it for ever."""
     from optuna.storages._rdb import models
 
     clock = Clock()
@@ -162,9 +163,12 @@ def test_a_row_that_commits_after_a_higher_id_still_counts_within_the_horizon(tm
         row(ident)
     tally = DatabaseTally(study._study_id, clock)
     assert tally.update(database).counted == 3
-    clock.now += COMMIT_HORIZON_S / 2
+    clock.now += COMMIT_HORIZON_S / 4
+    assert tally.update(database).counted == 3 and tally.rows_read == 0  # unsettled, yet counted, not read again
+    clock.now += COMMIT_HORIZON_S / 4
     row(3)  # committed late, within the horizon
-    assert tally.update(database).counted == 4
+    assert tally.update(database).counted == 4 and tally.rows_read == 4  # the count saw a row it had not: read again
+    assert tally.update(database).counted == 4 and tally.rows_read == 0
     clock.now += COMMIT_HORIZON_S
     assert tally.update(database).counted == 4 and tally.settled == 5  # the whole prefix is settled now
     assert tally.update(database).counted == 4 and tally.rows_read == 0
