@@ -368,12 +368,13 @@ READ_CHUNK = 500
 class ChunkedRDBStorage(RDBStorage):
     """Optuna's RDBStorage, reading a large set of trials in pieces of :data:`READ_CHUNK`.
 
-    Optuna reads every trial its cache has not seen in one query, and holds the ORM rows of
-    all of them (parameters, attributes, intermediate values) at once: at 10,000 trials
-    that peak is several times what the trials keep once built, and a process's heap
-    does not give it back (``benchmarks/memory.py``). Read in pieces, the peak is one piece.
-    The trials returned are the same; a read of few trials, or one filtered by state (the
-    running or queued ones), is Optuna's own single query."""
+    Optuna reads every trial its cache has not seen in one query, and builds an ORM object
+    for every row of all of them (parameters, attributes, intermediate values) at once: at
+    10,000 trials that peak is ten times what the trials keep, a process's heap does not
+    give it back, and the objects are most of the read's time (``benchmarks/memory.py``).
+    Here a large read comes in pieces, each read as plain columns, one query per table,
+    and built into the same trials (distributions shared: a study has few). A read of few
+    trials, or one filtered by state (the running or queued ones), is Optuna's own."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -393,7 +394,6 @@ class ChunkedRDBStorage(RDBStorage):
     def _read_in_pieces(self, study_id: int, included: set[int], above: int) -> list[FrozenTrial]:
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
-        from sqlalchemy import orm
 
         model = models.TrialModel
         with _create_scoped_session(self.scoped_session) as session:
@@ -404,15 +404,68 @@ class ChunkedRDBStorage(RDBStorage):
                 wanted = sqlalchemy.or_(wanted, model.trial_id.in_(old))
             ids = [ident for (ident,) in session.query(model.trial_id).filter(model.study_id == study_id, wanted)
                    .order_by(model.trial_id)]
-        related = [orm.selectinload(getattr(model, name)) for name in
-                   ("params", "values", "user_attributes", "system_attributes", "intermediate_values")]
-
-        def piece(start: int) -> list[FrozenTrial]:  # its rows are gone when it returns
+        distributions: dict[str, Any] = {}  # one object per distinct distribution, as a study has few
+        trials: list[FrozenTrial] = []
+        for start in range(0, len(ids), READ_CHUNK):
             with _create_scoped_session(self.scoped_session) as session:
-                rows = (session.query(model).options(*related).filter(model.trial_id.in_(ids[start:start + READ_CHUNK]))
-                        .order_by(model.trial_id).all())
-                return [self._build_frozen_trial_from_trial_model(row) for row in rows]
-        return [trial for start in range(0, len(ids), READ_CHUNK) for trial in piece(start)]
+                trials += _trials_from_columns(session, ids[start:start + READ_CHUNK], distributions)
+        return trials
+
+
+def _local(utc: datetime.datetime | None) -> datetime.datetime | None:
+    """A row's naive UTC time as Optuna's trial model gives it: naive local time."""
+    return utc.replace(tzinfo=datetime.UTC).astimezone().replace(tzinfo=None) if utc is not None else None
+
+
+def _trials_from_columns(session: Any, ids: list[int], distributions: dict[str, Any]) -> list[FrozenTrial]:
+    """The trials ``ids``, built as Optuna's RDBStorage builds them, from their rows' columns
+    (one query per table, no ORM objects: those cost most of Optuna's read, and the
+    session's commit then expires each one)."""
+    from optuna.storages._rdb import models
+
+    trial, value, param, user, system, step = (
+        models.TrialModel, models.TrialValueModel, models.TrialParamModel, models.TrialUserAttributeModel,
+        models.TrialSystemAttributeModel, models.TrialIntermediateValueModel)
+
+    def rows(*columns: Any, order: Any) -> Any:
+        return session.execute(sqlalchemy.select(*columns).where(columns[0].in_(ids)).order_by(order))
+
+    def grouped(*columns: Any, order: Any) -> dict[int, list[Any]]:
+        by_trial: dict[int, list[Any]] = {}
+        for row in rows(*columns, order=order):
+            by_trial.setdefault(row[0], []).append(row)
+        return by_trial
+
+    values = grouped(value.trial_id, value.objective, value.value, value.value_type, order=value.trial_value_id)
+    params = grouped(param.trial_id, param.param_name, param.param_value, param.distribution_json, order=param.param_id)
+    users = grouped(user.trial_id, user.key, user.value_json, order=user.trial_user_attribute_id)
+    systems = grouped(system.trial_id, system.key, system.value_json, order=system.trial_system_attribute_id)
+    steps = grouped(step.trial_id, step.step, step.intermediate_value, step.intermediate_value_type,
+                    order=step.trial_intermediate_value_id)
+    built = []
+    for ident, number, state, started, completed in rows(trial.trial_id, trial.number, trial.state,
+                                                          trial._datetime_start_utc, trial._datetime_complete_utc,
+                                                          order=trial.trial_id):
+        objectives = values.get(ident, [])
+        scores: list[float] | None = [0.0] * len(objectives) if objectives else None
+        for _, objective, stored, kind in objectives:
+            scores[objective] = value.stored_repr_to_value(stored, kind)  # type: ignore[index]
+        dists = {}
+        for _, name, _, source in params.get(ident, []):
+            if source not in distributions:
+                distributions[source] = optuna.distributions.json_to_distribution(source)
+            dists[name] = distributions[source]
+        built.append(FrozenTrial(
+            number=number, state=state, value=None, values=scores, datetime_start=_local(started),
+            datetime_complete=_local(completed),
+            params={name: dists[name].to_external_repr(internal) for _, name, internal, _ in params.get(ident, [])},
+            distributions=dists,
+            user_attrs={key: json.loads(text) for _, key, text in users.get(ident, [])},
+            system_attrs={key: json.loads(text) for _, key, text in systems.get(ident, [])},
+            intermediate_values={at: step.stored_repr_to_intermediate_value(stored, kind)
+                                 for _, at, stored, kind in steps.get(ident, [])},
+            trial_id=ident))
+    return built
 
 
 def _open_rdb(url: str, attempts: int = 6) -> ChunkedRDBStorage:

@@ -308,8 +308,10 @@ class Held:
 
 
 def _as_read(trials):
-    return [(t._trial_id, t.number, t.state, t.values, t.params, t.user_attrs, t.system_attrs, t.intermediate_values)
-            for t in trials]
+    """Everything a trial holds, comparable (NaN as its repr; a dict's order does not matter)."""
+    return repr([(t._trial_id, t.number, t.state, t.values, *(sorted(d.items(), key=repr) for d in (
+        t.params, t.distributions, t.user_attrs, t.system_attrs, t.intermediate_values)), t.datetime_start,
+        t.datetime_complete) for t in trials])
 
 
 def test_a_worker_joining_a_large_study_reads_it_in_pieces_and_gets_the_same_trials(tmp_path, monkeypatch):
@@ -322,24 +324,34 @@ def test_a_worker_joining_a_large_study_reads_it_in_pieces_and_gets_the_same_tri
                                                 intermediate_values={s: 1.0 / (s + 1) for s in range(5)})
                       for i in range(17)])
     running = study.ask()
-    study.add_trials([optuna.trial.create_trial(value=1.0)] * 3)
+    kinds = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+             "act": optuna.distributions.CategoricalDistribution([None, True, "gelu", 2.5]),
+             "width": optuna.distributions.IntDistribution(32, 256, step=32)}
+    study.add_trials([optuna.trial.create_trial(value=float("inf"), params={"lr": 0.01, "act": None, "width": 64},
+                                                distributions=kinds, user_attrs={"nested": {"a": [1, 2.5, None]}},
+                                                system_attrs={"s": "x"},
+                                                intermediate_values={0: float("nan"), 1: float("inf"), 2: -float("inf")}),
+                      optuna.trial.create_trial(state=TrialState.FAIL, params={"act": True},
+                                                distributions={"act": kinds["act"]}),
+                      optuna.trial.create_trial(value=-1.5, params={"act": "gelu"}, distributions={"act": kinds["act"]})])
+    study.enqueue_trial({"n_layers": 3})
     plain = optuna.storages.RDBStorage(str(cfg.storage.url))
     held = Held()
     try:
         fresh = open_resilient(cfg.storage)  # a worker that joins: its cache holds nothing yet
         joined = optuna.load_study(study_name=cfg.study_name, storage=fresh)
         first = joined.get_trials(deepcopy=False)
-        assert held.most <= 4  # Optuna's own storage holds all 21 rows at once
+        assert held.most <= 4  # Optuna's own storage holds all 24 rows at once (below)
         assert _as_read(first) == _as_read(plain.get_all_trials(study._study_id, deepcopy=False))
         study.tell(running, 3.0)  # an open trial finishes, new ones come: the cache's next look is Optuna's
         study.add_trials([optuna.trial.create_trial(value=2.0)] * 2)
         assert _as_read(joined.get_trials(deepcopy=False)) == _as_read(plain.get_all_trials(study._study_id, deepcopy=False))
-        assert joined.get_trials(deepcopy=False)[17].values == [3.0] and len(joined.get_trials(deepcopy=False)) == 23
+        assert joined.get_trials(deepcopy=False)[17].values == [3.0] and len(joined.get_trials(deepcopy=False)) == 24
     finally:
         held.close()
     held = Held()
     try:
         plain_study = optuna.load_study(study_name=cfg.study_name, storage=plain)
-        assert len(plain_study.get_trials(deepcopy=False)) == 23 and held.most == 23  # what the pieces avoid
+        assert len(plain_study.get_trials(deepcopy=False)) == 24 and held.most == 24  # what the pieces avoid
     finally:
         held.close()
