@@ -15,7 +15,16 @@ from qkvsearch.models import ArchConfig
 from qkvsearch.spaces.expressions import Expression, ExpressionError
 from qkvsearch.spaces.loading import load_space_dict
 from qkvsearch.spaces.schema import Infeasible, SpaceError
-from qkvsearch.spaces.space import Lacking, Space, ValuesTrial, outside, record_constraints, render
+from qkvsearch.spaces.space import (
+    Lacking,
+    Recorder,
+    Space,
+    ValuesTrial,
+    outside,
+    record_constraints,
+    record_one_by_one,
+    render,
+)
 
 __all__ = [
     "Expression",
@@ -28,7 +37,9 @@ __all__ = [
     "ValuesTrial",
     "load_space",
     "outside",
+    "Recorder",
     "record_constraints",
+    "record_one_by_one",
     "render",
 ]
 
@@ -41,17 +52,17 @@ class FunctionSpace:
         self.description = (fn.__doc__ or "").strip()
         self.constraint_names = ["valid"]
 
-    def suggest(self, trial: optuna.Trial) -> ArchConfig:
-        """Calls the function; a ValueError from it (a bad architecture) prunes the trial."""
+    def suggest(self, trial: optuna.Trial, write: Recorder = record_one_by_one) -> ArchConfig:
+        """Calls the function; a ValueError from it (a bad architecture) prunes the trial.
+        What it records goes through ``write``, as :meth:`Space.suggest`'s does."""
         try:
             arch = self.fn(trial, self.cfg)
         except ValueError as error:
-            record_constraints(trial, {"valid": 1.0})
-            trial.set_user_attr("pruned_reason", f"infeasible: {error}")
+            write(trial, {"valid": 1.0}, {"pruned_reason": f"infeasible: {error}"})
             raise Infeasible(str(error)) from None
         if not isinstance(arch, ArchConfig):
             raise SpaceError(f"space function {self.name} must return an ArchConfig, got {type(arch).__name__}")
-        record_constraints(trial, {"valid": 0.0})
+        write(trial, {"valid": 0.0}, {})
         return arch
 
     def describe(self) -> list[tuple[str, str, str]]:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import graphlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -55,6 +55,20 @@ from qkvsearch.spaces.schema import BUDGET_KEYS, MEASURED, OPTIM_KEYS, Infeasibl
 
 #: a registry's message for a name it does not hold (models/registry.py)
 UNREGISTERED = re.compile(r"\.name: unknown [\w-]+ '[^']*'; available: ")
+
+
+#: How a space's sampling writes what it found: ``(trial, constraint values, user attributes)``
+Recorder = Callable[[optuna.Trial, Mapping[str, float], Mapping[str, Any]], None]
+
+
+def record_one_by_one(trial: optuna.Trial, constraints: Mapping[str, float], attrs: Mapping[str, Any]) -> None:
+    """Records named constraint values (``<= 0`` is feasible) for the samplers, then user
+    attributes, each with Optuna's own call (a sweep's trials write them all at once)."""
+    for name, value in constraints.items():
+        trial.set_constraint(name, value)
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+
 
 
 class Space:
@@ -121,11 +135,12 @@ class Space:
             values[name] = self.derived[name].evaluate(values)
         return values
 
-    def suggest(self, trial: optuna.Trial) -> ArchConfig:
+    def suggest(self, trial: optuna.Trial, write: Recorder = record_one_by_one) -> ArchConfig:
         """Samples an architecture for ``trial`` and checks it before anything is built.
 
-        Records each constraint with ``trial.set_constraint`` (``<= 0`` is feasible), so
-        Optuna's samplers learn to avoid infeasible regions.
+        Records each constraint as ``trial.set_constraint`` does (``<= 0`` is feasible), so
+        Optuna's samplers learn to avoid infeasible regions, with the trial's ``optim`` or
+        ``pruned_reason``, through ``write`` (a sweep writes them in one transaction).
 
         Raises:
             Infeasible: a constraint or budget fails, or the architecture is invalid;
@@ -147,7 +162,7 @@ class Space:
                                  "listed in plugins=[...])") from None
             vector[-1] = 1.0
             reasons = ["invalid architecture: " + "; ".join(error.problems)]
-            return _reject(trial, dict(zip(self.constraint_names, vector, strict=True)), reasons)
+            return _reject(trial, dict(zip(self.constraint_names, vector, strict=True)), reasons, write)
         measured = {"n_params": count_parameters(arch), "flops_per_token": flops_per_token(arch)}
         values.update(measured)
         for i, constraint in enumerate(self.constraints):
@@ -161,10 +176,9 @@ class Space:
                 if measured[measure] > limit:
                     failed.append(f"{measure} {measured[measure]:,} exceeds {key} {limit:,.0f}")
         if failed:
-            return _reject(trial, dict(zip(self.constraint_names, vector, strict=True)), failed)
-        record_constraints(trial, dict(zip(self.constraint_names, vector, strict=True)))
-        if self.optim:
-            trial.set_user_attr("optim", self.render_optim(values))
+            return _reject(trial, dict(zip(self.constraint_names, vector, strict=True)), failed, write)
+        write(trial, dict(zip(self.constraint_names, vector, strict=True)),
+              {"optim": self.render_optim(values)} if self.optim else {})
         return arch
 
     def render_optim(self, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -210,14 +224,12 @@ def _suggest(trial: optuna.Trial, name: str, distribution: optuna.distributions.
 
 def record_constraints(trial: optuna.Trial, constraints: Mapping[str, float]) -> None:
     """Records named constraint values (``<= 0`` is feasible) for the samplers."""
-    for name, value in constraints.items():
-        trial.set_constraint(name, value)
+    record_one_by_one(trial, constraints, {})
 
 
-def _reject(trial: optuna.Trial, constraints: Mapping[str, float], reasons: list[str]) -> ArchConfig:
+def _reject(trial: optuna.Trial, constraints: Mapping[str, float], reasons: list[str], write: Recorder) -> ArchConfig:
     reason = "infeasible: " + "; ".join(reasons)
-    record_constraints(trial, constraints)
-    trial.set_user_attr("pruned_reason", reason)
+    write(trial, constraints, {"pruned_reason": reason})
     raise Infeasible(reason)
 
 

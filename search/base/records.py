@@ -13,12 +13,16 @@ Optuna changes them.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
+
+#: how Optuna names a trial's constraint values among its system attributes (``constraints:<name>``)
+CONSTRAINTS_KEY = "constraints"
 
 
 def database_of(storage: BaseStorage) -> RDBStorage | None:
@@ -40,16 +44,21 @@ def through_outage(storage: BaseStorage, call: Callable[[], Any]) -> Any:
     return through(call) if through is not None else call()
 
 
-def record(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
-    """Sets the user attributes ``attrs`` of a running trial, in one transaction on a
-    database (so all or none are written). Raises UpdateFinishedTrialError, as
-    ``Trial.set_user_attr`` does, when another worker already finished the trial."""
-    if not attrs:
+def record(trial: optuna.Trial, attrs: Mapping[str, Any], system: Mapping[str, Any] | None = None) -> None:
+    """Sets the user attributes ``attrs`` (and the system attributes ``system``) of a running
+    trial, in one transaction on a database (so all or none are written). Raises
+    UpdateFinishedTrialError, as ``Trial.set_user_attr`` does, when another worker already
+    finished the trial."""
+    system = system or {}
+    if not attrs and not system:
         return
     database = database_of(trial.storage)
     if database is None:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        for key, value in system.items():
+            trial.storage.set_trial_system_attr(trial._trial_id, key, value)
+            trial._cached_frozen_trial.system_attrs[key] = value
         return
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
@@ -58,11 +67,31 @@ def record(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
 
     def write() -> None:
         with _create_scoped_session(database.scoped_session, True) as session:
-            for key, value in attrs.items():
-                database._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, ident, key, value)
+            for model, written in ((models.TrialUserAttributeModel, attrs), (models.TrialSystemAttributeModel, system)):
+                for key, value in written.items():
+                    database._set_trial_attr_without_commit(session, model, ident, key, value)
 
     through_outage(trial.storage, write)  # a server restart is waited out, as for every call
     trial._cached_frozen_trial.user_attrs.update(attrs)
+    for key, value in system.items():
+        trial._cached_frozen_trial.system_attrs[key] = value
+
+
+def record_sampled(trial: optuna.Trial, constraints: Mapping[str, float], attrs: Mapping[str, Any]) -> None:
+    """What a space's sampling records, in one transaction on a database: its constraint
+    values, checked and stored as ``Trial.set_constraint`` does (a float, not NaN, under
+    ``constraints:<name>``; one already set is kept), and user attributes."""
+    system = {}
+    for name, value in constraints.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"constraint {name!r}: {value!r} is not a float") from None
+        if math.isnan(number):
+            raise ValueError(f"constraint {name!r} is NaN; a constraint value must be a number (<= 0 is feasible)")
+        if f"{CONSTRAINTS_KEY}:{name}" not in trial._cached_frozen_trial.system_attrs:
+            system[f"{CONSTRAINTS_KEY}:{name}"] = number
+    record(trial, attrs, system)
 
 
 #: how a study's system attribute holding one architecture begins (then its fingerprint)

@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.keys import BASELINE, FINALIST_OF
-from qkvsearch.search.base.records import database_of, through_outage
+from qkvsearch.search.base.records import CONSTRAINTS_KEY, database_of, through_outage
 from qkvsearch.search.base.settings import check_study_name
 from qkvsearch.search.study.resilient import Outage, ResilientStorage, lost_connection
 
@@ -39,7 +39,7 @@ STORAGE_KINDS = ("rdb", "journal", "grpc")
 #: Trial system attribute that carries a running trial's last heartbeat (seconds since the epoch).
 HEARTBEAT_ATTR = "qkv:heartbeat"
 #: How Optuna's system attributes of a trial's constraint values begin (``constraints:max_params``).
-CONSTRAINTS_PREFIX = "constraints"
+CONSTRAINTS_PREFIX = CONSTRAINTS_KEY
 
 
 def trial_id(trial: optuna.Trial | FrozenTrial) -> int:

@@ -25,7 +25,7 @@ from qkvsearch.search.base.keys import (
     PRUNED_REASON,
     pinned,
 )
-from qkvsearch.search.base.records import record, record_architecture
+from qkvsearch.search.base.records import record, record_architecture, record_sampled
 from qkvsearch.search.trial.duplicates import Waits, candidate_hash, find_duplicate, wait_for_twin
 from qkvsearch.search.trial.lit import check_compatible
 from qkvsearch.spaces import Infeasible
@@ -37,7 +37,7 @@ COPIED_FROM_DUPLICATE = ("best_step", "device", "latency_ms")
 def suggest_checked(space: Any, task: Any, trial: optuna.Trial) -> ArchConfig:
     """Samples an architecture and checks it against the task; raises Infeasible (with
     the trial's ``pruned_reason`` set) when it breaks a constraint or does not fit."""
-    arch = space.suggest(trial)
+    arch = space.suggest(trial, write=record_sampled)  # its constraints and attributes in one transaction
     try:
         check_compatible(arch, task)
     except ValueError as error:

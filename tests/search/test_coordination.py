@@ -23,6 +23,7 @@ from qkvsearch.search.study.prepare import prepare
 from qkvsearch.search.study.search import run_trial
 from qkvsearch.search.study.storage import COMMIT_HORIZON_S, DatabaseTally, database_counts, open_resilient
 from qkvsearch.search.study.workers import RetryLost, Tally, next_trial
+from qkvsearch.spaces import Infeasible
 from tests.conftest import tiny_sweep_conf
 
 
@@ -262,6 +263,39 @@ def test_a_trials_facts_are_written_in_one_transaction_and_a_finished_trial_refu
     other = memory.ask()
     record(other, facts)
     assert memory.trials[0].user_attrs == facts
+
+
+@pytest.mark.parametrize("space_name", ["tiny", "decoder"])
+def test_a_sampled_trial_records_its_constraints_and_settings_in_one_transaction(tmp_path, space_name):
+    """What the space's sampling records (each constraint value, the optim settings, or why
+    it was rejected) is one write on a database, and the same as Optuna's own calls write."""
+    from qkvsearch.search.base.records import record_sampled
+    from qkvsearch.spaces import record_one_by_one
+
+    prepared = prepare(tiny_sweep_conf(tmp_path, f"space={space_name}"))
+    space, database = prepared.worker.objective.space, database_of(prepared.worker.storage)
+    study = optuna.create_study(storage=prepared.worker.storage, study_name="sampled",
+                                sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(6):
+        seen = {}
+        for write in (record_sampled, record_one_by_one):  # the second trial draws what the first drew
+            trial = study.ask()
+
+            def sample(trial=trial, write=write):
+                with contextlib.suppress(Infeasible):
+                    space.suggest(trial, write=write)
+            writes = _write_transactions(database, sample) - len(trial.params)  # each parameter is a write of its own
+            stored = study._storage.get_trial(trial._trial_id)
+            system = {k: v for k, v in stored.system_attrs.items() if k != "fixed_params"}  # the twin's queue entry
+            seen[write] = (writes, stored.params, stored.user_attrs, system, trial.user_attrs)
+            study.tell(trial, state=TrialState.PRUNED)
+            study.enqueue_trial(stored.params)
+        (ours, *stored), (optunas, *theirs) = seen[record_sampled], seen[record_one_by_one]
+        assert stored == theirs
+        assert ours == 1 and optunas == len(theirs[1]) + sum(k.startswith("constraints:") for k in theirs[2]) > 2
+        study.ask()  # the queued twin, out of the way
+    with pytest.raises(ValueError, match="constraint 'max_params' is NaN"):
+        record_sampled(study.ask(), {"max_params": float("nan")}, {})
 
 
 def test_a_sweep_stores_each_architecture_once_and_every_reader_finds_it(tmp_path):
