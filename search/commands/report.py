@@ -54,8 +54,28 @@ def _plot(make: Callable[[], go.Figure]) -> str:
         return _note(f"not drawn: {error}")
 
 
+#: past this many finished trials, the plots of every trial draw the latest ones and the
+#: :data:`PLOT_BEST` best (a 10,000-trial study's would be megabytes of curves, and its
+#: importances a forest fitted on all of them); the optimisation history keeps every trial
+PLOT_LIMIT = 1000
+PLOT_BEST = 25
+
+
+def plotted(study: optuna.Study) -> tuple[list[optuna.trial.FrozenTrial], str]:
+    """The finished trials the per-trial plots draw (in order), and a note saying which
+    when they are not all of them."""
+    finished = study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED))
+    if len(finished) <= PLOT_LIMIT:
+        return finished, ""
+    chosen = {t.number: t for t in finished[-PLOT_LIMIT:]}
+    chosen.update((t.number, t) for t in top_trials(study, k=PLOT_BEST))
+    note = _note(f"drawn from the latest {PLOT_LIMIT:,} of {len(finished):,} finished trials and the "
+                 f"{PLOT_BEST} best, so that a large study's report stays small")
+    return [chosen[number] for number in sorted(chosen)], note
+
+
 def history_sections(study: optuna.Study) -> list[str]:
-    """Optuna's own plots of the study."""
+    """Optuna's own plots of the study (those of every trial over :func:`plotted`'s)."""
     vis = optuna.visualization
     names = objective_names(study)
     multi = len(names) > 1
@@ -63,12 +83,19 @@ def history_sections(study: optuna.Study) -> list[str]:
     out = [_section("Optimisation history", _plot(lambda: vis.plot_optimization_history(study, **first)))]
     if multi:
         out.append(_section("Pareto front", _plot(lambda: vis.plot_pareto_front(study, target_names=names))))
-    n_complete = len(study.get_trials(deepcopy=False, states=(State.COMPLETE,)))
+    trials, note = plotted(study)
+    view = study
+    if note:  # Optuna's plots take a study: one in memory holding the plotted trials
+        view = optuna.create_study(directions=study.directions)
+        view.add_trials(trials)
+    n_complete = len(view.get_trials(deepcopy=False, states=(State.COMPLETE,)))
     caveat = _note(f"computed from only {n_complete} complete trials: a rough hint, not a ranking") if n_complete < 10 else ""
-    out.append(_section(f"Parameter importances for {names[0]}", caveat + _plot(lambda: vis.plot_param_importances(study, **first))))
-    out.append(_section("Parallel coordinates", _plot(lambda: vis.plot_parallel_coordinate(study, **first))))
+    out.append(_section(f"Parameter importances for {names[0]}",
+                        note + caveat + _plot(lambda: vis.plot_param_importances(view, **first))))
+    out.append(_section("Parallel coordinates", note + _plot(lambda: vis.plot_parallel_coordinate(view, **first))))
     if not multi:
-        out.append(_section("Intermediate values (complete and pruned trials)", _plot(lambda: intermediate_figure(study, names[0]))))
+        out.append(_section("Intermediate values (complete and pruned trials)",
+                            note + _plot(lambda: intermediate_figure(trials, names[0]))))
     return out
 
 
@@ -214,10 +241,10 @@ def attention_figure(maps: list[AttentionMap]) -> go.Figure:
     return fig
 
 
-def intermediate_figure(study: optuna.Study, objective: str) -> go.Figure:
-    """Every trial's validated objective by step; pruned trials dotted and named so."""
+def intermediate_figure(trials: list[optuna.trial.FrozenTrial], objective: str) -> go.Figure:
+    """Each finished trial's validated objective by step; pruned trials dotted and named so."""
     fig = go.Figure()
-    for t in study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED)):
+    for t in trials:
         if not t.intermediate_values:
             continue
         steps = sorted(t.intermediate_values)

@@ -202,6 +202,31 @@ def test_reports_of_empty_and_failed_only_studies_say_so():
     assert "no trial has completed" in page and "RuntimeError: boom" in page and "no complete trial yet" in page
 
 
+def test_a_large_studys_plots_draw_the_latest_trials_and_the_best_and_say_so(monkeypatch):
+    from qkvsearch.search.commands import report as report_module
+
+    monkeypatch.setattr(report_module, "PLOT_LIMIT", 6)
+    monkeypatch.setattr(report_module, "PLOT_BEST", 2)
+    study = optuna.create_study(study_name="large")
+    x = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for i in range(20):  # the best two early (1 and 4), a pruned one among the latest
+        state = optuna.trial.TrialState.PRUNED if i == 17 else optuna.trial.TrialState.COMPLETE
+        value = {1: 0.01, 4: 0.02}.get(i, 1.0 + i)
+        study.add_trial(optuna.trial.create_trial(state=state, value=value, params={"x": i / 20}, distributions=x,
+                                                  intermediate_values={0: value + 1, 1: value}))
+    trials, note = report_module.plotted(study)
+    assert [t.number for t in trials] == [1, 4, 14, 15, 16, 17, 18, 19]
+    assert "latest 6 of 20 finished trials and the 2 best" in note
+    figure = report_module.intermediate_figure(trials, "val_loss")
+    assert [trace.name for trace in figure.data][:3] == ["trial 1", "trial 4", "trial 14"]
+    assert "trial 17 (pruned)" in [trace.name for trace in figure.data] and len(figure.data) == 8
+    page = "".join(report_module.history_sections(study))
+    assert page.count("latest 6 of 20 finished trials") == 3  # importances, parallel coordinates, curves
+    monkeypatch.setattr(report_module, "PLOT_LIMIT", 20)  # a study within the limit: every trial, no note
+    trials, note = report_module.plotted(study)
+    assert len(trials) == 20 and note == ""
+
+
 def test_no_study_is_a_clear_error(tmp_path):
     from qkvsearch.search.commands.dashboard import serve
 
