@@ -1,6 +1,7 @@
-"""What a worker's first read of a large study costs in memory: Optuna's RDBStorage (every
-trial the cache has not seen in one query) against the project's ``ChunkedRDBStorage``
-(the same trials read :data:`READ_CHUNK` at a time), side by side on the same study.
+"""What a worker's first read of a large study costs in memory and time: Optuna's
+RDBStorage (every trial the cache has not seen in one query, as ORM objects) against the
+project's ``ChunkedRDBStorage`` (the same trials, read :data:`READ_CHUNK` at a time as
+plain columns), side by side on the same study.
 
 Each read runs in a fresh process (a heap that has grown does not shrink, so two reads in
 one process would hide the second one's cost), alternating the two storages, ``--rounds``

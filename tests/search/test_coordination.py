@@ -367,7 +367,8 @@ def test_a_worker_joining_a_large_study_reads_it_in_pieces_and_gets_the_same_tri
                                                 intermediate_values={0: float("nan"), 1: float("inf"), 2: -float("inf")}),
                       optuna.trial.create_trial(state=TrialState.FAIL, params={"act": True},
                                                 distributions={"act": kinds["act"]}),
-                      optuna.trial.create_trial(value=-1.5, params={"act": "gelu"}, distributions={"act": kinds["act"]})])
+                      optuna.trial.create_trial(value=-1.5, params={"act": "gelu"}, distributions={"act": kinds["act"]}),
+                      optuna.trial.create_trial(state=TrialState.PRUNED, value=2.0, intermediate_values={3: 2.0})])
     study.enqueue_trial({"n_layers": 3})
     plain = optuna.storages.RDBStorage(str(cfg.storage.url))
     held = Held()
@@ -375,17 +376,17 @@ def test_a_worker_joining_a_large_study_reads_it_in_pieces_and_gets_the_same_tri
         fresh = open_resilient(cfg.storage)  # a worker that joins: its cache holds nothing yet
         joined = optuna.load_study(study_name=cfg.study_name, storage=fresh)
         first = joined.get_trials(deepcopy=False)
-        assert held.most <= 4  # Optuna's own storage holds all 24 rows at once (below)
+        assert held.most <= 4  # Optuna's own storage holds all 25 rows at once (below)
         assert _as_read(first) == _as_read(plain.get_all_trials(study._study_id, deepcopy=False))
         study.tell(running, 3.0)  # an open trial finishes, new ones come: the cache's next look is Optuna's
         study.add_trials([optuna.trial.create_trial(value=2.0)] * 2)
         assert _as_read(joined.get_trials(deepcopy=False)) == _as_read(plain.get_all_trials(study._study_id, deepcopy=False))
-        assert joined.get_trials(deepcopy=False)[17].values == [3.0] and len(joined.get_trials(deepcopy=False)) == 24
+        assert joined.get_trials(deepcopy=False)[17].values == [3.0] and len(joined.get_trials(deepcopy=False)) == 25
     finally:
         held.close()
     held = Held()
     try:
         plain_study = optuna.load_study(study_name=cfg.study_name, storage=plain)
-        assert len(plain_study.get_trials(deepcopy=False)) == 24 and held.most == 24  # what the pieces avoid
+        assert len(plain_study.get_trials(deepcopy=False)) == 25 and held.most == 25  # what the pieces avoid
     finally:
         held.close()
