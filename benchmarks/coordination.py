@@ -161,6 +161,27 @@ def fill(overrides: list[str], n: int) -> None:
         study.add_trials(copies[start:start + 500])
 
 
+def study_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """The options of a benchmark that reads one filled study (counts.py, memory.py)."""
+    parser.add_argument("--url", help="a database URL holding the study (else a SQLite study is filled)")
+    parser.add_argument("--study", help="the study's name in --url")
+    parser.add_argument("--trials", type=int, default=10000, help="trials to fill when no --url is given")
+    parser.add_argument("--root", type=pathlib.Path, help="where a filled study lives (kept: reruns reuse it)")
+    parser.add_argument("--rounds", type=int, default=rounds)
+
+
+def study_of(args: argparse.Namespace, prefix: str) -> tuple[str, str]:
+    """The URL and name of the study :func:`study_arguments` chose: ``--url``'s, or a SQLite
+    one filled here with ``--trials`` trials."""
+    if args.url is not None:
+        return args.url, args.study
+    root = args.root or pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+    name = f"coord-tiny-{args.trials}"
+    overrides = overrides_for("sqlite", root, None, "tiny", name, args.trials)
+    fill(overrides, args.trials)
+    return str(compose_config("sweep", overrides).storage.url), name
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")

@@ -19,7 +19,6 @@ import json
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 
@@ -69,20 +68,10 @@ def timed(function, *args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", help="a database URL holding the study (else a SQLite study is filled)")
-    parser.add_argument("--study", help="the study's name in --url")
-    parser.add_argument("--trials", type=int, default=10000, help="trials to fill when no --url is given")
-    parser.add_argument("--root", type=pathlib.Path, help="where a filled study lives (kept: reruns reuse it)")
-    parser.add_argument("--rounds", type=int, default=21)
+    coordination.study_arguments(parser, rounds=21)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url, name = args.url, args.study
-    if url is None:
-        root = args.root or pathlib.Path(tempfile.mkdtemp(prefix="qkv-counts-"))
-        name = f"coord-tiny-{args.trials}"
-        overrides = coordination.overrides_for("sqlite", root, None, "tiny", name, args.trials)
-        coordination.fill(overrides, args.trials)
-        url = str(coordination.compose_config("sweep", overrides).storage.url)
+    url, name = coordination.study_of(args, prefix="qkv-counts-")
     database = optuna.storages.RDBStorage(url, skip_compatibility_check=True)
     study = optuna.load_study(study_name=name, storage=database)
     study_id = study._study_id

@@ -29,7 +29,6 @@ import multiprocessing
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 import tracemalloc
 import warnings
@@ -79,20 +78,10 @@ def measured(kind: str, url: str, name: str, traced: bool) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", help="a filled study's storage URL (with --study)")
-    parser.add_argument("--study")
-    parser.add_argument("--trials", type=int, default=10000, help="without --url: fill a SQLite study this large")
-    parser.add_argument("--root", type=pathlib.Path, help="where a filled study lives (kept: reruns reuse it)")
-    parser.add_argument("--rounds", type=int, default=3)
+    coordination.study_arguments(parser, rounds=3)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url, name = args.url, args.study
-    if url is None:
-        root = args.root or pathlib.Path(tempfile.mkdtemp(prefix="qkv-memory-"))
-        name = f"coord-tiny-{args.trials}"
-        overrides = coordination.overrides_for("sqlite", root, None, "tiny", name, args.trials)
-        coordination.fill(overrides, args.trials)
-        url = str(coordination.compose_config("sweep", overrides).storage.url)
+    url, name = coordination.study_of(args, prefix="qkv-memory-")
     seen: dict[str, dict[str, list[float]]] = {kind: {} for kind in KINDS}
     for _ in range(args.rounds):
         for kind in KINDS:
