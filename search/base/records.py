@@ -80,7 +80,14 @@ def record(trial: optuna.Trial, attrs: Mapping[str, Any], system: Mapping[str, A
 def record_sampled(trial: optuna.Trial, constraints: Mapping[str, float], attrs: Mapping[str, Any]) -> None:
     """What a space's sampling records, in one transaction on a database: its constraint
     values, checked and stored as ``Trial.set_constraint`` does (a float, not NaN, under
-    ``constraints:<name>``; one already set is kept), and user attributes."""
+    ``constraints:<name>``; one already set is kept), and user attributes. A stand-in for
+    a trial (``spaces.ValuesTrial``: a warm start's or a reference's fixed values) records
+    through its own calls."""
+    if not isinstance(trial, optuna.Trial):
+        from qkvsearch.spaces import record_one_by_one
+
+        record_one_by_one(trial, constraints, attrs)
+        return
     system = {}
     for name, value in constraints.items():
         try:

@@ -294,6 +294,11 @@ def test_a_sampled_trial_records_its_constraints_and_settings_in_one_transaction
         assert stored == theirs
         assert ours == 1 and optunas == len(theirs[1]) + sum(k.startswith("constraints:") for k in theirs[2]) > 2
         study.ask()  # the queued twin, out of the way
+    from qkvsearch.spaces import ValuesTrial
+
+    stand_in = ValuesTrial(dict(stored[0]))  # fixed values (a warm start's, a reference's): its own calls
+    assert space.suggest(stand_in, write=record_sampled).fingerprint() and stand_in.user_attrs == {
+        k: v for k, v in stored[1].items() if k == "optim"}
     with pytest.raises(ValueError, match="constraint 'max_params' is NaN"):
         record_sampled(study.ask(), {"max_params": float("nan")}, {})
 
