@@ -40,10 +40,10 @@ import coordination  # noqa: E402  (the fill and the machine's name)
 import optuna  # noqa: E402
 import psutil  # noqa: E402
 
-from qkvsearch.search.study import storage as storage_module  # noqa: E402
+from qkvsearch.search.study import reader as reader_module  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "memory.jsonl"
-KINDS = {"optuna": optuna.storages.RDBStorage, "pieces": storage_module.ChunkedRDBStorage}
+KINDS = {"optuna": optuna.storages.RDBStorage, "pieces": reader_module.ChunkedRDBStorage}
 
 
 def read(kind: str, url: str, name: str, traced: bool, out: multiprocessing.Queue) -> None:
@@ -90,7 +90,7 @@ def main() -> None:
                     seen[kind].setdefault(key, []).append(value)
     median = {kind: {key: statistics.median(values) for key, values in row.items()} for kind, row in seen.items()}
     print(f"memory: {coordination.machine()}; {url.split(':', 1)[0]}, {median['optuna']['trials']:.0f} trials, "
-          f"{args.rounds} rounds, pieces of {storage_module.READ_CHUNK}")
+          f"{args.rounds} rounds, pieces of {reader_module.READ_CHUNK}")
     for kind, row in median.items():
         print(f"  {kind:7} uss +{row['uss_mb']:6.0f} MB  peak {row['peak_mb']:6.0f} MB  kept {row['kept_mb']:5.0f} MB  "
               f"read {row['read_s']:5.2f} s")
@@ -100,7 +100,7 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     with RESULTS.open("a") as out:
         out.write(json.dumps({"date": datetime.date.today().isoformat(), "machine": coordination.machine(),
-                              "storage": url.split(":", 1)[0], "read_chunk": storage_module.READ_CHUNK,
+                              "storage": url.split(":", 1)[0], "read_chunk": reader_module.READ_CHUNK,
                               "rounds": args.rounds, **{kind: {k: round(v, 3) for k, v in row.items()}
                                                         for kind, row in median.items()}}) + "\n")
 

@@ -2,8 +2,8 @@
 
 Liveness is the workers' (``workers.py``): a running trial's heartbeat is its system
 attribute :data:`HEARTBEAT_ATTR`, the same on every kind of storage. The few private
-Optuna names this project reads (a trial's and a study's storage ids; RDBStorage's trial
-reader, its session and row models, and a row's start column, naive UTC) are read here,
+Optuna names this project reads (a trial's and a study's storage ids; RDBStorage's session
+and row models, and a row's start column, naive UTC) are read here and in ``reader.py``,
 and tests/search/test_coordination.py and test_faults.py break if Optuna changes them.
 """
 
@@ -33,6 +33,7 @@ from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.keys import BASELINE, FINALIST_OF
 from qkvsearch.search.base.records import CONSTRAINTS_KEY, database_of, through_outage
 from qkvsearch.search.base.settings import check_study_name
+from qkvsearch.search.study.reader import ChunkedRDBStorage
 from qkvsearch.search.study.resilient import Outage, ResilientStorage, lost_connection
 
 STORAGE_KINDS = ("rdb", "journal", "grpc")
@@ -359,113 +360,6 @@ def repair_journal_tail(path: pathlib.Path, lock: JournalFileSymlinkLock) -> Non
         )
     finally:
         lock.release()
-
-
-#: trials a database storage reads in one query when it reads many (a worker's first look)
-READ_CHUNK = 500
-
-
-class ChunkedRDBStorage(RDBStorage):
-    """Optuna's RDBStorage, reading a large set of trials in pieces of :data:`READ_CHUNK`.
-
-    Optuna reads every trial its cache has not seen in one query, and builds an ORM object
-    for every row of all of them (parameters, attributes, intermediate values) at once: at
-    10,000 trials that peak is ten times what the trials keep, a process's heap does not
-    give it back, and the objects are most of the read's time (``benchmarks/memory.py``).
-    Here a large read comes in pieces, each read as plain columns, one query per table,
-    and built into the same trials (distributions shared: a study has few). A read of few
-    trials, or one filtered by state (the running or queued ones), is Optuna's own."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._read_up_to: dict[int, int] = {}  # study id: the highest trial id read whole
-
-    def _get_trials(self, study_id: int, states: Any, included_trial_ids: set[int],
-                    trial_id_greater_than: int) -> list[FrozenTrial]:
-        known = self._read_up_to.get(study_id)
-        if states is not None or (known is not None and trial_id_greater_than >= known - READ_CHUNK):
-            trials = super()._get_trials(study_id, states, included_trial_ids, trial_id_greater_than)
-        else:
-            trials = self._read_in_pieces(study_id, included_trial_ids, trial_id_greater_than)
-        if states is None and trials:
-            self._read_up_to[study_id] = max(known or -1, trials[-1]._trial_id)
-        return trials
-
-    def _read_in_pieces(self, study_id: int, included: set[int], above: int) -> list[FrozenTrial]:
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-
-        model = models.TrialModel
-        with _create_scoped_session(self.scoped_session) as session:
-            models.StudyModel.find_or_raise_by_id(study_id, session)
-            wanted = model.trial_id > above
-            old = [ident for ident in included if ident <= above]
-            if old:
-                wanted = sqlalchemy.or_(wanted, model.trial_id.in_(old))
-            ids = [ident for (ident,) in session.query(model.trial_id).filter(model.study_id == study_id, wanted)
-                   .order_by(model.trial_id)]
-        distributions: dict[str, Any] = {}  # one object per distinct distribution, as a study has few
-        trials: list[FrozenTrial] = []
-        for start in range(0, len(ids), READ_CHUNK):
-            with _create_scoped_session(self.scoped_session) as session:
-                trials += _trials_from_columns(session, ids[start:start + READ_CHUNK], distributions)
-        return trials
-
-
-def _local(utc: datetime.datetime | None) -> datetime.datetime | None:
-    """A row's naive UTC time as Optuna's trial model gives it: naive local time."""
-    return utc.replace(tzinfo=datetime.UTC).astimezone().replace(tzinfo=None) if utc is not None else None
-
-
-def _trials_from_columns(session: Any, ids: list[int], distributions: dict[str, Any]) -> list[FrozenTrial]:
-    """The trials ``ids``, built as Optuna's RDBStorage builds them, from their rows' columns
-    (one query per table, no ORM objects: those cost most of Optuna's read, and the
-    session's commit then expires each one)."""
-    from optuna.storages._rdb import models
-
-    trial, value, param, user, system, step = (
-        models.TrialModel, models.TrialValueModel, models.TrialParamModel, models.TrialUserAttributeModel,
-        models.TrialSystemAttributeModel, models.TrialIntermediateValueModel)
-
-    def rows(*columns: Any, order: Any) -> Any:
-        return session.execute(sqlalchemy.select(*columns).where(columns[0].in_(ids)).order_by(order))
-
-    def grouped(*columns: Any, order: Any) -> dict[int, list[Any]]:
-        by_trial: dict[int, list[Any]] = {}
-        for row in rows(*columns, order=order):
-            by_trial.setdefault(row[0], []).append(row)
-        return by_trial
-
-    values = grouped(value.trial_id, value.objective, value.value, value.value_type, order=value.trial_value_id)
-    params = grouped(param.trial_id, param.param_name, param.param_value, param.distribution_json, order=param.param_id)
-    users = grouped(user.trial_id, user.key, user.value_json, order=user.trial_user_attribute_id)
-    systems = grouped(system.trial_id, system.key, system.value_json, order=system.trial_system_attribute_id)
-    steps = grouped(step.trial_id, step.step, step.intermediate_value, step.intermediate_value_type,
-                    order=step.trial_intermediate_value_id)
-    built = []
-    for ident, number, state, started, completed in rows(trial.trial_id, trial.number, trial.state,
-                                                          trial._datetime_start_utc, trial._datetime_complete_utc,
-                                                          order=trial.trial_id):
-        objectives = values.get(ident, [])
-        scores: list[float] | None = [0.0] * len(objectives) if objectives else None
-        for _, objective, stored, kind in objectives:
-            scores[objective] = value.stored_repr_to_value(stored, kind)  # type: ignore[index]
-        dists = {}
-        for _, name, _, source in params.get(ident, []):
-            if source not in distributions:
-                distributions[source] = optuna.distributions.json_to_distribution(source)
-            dists[name] = distributions[source]
-        built.append(FrozenTrial(
-            number=number, state=state, value=None, values=scores, datetime_start=_local(started),
-            datetime_complete=_local(completed),
-            params={name: dists[name].to_external_repr(internal) for _, name, internal, _ in params.get(ident, [])},
-            distributions=dists,
-            user_attrs={key: json.loads(text) for _, key, text in users.get(ident, [])},
-            system_attrs={key: json.loads(text) for _, key, text in systems.get(ident, [])},
-            intermediate_values={at: step.stored_repr_to_intermediate_value(stored, kind)
-                                 for _, at, stored, kind in steps.get(ident, [])},
-            trial_id=ident))
-    return built
 
 
 def _open_rdb(url: str, attempts: int = 6) -> ChunkedRDBStorage:

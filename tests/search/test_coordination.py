@@ -17,6 +17,7 @@ from qkvsearch.models import ArchConfig
 from qkvsearch.search.base.keys import ARCH, ARCH_HASH, BASELINE, FINALIST_OF
 from qkvsearch.search.base.records import ARCH_PREFIX, database_of, record
 from qkvsearch.search.inspect.selection import architecture, counted
+from qkvsearch.search.study import reader as reader_module
 from qkvsearch.search.study import storage as storage_module
 from qkvsearch.search.study import workers
 from qkvsearch.search.study.prepare import prepare
@@ -354,7 +355,7 @@ def _as_read(trials):
 
 
 def test_a_worker_joining_a_large_study_reads_it_in_pieces_and_gets_the_same_trials(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage_module, "READ_CHUNK", 4)
+    monkeypatch.setattr(reader_module, "READ_CHUNK", 4)
     cfg = tiny_sweep_conf(tmp_path, "n_trials=40")
     study = optuna.create_study(storage=open_resilient(cfg.storage), study_name=cfg.study_name)
     distribution = optuna.distributions.IntDistribution(1, 3)
