@@ -76,7 +76,8 @@ def test_workers_through_the_proxy_finish_exactly_n_trials_across_a_kill_9_of_th
     assert "connection lost" in logs and "connection back" in logs and "Traceback" not in logs
     trials = load().get_trials()
     assert not [t for t in trials if not t.state.is_finished()]
-    assert len(counted(trials)) == 4 and all(t.state == State.COMPLETE for t in counted(trials))
+    assert len(counted(trials)) == 4 and all(t.state == State.COMPLETE for t in counted(trials)), [
+        (t.number, t.state, t.user_attrs.get("fail_reason"), t.user_attrs.get("pruned_reason")) for t in trials]
     assert {t.user_attrs["worker_index"] for t in trials} == {0, 1}  # both workers trained through the proxy
 
 
