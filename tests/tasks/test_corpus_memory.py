@@ -26,8 +26,11 @@ from tests.conftest import compose_conf
 
 root, headroom = sys.argv[1], int(sys.argv[2])
 import scipy.linalg
-# the BLAS libraries allocate their work buffers on first use: before the cap, not against it
-np.ones((64, 64)) @ np.ones((64, 64)); scipy.linalg.lu(np.eye(64)); torch.ones(64, 64) @ torch.ones(64, 64)
+# the BLAS libraries allocate their work buffers on first use: before the cap, not against it.
+# numpy's LAPACK takes a 32 MB OpenBLAS buffer of its own (matplotlib inverts a matrix when a trial
+# renders its attention); past the cap OpenBLAS exits the process instead of raising
+np.ones((64, 64)) @ np.ones((64, 64)); np.linalg.inv(np.eye(64)); scipy.linalg.lu(np.eye(64))
+torch.ones(64, 64) @ torch.ones(64, 64)
 data = int(re.search(r"VmData:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 # anonymous and private writable memory (what reading a file into RAM takes) is capped;
 # a read-only shared file mapping is not counted
