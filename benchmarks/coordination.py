@@ -57,7 +57,7 @@ import sqlalchemy  # noqa: E402
 from qkvsearch.search.base.configs import compose_config  # noqa: E402
 from qkvsearch.search.study import workers as worker_module  # noqa: E402
 from qkvsearch.search.study.prepare import prepare  # noqa: E402
-from qkvsearch.search.study.search import run_trial  # noqa: E402
+from qkvsearch.search.study.search import placement, run_trial  # noqa: E402
 from qkvsearch.search.study.storage import open_storage  # noqa: E402
 from qkvsearch.search.study.workers import next_trial  # noqa: E402
 
@@ -225,7 +225,8 @@ def work(overrides: list[str], asks: int, barrier: Any, results: Any) -> None:
     written, first, ask_s, done, trials = writes.count, None, [], 0, 0
     for _ in range(asks):
         asked = time.perf_counter()
-        trial = next_trial(worker.study, worker.storage, worker.storage_cfg, int(cfg.n_trials), worker.retry)
+        trial = next_trial(worker.study, worker.storage, worker.storage_cfg, int(cfg.n_trials), worker.retry,
+                           placement(worker.index))  # as run_worker takes it
         ask_s.append(time.perf_counter() - asked)
         first = first if first is not None else time.perf_counter() - start
         if trial is None:

@@ -50,20 +50,21 @@ def note(trial: optuna.Trial, key: str, value: Any) -> None:
         trial.set_user_attr(key, value)
 
 
-def record_placement(trial: optuna.Trial, index: int) -> None:
-    """Where the trial runs: host and pid, worker index, its GPU and its SLURM job."""
+def placement(index: int) -> dict[str, Any]:
+    """Where a trial runs: host and pid, worker index, its GPU and its SLURM job."""
     facts: dict[str, Any] = {"worker": f"{socket.gethostname()}:{os.getpid()}", "worker_index": index}
     if VISIBLE in os.environ:
         facts["cuda_visible_devices"] = os.environ[VISIBLE]
     if "SLURM_JOB_ID" in os.environ:  # as squeue and scancel name it (an array's task: 12_3); submitit's log folder too
         array = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
         facts["slurm_job_id"] = "_".join(array) if all(array) else os.environ["SLURM_JOB_ID"]
-    record(trial, facts)
+    return facts
 
 
 def run_trial(worker: Worker, trial: optuna.Trial) -> None:
     """Runs one trial and tells the study how it ended; only an interrupt propagates."""
-    record_placement(trial, worker.index)
+    if "worker" not in trial.user_attrs:  # a trial next_trial took was written with it
+        record(trial, placement(worker.index))
     start = time.perf_counter()
     try:
         with heartbeat(worker.storage, trial, worker.storage_cfg.heartbeat_s if worker.storage_cfg else None):
@@ -104,7 +105,8 @@ def run_worker(worker: Worker, n_trials: int, objectives: list[str], live: bool 
 
     console = Console()
     with Live(worker.view, console=console, refresh_per_second=2, transient=True) if live else contextlib.nullcontext():
-        while (trial := next_trial(worker.study, worker.storage, worker.storage_cfg, n_trials, worker.retry)) is not None:
+        while (trial := next_trial(worker.study, worker.storage, worker.storage_cfg, n_trials, worker.retry,
+                                     placement(worker.index))) is not None:
             run_trial(worker, trial)
             print_trial(console, frozen(worker.study, trial.number), objectives)
             worker.view.current = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 import weakref
 
 import optuna
@@ -21,8 +22,14 @@ from qkvsearch.search.study import reader as reader_module
 from qkvsearch.search.study import storage as storage_module
 from qkvsearch.search.study import workers
 from qkvsearch.search.study.prepare import prepare
-from qkvsearch.search.study.search import run_trial
-from qkvsearch.search.study.storage import COMMIT_HORIZON_S, DatabaseTally, database_counts, open_resilient
+from qkvsearch.search.study.search import placement, run_trial
+from qkvsearch.search.study.storage import (
+    COMMIT_HORIZON_S,
+    HEARTBEAT_ATTR,
+    DatabaseTally,
+    database_counts,
+    open_resilient,
+)
 from qkvsearch.search.study.workers import RetryLost, Tally, next_trial
 from qkvsearch.spaces import Infeasible
 from tests.conftest import tiny_sweep_conf
@@ -245,6 +252,36 @@ def _write_transactions(storage: optuna.storages.RDBStorage, action) -> int:
         sqlalchemy.event.remove(storage.engine, "before_cursor_execute", statement)
         sqlalchemy.event.remove(storage.engine, "commit", commit)
     return state["writes"]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_trial_is_written_with_its_first_heartbeat_and_placement_no_moment_without(tmp_path, kind):
+    """A worker's new trial is created running with its heartbeat and where it runs, in
+    the row's own transaction (a kill -9 right after finds a trial that beat); a queued
+    one gets both in one write once taken; the trial does not write its placement again."""
+    extra = [] if kind == "sqlite" else ["storage=journal", f"storage.path={tmp_path}/studies.journal"]
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=4", *extra)
+    worker = prepare(cfg).worker
+    database, facts = database_of(worker.storage), placement(worker.index)
+    taken = []
+
+    def take():
+        taken.append(next_trial(worker.study, worker.storage, cfg.storage, 4, worker.retry, facts))
+    writes = _write_transactions(database, take) if database is not None else take()
+    stored = worker.study._storage.get_trial(taken[-1]._trial_id)
+    assert stored.state == TrialState.RUNNING and stored.user_attrs == facts
+    assert 0 <= time.time() - stored.system_attrs[HEARTBEAT_ATTR] < 60
+    assert taken[-1].user_attrs == facts  # the live trial knows them: run_trial records nothing more
+    if database is not None:
+        assert writes == 1
+    worker.study.tell(taken[-1], 1.0)
+    worker.study.enqueue_trial({"n_layers": 2})
+    writes = _write_transactions(database, take) if database is not None else take()
+    stored = worker.study._storage.get_trial(taken[-1]._trial_id)
+    assert stored.system_attrs["fixed_params"] == {"n_layers": 2}  # the queued one
+    assert stored.user_attrs == facts and HEARTBEAT_ATTR in stored.system_attrs
+    if database is not None:
+        assert writes == 2  # taken, then started
 
 
 def test_a_trials_facts_are_written_in_one_transaction_and_a_finished_trial_refuses_them(tmp_path):
