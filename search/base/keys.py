@@ -17,6 +17,8 @@ OPTIM, CANDIDATE_HASH = "optim", "candidate_hash"
 N_PARAMS, FLOPS_PER_TOKEN = "n_params", "flops_per_token"
 #: why a trial was pruned (infeasible, by the pruner, out of memory, ...) or failed
 PRUNED_REASON, FAIL_REASON, TRACEBACK = "pruned_reason", "fail_reason", "traceback"
+#: how the fail reason of a trial failed for its worker's silence begins (``reap_lost``)
+LOST = "worker lost"
 #: how a pruner's reason begins (proxy trust finds the first rung by it)
 PRUNED_BY = "pruned by"
 #: the earlier trial of the same candidate whose values this one took, or waited for

@@ -16,7 +16,7 @@ import torch
 
 from qkvsearch.search.base.env import VISIBLE
 from qkvsearch.search.base.errors import Interrupted
-from qkvsearch.search.base.keys import FAIL_REASON, PRUNED_REASON, TRACEBACK
+from qkvsearch.search.base.keys import FAIL_REASON, LOST, PRUNED_REASON, TRACEBACK
 from qkvsearch.search.base.records import record
 from qkvsearch.search.inspect.selection import frozen
 from qkvsearch.search.study.prepare import Worker
@@ -31,23 +31,29 @@ State = optuna.trial.TrialState
 def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None = None,
          state: optuna.trial.TrialState | None = None) -> None:
     """Tells the study a result; a trial another worker already failed (its heartbeat
-    went stale, so its retry is queued) is left as it is."""
+    went stale, so its retry is queued) is left as it is (Optuna raises ValueError for
+    it otherwise, or UpdateFinishedTrialError when the other worker's write comes between
+    its read and its write)."""
     try:
-        study.tell(trial, values, state=state)
+        told = study.tell(trial, values, state=state, skip_if_finished=True)
     except optuna.exceptions.UpdateFinishedTrialError:
-        log.warning("trial %d was failed by another worker while it ran (heartbeats late?); its retry runs instead",
-                    trial.number)
+        told = frozen(study, trial.number)
     except RuntimeError as error:
         # Optuna's GridSampler asks the study to stop when its grid is used up, which raises
         # outside Study.optimize (after the result is stored); the workers stop by the counts
         if "Study.stop" not in str(error):
             raise
+        return
+    if str(told.user_attrs.get(FAIL_REASON, "")).startswith(LOST):
+        log.warning("trial %d was failed by another worker while it ran (heartbeats late?); its retry runs instead",
+                    trial.number)
 
 
-def note(trial: optuna.Trial, key: str, value: Any) -> None:
-    """Records a user attribute; nothing when another worker already failed the trial."""
+def ended(trial: optuna.Trial, start: float, facts: dict[str, Any] | None = None) -> None:
+    """Records the trial's wall time and what its end says (why it was pruned or failed) in
+    one write; nothing when another worker already failed the trial."""
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-        trial.set_user_attr(key, value)
+        record(trial, {"wall_time_s": time.perf_counter() - start, **(facts or {})})
 
 
 def placement(index: int) -> dict[str, Any]:
@@ -68,31 +74,30 @@ def run_trial(worker: Worker, trial: optuna.Trial) -> None:
     start = time.perf_counter()
     try:
         with heartbeat(worker.storage, trial, worker.storage_cfg.heartbeat_s if worker.storage_cfg else None):
-            try:
-                values = worker.objective(trial)
-            finally:
-                note(trial, "wall_time_s", time.perf_counter() - start)
+            values = worker.objective(trial)
     except optuna.TrialPruned as error:
-        note(trial, PRUNED_REASON, trial.user_attrs.get(PRUNED_REASON) or str(error) or "pruned")
+        ended(trial, start, {PRUNED_REASON: trial.user_attrs.get(PRUNED_REASON) or str(error) or "pruned"})
         tell(worker.study, trial, state=State.PRUNED)
     except NonFiniteLoss as error:
-        note(trial, PRUNED_REASON, f"non-finite loss: {error}")
+        ended(trial, start, {PRUNED_REASON: f"non-finite loss: {error}"})
         tell(worker.study, trial, state=State.PRUNED)
     except torch.OutOfMemoryError as error:
-        note(trial, PRUNED_REASON, f"out of memory: {str(error).splitlines()[0]}")
+        ended(trial, start, {PRUNED_REASON: f"out of memory: {str(error).splitlines()[0]}"})
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         tell(worker.study, trial, state=State.PRUNED)
     except (Interrupted, KeyboardInterrupt, SystemExit) as error:
+        ended(trial, start)
         record_interrupted(worker.study, trial, str(error) or type(error).__name__, worker.retry)
         raise
     except optuna.exceptions.UpdateFinishedTrialError:
         log.warning("trial %d was failed by another worker while it ran; its retry runs instead", trial.number)
     except Exception as error:  # noqa: BLE001 - any error of one trial must not stop the study
-        note(trial, FAIL_REASON, f"{type(error).__name__}: {error}"[:2000])
-        note(trial, TRACEBACK, traceback.format_exc()[-4000:])
+        ended(trial, start, {FAIL_REASON: f"{type(error).__name__}: {error}"[:2000],
+                             TRACEBACK: traceback.format_exc()[-4000:]})
         tell(worker.study, trial, state=State.FAIL)
     else:
+        ended(trial, start)
         tell(worker.study, trial, values)
 
 

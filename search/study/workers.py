@@ -41,6 +41,7 @@ from qkvsearch.search.base.keys import (
     FAIL_REASON,
     FINALIST_OF,
     FINALIST_SEED,
+    LOST,
     RETRY_OF,
     WORKERS_JOINED,
     pinned,
@@ -116,7 +117,7 @@ def reap_lost(study: optuna.Study, storage: BaseStorage, grace_s: float, retry: 
         silent = "no heartbeat" if running.heartbeat is not None else "no heartbeat ever"
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             storage.set_trial_user_attr(ident, FAIL_REASON,
-                                        f"worker lost: {silent} for {now - float(last):.0f} s (grace {grace_s:g} s); {fate}")
+                                        f"{LOST}: {silent} for {now - float(last):.0f} s (grace {grace_s:g} s); {fate}")
             if storage.set_trial_state_values(ident, state=TrialState.FAIL):
                 failed.append(running.number)
                 retry(study, storage.get_trial(ident))

@@ -5,6 +5,7 @@ trial's facts written in one transaction, an architecture stored once per study.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 import weakref
@@ -282,6 +283,47 @@ def test_a_trial_is_written_with_its_first_heartbeat_and_placement_no_moment_wit
     assert stored.user_attrs == facts and HEARTBEAT_ATTR in stored.system_attrs
     if database is not None:
         assert writes == 2  # taken, then started
+
+
+def test_a_trials_end_is_one_write_beside_the_tell_and_a_reaped_trial_is_left_as_the_reaper_left_it(tmp_path, caplog):
+    """How a trial ended (its wall time, why it was pruned or failed, the traceback) is one
+    write, then Optuna's tell is another. A trial another worker failed while it ran (its
+    heartbeats late) is left failed, with the reaper's reason, whichever way it ends."""
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=8")
+    worker = prepare(cfg).worker
+    database = database_of(worker.storage)
+
+    def pruned(trial):
+        raise optuna.TrialPruned("worse than the median at step 40")
+
+    def broken(trial):
+        raise RuntimeError("the trial's own bug")
+
+    def reaped(trial):  # what reap_lost writes from another worker
+        worker.storage.set_trial_user_attr(trial._trial_id, "fail_reason", "worker lost: no heartbeat for 4 s")
+        worker.storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+
+    def reaped_then_done(trial):
+        reaped(trial)
+        return [1.0]
+
+    def reaped_then_broken(trial):
+        reaped(trial)
+        raise RuntimeError("too late")
+
+    lost = "worker lost: no heartbeat for 4 s"
+    for objective, writes, state, reason in ((pruned, 2, TrialState.PRUNED, "worse than the median at step 40"),
+                                             (broken, 2, TrialState.FAIL, "RuntimeError: the trial's own bug"),
+                                             (reaped_then_done, 2, TrialState.FAIL, lost),
+                                             (reaped_then_broken, 2, TrialState.FAIL, lost)):
+        trial = next_trial(worker.study, worker.storage, cfg.storage, 8, worker.retry, placement(worker.index))
+        ran = dataclasses.replace(worker, objective=objective)
+        caplog.clear()
+        assert _write_transactions(database, lambda ran=ran, trial=trial: run_trial(ran, trial)) == writes
+        stored = worker.study._storage.get_trial(trial._trial_id)
+        assert stored.state == state and stored.user_attrs.get("pruned_reason", stored.user_attrs.get("fail_reason")) == reason
+        assert ("wall_time_s" in stored.user_attrs) == (reason != lost) and ("traceback" in stored.user_attrs) == (objective is broken)
+        assert (f"trial {trial.number} was failed by another worker" in caplog.text) == (reason == lost)
 
 
 def test_a_trials_facts_are_written_in_one_transaction_and_a_finished_trial_refuses_them(tmp_path):
