@@ -48,7 +48,6 @@ from qkvsearch.search.base.keys import (
 )
 from qkvsearch.search.base.records import record
 from qkvsearch.search.base.signals import backoff
-from qkvsearch.search.inspect.selection import frozen
 from qkvsearch.search.study.storage import (
     CONSTRAINTS_PREFIX,
     HEARTBEAT_ATTR,
@@ -284,9 +283,14 @@ def heartbeat(storage: BaseStorage, trial: optuna.Trial, interval_s: float | Non
 
 def record_interrupted(study: optuna.Study, trial: optuna.Trial, reason: str, retry: RetryLost) -> None:
     """Fails an interrupted trial and queues its retry, deaf to further signals meanwhile
-    (a second Ctrl-C must not cut the record short)."""
+    (a second Ctrl-C must not cut the record short). A trial another worker failed already
+    (its heartbeats late) has its retry queued by that worker: it is left as it is."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-    trial.set_user_attr(FAIL_REASON, f"interrupted ({reason}); queued again for the next worker")
-    study.tell(trial, state=TrialState.FAIL)
-    retry(study, frozen(study, trial.number))
+    try:
+        trial.set_user_attr(FAIL_REASON, f"interrupted ({reason}); queued again for the next worker")
+        told = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return
+    if not str(told.user_attrs.get(FAIL_REASON, "")).startswith(LOST):
+        retry(study, told)

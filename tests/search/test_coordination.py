@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+import signal
 import time
 import weakref
 
@@ -324,6 +325,27 @@ def test_a_trials_end_is_one_write_beside_the_tell_and_a_reaped_trial_is_left_as
         assert stored.state == state and stored.user_attrs.get("pruned_reason", stored.user_attrs.get("fail_reason")) == reason
         assert ("wall_time_s" in stored.user_attrs) == (reason != lost) and ("traceback" in stored.user_attrs) == (objective is broken)
         assert (f"trial {trial.number} was failed by another worker" in caplog.text) == (reason == lost)
+
+
+def test_an_interrupted_trial_another_worker_failed_already_is_retried_once(tmp_path):
+    cfg = tiny_sweep_conf(tmp_path, "n_trials=4")
+    worker = prepare(cfg).worker
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # record_interrupted ignores both
+
+    def reaped_then_interrupted(trial):
+        worker.storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_ATTR, time.time() - 10)
+        assert workers.reap_lost(worker.study, worker.storage, 1.0, worker.retry) == [trial.number]  # another worker's look
+        raise KeyboardInterrupt
+    trial = next_trial(worker.study, worker.storage, cfg.storage, 4, worker.retry, placement(worker.index))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_trial(dataclasses.replace(worker, objective=reaped_then_interrupted), trial)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    trials = worker.study.get_trials()
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["fail_reason"].startswith("worker lost")
+    assert [t.user_attrs.get("retry_of") for t in trials[1:]] == [0]  # one retry, the reaper's
 
 
 def test_a_trials_facts_are_written_in_one_transaction_and_a_finished_trial_refuses_them(tmp_path):
