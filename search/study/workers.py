@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import signal
 import threading
 import time
@@ -191,51 +190,38 @@ def counts_of(study: optuna.Study, storage: BaseStorage) -> Counts:
     return counts if counts is not None else tally_of(study).counts
 
 
-def ask(study: optuna.Study, storage: BaseStorage, queued: bool = True,
-        facts: Mapping[str, Any] | None = None) -> optuna.Trial:
+def ask(study: optuna.Study, storage: BaseStorage, queued: bool = True) -> optuna.Trial:
     """``study.ask()``, taking a queued trial first, without reading the trials that are
     neither queued nor new (Optuna's ask reads every trial its cache has not seen to find
     the queued ones). ``queued=False``: the caller's counts, read under the slot lock, saw
-    none queued, so none is looked for.
-
-    With ``facts`` (user attributes: where the trial runs), the trial starts with them and
-    its first heartbeat: a new trial in the transaction that creates it (no moment where it
-    runs without a heartbeat), a queued one in one write once taken."""
+    none queued, so none is looked for."""
     study._thread_local.cached_all_trials = None  # as Study.ask does: the sampler reads the study afresh
     for queued_trial in open_trials(study, storage, (TrialState.WAITING,)) if queued else ():
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             if study._storage.set_trial_state_values(trial_id(queued_trial), state=TrialState.RUNNING):
-                trial = optuna.Trial(study, trial_id(queued_trial))
-                if facts is not None:
-                    record(trial, facts, system={HEARTBEAT_ATTR: time.time()})
-                return trial
-    if facts is None:
-        return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
-    template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(),
-                           datetime_complete=None, params={}, distributions={}, user_attrs=dict(facts),
-                           system_attrs={HEARTBEAT_ATTR: time.time()}, intermediate_values={}, trial_id=-1)
-    return optuna.Trial(study, study._storage.create_new_trial(study._study_id, template_trial=template))
+                return optuna.Trial(study, trial_id(queued_trial))
+    return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
 
 
-def take_slot(study: optuna.Study, n_trials: int, storage: BaseStorage | None = None,
-              facts: Mapping[str, Any] | None = None) -> optuna.Trial | str | None:
+def take_slot(study: optuna.Study, n_trials: int, storage: BaseStorage | None = None) -> optuna.Trial | str | None:
     """One look at the study (the caller holds the slot lock): a queued trial (a retry or a
     finalist) first, else a new trial while the study counts fewer than ``n_trials``;
     :data:`WAIT` while other trials run (one may fail and be queued again); None once
-    the study is done. A trial taken starts with ``facts`` and its heartbeat (:func:`ask`)."""
+    the study is done."""
     storage = storage or study._storage
     counts = counts_of(study, storage)
     if counts.waiting or counts.counted < n_trials:
-        return ask(study, storage, queued=counts.waiting, facts=facts)
+        return ask(study, storage, queued=counts.waiting)
     return WAIT if counts.running else None
 
 
 def next_trial(study: optuna.Study, storage: BaseStorage, storage_cfg: Any, n_trials: int,
                retry: RetryLost, facts: Mapping[str, Any] | None = None) -> optuna.Trial | None:
     """Starts the next trial (see :func:`take_slot`), failing lost trials first; returns
-    None once the study is done. The trial is written with its first heartbeat and
-    ``facts`` (where it runs), a new one in the row's own transaction. Waits as
-    :func:`backoff` says while other workers' trials run.
+    None once the study is done. The trial's first heartbeat and ``facts`` (where it runs)
+    are one write, made once the slot lock is released (a worker killed before it leaves a
+    trial that never beat: reaped from its start). Waits as :func:`backoff` says while
+    other workers' trials run.
 
     Under the lock a worker reads counts and the trials it must (running, queued), never
     the whole study: the counts are brought up to date before the lock is taken (a
@@ -247,9 +233,11 @@ def next_trial(study: optuna.Study, storage: BaseStorage, storage_cfg: Any, n_tr
         counts_of(study, storage)  # what changed since the last look, read before the lock is taken
         with slot_lock(storage_cfg, study.study_name):
             reap_lost(study, storage, float(storage_cfg.grace_s), retry)
-            slot = take_slot(study, n_trials, storage, facts={} if facts is None else facts)
-            if slot != WAIT:
-                return slot
+            slot = take_slot(study, n_trials, storage)
+        if slot != WAIT:
+            if slot is not None:
+                record(slot, dict(facts or {}), system={HEARTBEAT_ATTR: time.time()})
+            return slot
         signals.pause(next(waits))
 
 

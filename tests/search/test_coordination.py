@@ -257,10 +257,9 @@ def _write_transactions(storage: optuna.storages.RDBStorage, action) -> int:
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_a_trial_is_written_with_its_first_heartbeat_and_placement_no_moment_without(tmp_path, kind):
-    """A worker's new trial is created running with its heartbeat and where it runs, in
-    the row's own transaction (a kill -9 right after finds a trial that beat); a queued
-    one gets both in one write once taken; the trial does not write its placement again."""
+def test_a_trials_first_heartbeat_and_placement_are_one_write_after_it_is_taken(tmp_path, kind):
+    """A worker's trial, new or queued, gets its first heartbeat and where it runs in one
+    write once it is taken (outside the slot lock); the trial does not write them again."""
     extra = [] if kind == "sqlite" else ["storage=journal", f"storage.path={tmp_path}/studies.journal"]
     cfg = tiny_sweep_conf(tmp_path, "n_trials=4", *extra)
     worker = prepare(cfg).worker
@@ -269,21 +268,18 @@ def test_a_trial_is_written_with_its_first_heartbeat_and_placement_no_moment_wit
 
     def take():
         taken.append(next_trial(worker.study, worker.storage, cfg.storage, 4, worker.retry, facts))
-    writes = _write_transactions(database, take) if database is not None else take()
-    stored = worker.study._storage.get_trial(taken[-1]._trial_id)
-    assert stored.state == TrialState.RUNNING and stored.user_attrs == facts
-    assert 0 <= time.time() - stored.system_attrs[HEARTBEAT_ATTR] < 60
-    assert taken[-1].user_attrs == facts  # the live trial knows them: run_trial records nothing more
-    if database is not None:
-        assert writes == 1
-    worker.study.tell(taken[-1], 1.0)
-    worker.study.enqueue_trial({"n_layers": 2})
-    writes = _write_transactions(database, take) if database is not None else take()
-    stored = worker.study._storage.get_trial(taken[-1]._trial_id)
-    assert stored.system_attrs["fixed_params"] == {"n_layers": 2}  # the queued one
-    assert stored.user_attrs == facts and HEARTBEAT_ATTR in stored.system_attrs
-    if database is not None:
-        assert writes == 2  # taken, then started
+    for queued in (False, True):
+        if queued:
+            worker.study.enqueue_trial({"n_layers": 2})
+        writes = _write_transactions(database, take) if database is not None else take()
+        stored = worker.study._storage.get_trial(taken[-1]._trial_id)
+        assert stored.state == TrialState.RUNNING and stored.user_attrs == facts
+        assert 0 <= time.time() - stored.system_attrs[HEARTBEAT_ATTR] < 60
+        assert ("fixed_params" in stored.system_attrs) == queued
+        assert taken[-1].user_attrs == facts  # the live trial knows them: run_trial records nothing more
+        if database is not None:
+            assert writes == 2  # created (or taken from the queue), then started
+        worker.study.tell(taken[-1], 1.0)
 
 
 def test_a_trials_end_is_one_write_beside_the_tell_and_a_reaped_trial_is_left_as_the_reaper_left_it(tmp_path, caplog):

@@ -163,10 +163,8 @@ from qkvsearch.search.study.workers import take_slot
 cfg = compose_config("sweep", sys.argv[1:])
 worker = prepare(cfg).worker
 with slot_lock(cfg.storage, cfg.study_name):
-    # a trial taken without its first heartbeat (a qkv worker now writes both at once; Optuna's
-    # own ask, another tool on the study or an older qkvsearch does not)
-    take_slot(worker.study, cfg.n_trials)
-    os.kill(os.getpid(), signal.SIGKILL)  # and the worker killed before it beat
+    take_slot(worker.study, cfg.n_trials)  # a trial taken, as a worker takes it
+    os.kill(os.getpid(), signal.SIGKILL)  # and the worker killed before its first heartbeat
 """
 
 
