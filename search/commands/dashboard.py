@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -42,27 +44,53 @@ def exposure_warning(host: str, writable: bool) -> str | None:
             f"host and tunnel instead: ssh -L 8080:127.0.0.1:8080 <node>")
 
 
+#: trials a dashboard reads in the background once it serves (the latest studies first), so
+#: that the first page of a large study does not wait for its read
+WARM_TRIALS = 50_000
+
+
+def dashboard_app(storage: Any, store: Any = None) -> tuple[Callable[..., Any], threading.Thread]:
+    """optuna-dashboard's app on ``storage`` (a database through Optuna's cache of finished
+    trials, so that a page refreshed while a sweep runs reads only the trials that changed,
+    not the whole study), and the started thread that reads the latest studies into that
+    cache (up to :data:`WARM_TRIALS` trials; a page asked for meanwhile waits for it, as it
+    would wait for its own read)."""
+    import optuna_dashboard
+
+    storage = optuna.storages.get_storage(storage)  # an RDBStorage: Optuna's cache in front of it
+
+    def warm() -> None:
+        read = 0
+        for study in sorted(storage.get_all_studies(), key=lambda s: s._study_id, reverse=True):  # the latest first
+            with contextlib.suppress(Exception):  # noqa: BLE001 - a page's own read will say what is wrong
+                if read + storage.get_n_trials(study._study_id) > WARM_TRIALS:
+                    break
+                read += len(storage.get_all_trials(study._study_id, deepcopy=False))
+
+    warming = threading.Thread(target=warm, daemon=True, name="dashboard-warm")
+    warming.start()
+    return optuna_dashboard.wsgi(storage, artifact_store=store), warming
+
+
 def serve(cfg: DictConfig, storage: Any = None) -> None:
     """Checks the storage and the port, then serves until interrupted. ``storage``: the one
     ``cfg.storage`` describes, when the caller has opened it already."""
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-    import optuna_dashboard
-
     if not isinstance(cfg.read_only, bool):
         raise QkvError(f"read_only must be true or false, got {cfg.read_only!r}")
     writable = not cfg.read_only
     storage = storage if storage is not None else open_storage(cfg.storage, must_exist=True)
-    studies = optuna.get_all_study_summaries(storage)
+    studies = storage.get_all_studies()  # Optuna's summaries would read every trial of every study
     if not studies:
         raise QkvError(f"no study found in {storage_url(cfg.storage)}; run `qkv sweep` first, or give storage=...")
     check_port(cfg.host, cfg.port)
     store = open_store(cfg.artifacts) if cfg.artifacts and pathlib.Path(cfg.artifacts).exists() else None
-    names = ", ".join(s.study_name for s in studies)
     warning = exposure_warning(cfg.host, writable)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    app = optuna_dashboard.wsgi(storage, artifact_store=store)
+    app, _ = dashboard_app(storage, store)
+    names = ", ".join(s.study_name for s in studies)
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name

@@ -239,3 +239,39 @@ def test_no_study_is_a_clear_error(tmp_path):
     open_storage(empty)  # a storage without studies
     with pytest.raises(ValueError, match=r"no study found in sqlite:///.*run `qkv sweep` first"):
         serve(compose_conf("dashboard", [f"run_root={tmp_path}"]))
+
+
+def test_the_dashboard_starts_without_reading_trials_and_a_refresh_reads_only_what_changed(tmp_path, monkeypatch):
+    """`qkv dashboard` prints its address before any trial is read (Optuna's study summaries
+    read every trial of every study); its storage keeps Optuna's cache of finished trials,
+    filled in the background, so a page refreshed while a sweep runs reads the new trials only."""
+    import wsgiref.util
+
+    from qkvsearch.search.commands.dashboard import dashboard_app
+    from qkvsearch.search.study import reader
+
+    storage = open_storage(compose_conf("sweep", [f"run_root={tmp_path}"]).storage)
+    study = optuna.create_study(study_name="watched", storage=storage)
+    study.add_trials([optuna.trial.create_trial(value=float(i)) for i in range(40)])
+    reads = []
+    real = reader.ChunkedRDBStorage._get_trials
+
+    def counted(self, *args, **kwargs):
+        trials = real(self, *args, **kwargs)
+        reads.append(len(trials))
+        return trials
+    monkeypatch.setattr(reader.ChunkedRDBStorage, "_get_trials", counted)
+
+    def page(app) -> dict:
+        environ = {"PATH_INFO": f"/api/studies/{study._study_id}", "REQUEST_METHOD": "GET"}
+        wsgiref.util.setup_testing_defaults(environ)
+        return json.loads(b"".join(app(environ, lambda status, headers, exc_info=None: None)))
+
+    app, warming = dashboard_app(storage)
+    warming.join(timeout=60)
+    assert sum(reads) == 40  # the background read: each trial once
+    reads.clear()
+    assert len(page(app)["trials"]) == 40 and sum(reads) == 0  # the first page: read already
+    study.add_trial(optuna.trial.create_trial(value=99.0))  # the sweep goes on
+    time.sleep(2.1)  # past optuna-dashboard's own cache of a small study (2 s)
+    assert len(page(app)["trials"]) == 41 and sum(reads) == 1  # only the new trial read
