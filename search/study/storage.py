@@ -478,12 +478,21 @@ def slot_lock(cfg: Any, study_name: str) -> contextlib.AbstractContextManager[No
 
 
 def latest_study(storage: BaseStorage) -> str:
-    """The study whose first trial started last (the most recent sweep)."""
-    summaries = optuna.get_all_study_summaries(storage)
-    if not summaries:
+    """The study whose first trial started last (the most recent sweep). Reads each study's
+    first trial only (Optuna's study summaries read every trial of every study)."""
+    studies = storage.get_all_studies()
+    if not studies:
         raise QkvError("no study found in this storage; run `qkv sweep` first or give storage=...")
     epoch = datetime.datetime.min
-    return max(summaries, key=lambda s: s.datetime_start or epoch).study_name
+
+    def started(study: optuna.study.FrozenStudy) -> datetime.datetime:
+        try:
+            first = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study._study_id, 0))
+        except KeyError:  # no trial yet
+            return epoch
+        return first.datetime_start or epoch
+
+    return max(studies, key=started).study_name
 
 
 def load_named_study(cfg: Any, name: str | None) -> optuna.Study:
@@ -497,7 +506,7 @@ def load_named_study(cfg: Any, name: str | None) -> optuna.Study:
         check_study_name(name)
     storage = open_storage(cfg, must_exist=True)
     name = name or latest_study(storage)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    names = [s.study_name for s in storage.get_all_studies()]
     if name not in names:
         raise QkvError(f"study {name!r} not found in {storage_url(cfg)}; studies: {', '.join(names) or 'none'}")
     return optuna.load_study(study_name=name, storage=storage)

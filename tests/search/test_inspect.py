@@ -275,3 +275,33 @@ def test_the_dashboard_starts_without_reading_trials_and_a_refresh_reads_only_wh
     study.add_trial(optuna.trial.create_trial(value=99.0))  # the sweep goes on
     time.sleep(2.1)  # past optuna-dashboard's own cache of a small study (2 s)
     assert len(page(app)["trials"]) == 41 and sum(reads) == 1  # only the new trial read
+
+
+def test_a_command_without_a_study_name_takes_the_latest_sweep_reading_one_trial_per_study(tmp_path, monkeypatch):
+    """The latest study is the one whose first trial started last (not the one made last);
+    finding it and checking a name read one trial a study, not every trial of every study."""
+    import datetime
+
+    from qkvsearch.search.study import reader
+    from qkvsearch.search.study.storage import latest_study, load_named_study
+
+    cfg = compose_conf("report", [f"run_root={tmp_path}"])
+    storage = open_storage(cfg.storage)
+    now = datetime.datetime.now()
+    sweeps = (("newer-sweep", 1), ("older-sweep-made-last", 3))  # made in this order; run days apart
+    for name, _ in sweeps:
+        optuna.create_study(study_name=name, storage=storage).add_trials(
+            [optuna.trial.create_trial(value=float(i)) for i in range(30)])
+    from optuna.storages._rdb import models
+    with storage.scoped_session() as session:  # the trials' starts, as sweeps days apart leave them
+        for name, days_ago in sweeps:
+            study_id = storage.get_study_id_from_name(name)
+            for row in session.query(models.TrialModel).filter(models.TrialModel.study_id == study_id):
+                row.datetime_start = now - datetime.timedelta(days=days_ago) + datetime.timedelta(seconds=row.number)
+        session.commit()
+    storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "empty-study")
+    reads = []
+    monkeypatch.setattr(reader.ChunkedRDBStorage, "_get_trials",
+                        lambda self, *a, **k: reads.append(1) or pytest.fail("read a study's trials"))
+    assert latest_study(storage) == "newer-sweep"
+    assert load_named_study(cfg.storage, None).study_name == "newer-sweep" and reads == []
