@@ -367,6 +367,14 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+def code() -> str:
+    """The commit the benchmark ran (``+changes`` when the work tree differs from it)."""
+    here = pathlib.Path(__file__).resolve().parent
+    run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, cwd=here).stdout.strip()  # noqa: E731
+    head = run("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, nargs="+", default=[1000, 10000])
@@ -383,7 +391,7 @@ def main() -> None:
     root = args.root or pathlib.Path(tempfile.mkdtemp(prefix="qkv-coord-"))
     server = {"postgresql", "grpc"} & set(args.storages)
     url, cluster = postgres_url(args.postgres) if server else (None, None)
-    stamp = {"date": datetime.date.today().isoformat(), "machine": machine()}
+    stamp = {"date": datetime.date.today().isoformat(), "machine": machine(), "code": code()}
     print(f"coordination: {stamp['machine']}; studies under {root}", flush=True)
     header = (f"{'storage':10} {'trials':>6} {'W':>3} {'first s':>13} {'hold ms':>13} {'wait ms':>15} {'ask ms':>15} "
               f"{'sample ms':>13} {'cpu s':>6} {'trials/s':>8} {'writes':>6}")
