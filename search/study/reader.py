@@ -10,7 +10,9 @@ both readers trial for trial.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
+import operator
 from typing import Any
 
 import optuna
@@ -84,14 +86,14 @@ def _trials_from_columns(session: Any, ids: list[int], distributions: dict[str, 
         models.TrialModel, models.TrialValueModel, models.TrialParamModel, models.TrialUserAttributeModel,
         models.TrialSystemAttributeModel, models.TrialIntermediateValueModel)
 
+    connection = session.connection()  # plain Core rows: the ORM session's result machinery costs as much again
+
     def rows(*columns: Any, order: Any) -> Any:
-        return session.execute(sqlalchemy.select(*columns).where(columns[0].in_(ids)).order_by(order))
+        return connection.execute(sqlalchemy.select(*columns).where(columns[0].in_(ids)).order_by(order))
 
     def grouped(*columns: Any, order: Any) -> dict[int, list[Any]]:
-        by_trial: dict[int, list[Any]] = {}
-        for row in rows(*columns, order=order):
-            by_trial.setdefault(row[0], []).append(row)
-        return by_trial
+        found = connection.execute(sqlalchemy.select(*columns).where(columns[0].in_(ids)).order_by(columns[0], order))
+        return {ident: list(group) for ident, group in itertools.groupby(found.all(), key=operator.itemgetter(0))}
 
     values = grouped(value.trial_id, value.objective, value.value, value.value_type, order=value.trial_value_id)
     params = grouped(param.trial_id, param.param_name, param.param_value, param.distribution_json, order=param.param_id)
@@ -99,6 +101,15 @@ def _trials_from_columns(session: Any, ids: list[int], distributions: dict[str, 
     systems = grouped(system.trial_id, system.key, system.value_json, order=system.trial_system_attribute_id)
     steps = grouped(step.trial_id, step.step, step.intermediate_value, step.intermediate_value_type,
                     order=step.trial_intermediate_value_id)
+    scalars: dict[str, Any] = {}  # a study repeats its attributes' values: each scalar's text decoded once
+
+    def decoded(text: str) -> Any:
+        if text[:1] in "[{":  # a list or a dict: every trial its own (a caller may change it)
+            return json.loads(text)
+        if text not in scalars:
+            scalars[text] = json.loads(text)
+        return scalars[text]
+
     built = []
     for ident, number, state, started, completed in rows(trial.trial_id, trial.number, trial.state,
                                                           trial._datetime_start_utc, trial._datetime_complete_utc,
@@ -117,8 +128,8 @@ def _trials_from_columns(session: Any, ids: list[int], distributions: dict[str, 
             datetime_complete=_local(completed),
             params={name: dists[name].to_external_repr(internal) for _, name, internal, _ in params.get(ident, [])},
             distributions=dists,
-            user_attrs={key: json.loads(text) for _, key, text in users.get(ident, [])},
-            system_attrs={key: json.loads(text) for _, key, text in systems.get(ident, [])},
+            user_attrs={key: decoded(text) for _, key, text in users.get(ident, [])},
+            system_attrs={key: decoded(text) for _, key, text in systems.get(ident, [])},
             intermediate_values={at: step.stored_repr_to_intermediate_value(stored, kind)
                                  for _, at, stored, kind in steps.get(ident, [])},
             trial_id=ident))
