@@ -18,6 +18,7 @@ import pytest
 from optuna.artifacts import get_all_artifact_meta
 
 from qkvsearch.search.base.network import check_port
+from qkvsearch.search.base.records import ARCH_PREFIX
 from qkvsearch.search.commands.report import render, report
 from qkvsearch.search.inspect.selection import architecture
 from qkvsearch.search.study.storage import open_storage
@@ -305,3 +306,44 @@ def test_a_command_without_a_study_name_takes_the_latest_sweep_reading_one_trial
                         lambda self, *a, **k: reads.append(1) or pytest.fail("read a study's trials"))
     assert latest_study(storage) == "newer-sweep"
     assert load_named_study(cfg.storage, None).study_name == "newer-sweep" and reads == []
+
+
+def test_a_study_page_does_not_scan_the_stored_architectures_once_per_trial(tmp_path, monkeypatch):
+    """optuna-dashboard looks for each trial's artifacts among all of the study's system
+    attributes, where a sweep keeps one entry per distinct architecture: the page it serves
+    must not pay trials x architectures for that, and must say what it said before (a trial's
+    note and artifacts included)."""
+    import wsgiref.util
+
+    import optuna_dashboard
+    from optuna_dashboard.artifact import _backend
+
+    from qkvsearch.search.commands.dashboard import dashboard_app
+
+    storage = open_storage(compose_conf("sweep", [f"run_root={tmp_path}"]).storage)
+    study = optuna.create_study(study_name="many-architectures", storage=storage)
+    study.add_trials([optuna.trial.create_trial(value=float(i)) for i in range(40)])
+    for i in range(200):
+        storage.set_study_system_attr(study._study_id, f"{ARCH_PREFIX}{i:04x}", {"decoder": {"n_heads": i}})
+    first = study.trials[0]._trial_id  # a note and an artifact, as optuna-dashboard keeps them
+    storage.set_study_system_attr(study._study_id, f"dashboard:{first}:note_str:0", "a note")
+    storage.set_study_system_attr(study._study_id, f"dashboard:{first}:note_ver", 1)
+    meta = {"artifact_id": "abc", "filename": "plot.png", "mimetype": "image/png", "encoding": None}
+    storage.set_study_system_attr(study._study_id, f"dashboard:artifacts:{first}:abc", json.dumps(meta))
+    checked = []
+    real = _backend._dashboard_artifact_prefix
+    monkeypatch.setattr(_backend, "_dashboard_artifact_prefix", lambda trial_id: checked.append(1) or real(trial_id))
+
+    def page(app) -> dict:
+        environ = {"PATH_INFO": f"/api/studies/{study._study_id}", "REQUEST_METHOD": "GET"}
+        wsgiref.util.setup_testing_defaults(environ)
+        return json.loads(b"".join(app(environ, lambda status, headers, exc_info=None: None)))
+
+    app, warming = dashboard_app(storage)
+    warming.join(timeout=60)
+    ours = page(app)
+    assert len(checked) <= 40 * 5  # each trial checks the few attributes that are not architectures
+    checked.clear()
+    assert ours == page(optuna_dashboard.wsgi(storage)) and len(checked) > 40 * 200  # the same page, bare
+    assert ours["trials"][0]["artifacts"] == [meta] and ours["trials"][0]["note"]["body"] == "a note"
+    assert storage.get_study_system_attrs(study._study_id).keys() >= {f"{ARCH_PREFIX}{i:04x}" for i in range(200)}
