@@ -308,8 +308,9 @@ def inspect(overrides: list[str]) -> dict[str, Any]:
 
     from qkvsearch.search.commands.dashboard import dashboard_app
 
-    def page(app: Any) -> tuple[float, bytes]:
-        environ: dict[str, Any] = {"PATH_INFO": f"/api/studies/{study._study_id}", "REQUEST_METHOD": "GET"}
+    def page(app: Any, after: int = 0) -> tuple[float, bytes]:
+        environ: dict[str, Any] = {"PATH_INFO": f"/api/studies/{study._study_id}", "REQUEST_METHOD": "GET",
+                                   "QUERY_STRING": f"after={after}"}
         wsgiref.util.setup_testing_defaults(environ)
         start = time.perf_counter()
         body = b"".join(app(environ, lambda status, headers, exc_info=None: None))
@@ -330,6 +331,8 @@ def inspect(overrides: list[str]) -> dict[str, Any]:
     time.sleep(11)  # past it: a page refreshed while a sweep runs reads the storage again
     out["dashboard_refresh_s"] = page(ours)[0]
     out["dashboard_bare_refresh_s"] = page(bare)[0]
+    time.sleep(11)  # as a browser refreshes: it asks only for the trials after those it shows
+    out["dashboard_browser_refresh_s"] = page(ours, len(json.loads(body)["trials"]))[0]
     out["dashboard_mb"] = len(body) / 2**20
     return out
 
