@@ -41,6 +41,27 @@ def read_only(app: Callable[..., Any]) -> Callable[..., Any]:
     return filtered
 
 
+#: what optuna-dashboard's rename would lose: it copies a study's trials, user attributes and
+#: notes to a new study and deletes the old one, but not the system attributes, where a sweep
+#: keeps the architectures `qkv export` and the finalists read
+RENAME_REFUSED = (b"renaming a study here would drop its system attributes (the architectures qkvsearch stores, "
+                  b"which qkv export needs): optuna-dashboard copies only trials, user attributes and notes. "
+                  b"optuna.copy_study(...) keeps them all\n")
+
+
+def guarded(app: Callable[..., Any], writable: bool) -> Callable[..., Any]:
+    """The app as served: read-only unless writes are asked for, and never a rename."""
+    app = app if writable else read_only(app)
+
+    def filtered(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO", "").rstrip("/").endswith("/rename"):
+            start_response("403 Forbidden", [("Content-Type", "text/plain")])
+            return [RENAME_REFUSED]
+        return app(environ, start_response)
+
+    return filtered
+
+
 def exposure_warning(host: str, writable: bool) -> str | None:
     """What a user must hear before a dashboard is served beyond this machine."""
     if is_loopback(host):
@@ -148,7 +169,7 @@ def serve(cfg: DictConfig, storage: Any = None) -> None:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
             pass
 
-    server = make_server(cfg.host, cfg.port, app if writable else read_only(app), handler_class=Quiet)
+    server = make_server(cfg.host, cfg.port, guarded(app, writable), handler_class=Quiet)
     mode = "" if writable else ", read-only"
     print(f"optuna-dashboard for {storage_url(cfg.storage)} ({names}{mode}) at http://{cfg.host}:{cfg.port}/dashboard", flush=True)
     try:

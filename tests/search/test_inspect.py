@@ -347,3 +347,41 @@ def test_a_study_page_does_not_scan_the_stored_architectures_once_per_trial(tmp_
     assert ours == page(optuna_dashboard.wsgi(storage)) and len(checked) > 40 * 200  # the same page, bare
     assert ours["trials"][0]["artifacts"] == [meta] and ours["trials"][0]["note"]["body"] == "a note"
     assert storage.get_study_system_attrs(study._study_id).keys() >= {f"{ARCH_PREFIX}{i:04x}" for i in range(200)}
+
+
+def test_a_writable_dashboard_refuses_a_rename_that_would_drop_the_stored_architectures(tmp_path):
+    """optuna-dashboard's rename copies a study's trials, user attributes and notes, not its
+    system attributes: the architectures a sweep stores there would be gone, and with them
+    `qkv export`. A dashboard served with writes allowed refuses the rename and keeps deletes."""
+    import io
+    import wsgiref.util
+
+    import optuna_dashboard
+
+    from qkvsearch.search.commands.dashboard import dashboard_app, guarded
+
+    storage = open_storage(compose_conf("sweep", [f"run_root={tmp_path}"]).storage)
+
+    def swept(name: str) -> optuna.Study:
+        study = optuna.create_study(study_name=name, storage=storage)
+        study.add_trials([optuna.trial.create_trial(value=1.0)])
+        storage.set_study_system_attr(study._study_id, f"{ARCH_PREFIX}abc", {"decoder": {"n_heads": 4}})
+        return study
+
+    def rename(app, study: optuna.Study, to: str) -> str:
+        body = json.dumps({"study_name": to}).encode()
+        environ = {"PATH_INFO": f"/api/studies/{study._study_id}/rename", "REQUEST_METHOD": "POST",
+                   "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}
+        wsgiref.util.setup_testing_defaults(environ)
+        status = []
+        b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+        return status[0]
+
+    assert rename(optuna_dashboard.wsgi(storage), swept("bare"), "bare-renamed").startswith("201")  # what it does
+    renamed = optuna.load_study(study_name="bare-renamed", storage=storage)
+    assert f"{ARCH_PREFIX}abc" not in storage.get_study_system_attrs(renamed._study_id) and len(renamed.trials) == 1  # the architecture lost
+    study = swept("kept")
+    app, _ = dashboard_app(storage)
+    assert rename(guarded(app, writable=True), study, "kept-renamed").startswith("403")
+    assert storage.get_study_system_attrs(storage.get_study_id_from_name("kept"))[f"{ARCH_PREFIX}abc"]["decoder"]
+    assert "kept-renamed" not in {s.study_name for s in storage.get_all_studies()}
