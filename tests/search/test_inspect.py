@@ -41,6 +41,15 @@ def swept(tmp_path_factory):
     return root, cfg, study
 
 
+def _study_page(app, study: optuna.Study) -> dict:
+    """What optuna-dashboard's WSGI ``app`` answers for ``study``'s page, as JSON."""
+    import wsgiref.util
+
+    environ = {"PATH_INFO": f"/api/studies/{study._study_id}", "REQUEST_METHOD": "GET"}
+    wsgiref.util.setup_testing_defaults(environ)
+    return json.loads(b"".join(app(environ, lambda status, headers, exc_info=None: None)))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -246,7 +255,6 @@ def test_the_dashboard_starts_without_reading_trials_and_a_refresh_reads_only_wh
     """`qkv dashboard` prints its address before any trial is read (Optuna's study summaries
     read every trial of every study); its storage keeps Optuna's cache of finished trials,
     filled in the background, so a page refreshed while a sweep runs reads the new trials only."""
-    import wsgiref.util
 
     from qkvsearch.search.commands.dashboard import dashboard_app
     from qkvsearch.search.study import reader
@@ -263,19 +271,14 @@ def test_the_dashboard_starts_without_reading_trials_and_a_refresh_reads_only_wh
         return trials
     monkeypatch.setattr(reader.ChunkedRDBStorage, "_get_trials", counted)
 
-    def page(app) -> dict:
-        environ = {"PATH_INFO": f"/api/studies/{study._study_id}", "REQUEST_METHOD": "GET"}
-        wsgiref.util.setup_testing_defaults(environ)
-        return json.loads(b"".join(app(environ, lambda status, headers, exc_info=None: None)))
-
     app, warming = dashboard_app(storage)
     warming.join(timeout=60)
     assert sum(reads) == 40  # the background read: each trial once
     reads.clear()
-    assert len(page(app)["trials"]) == 40 and sum(reads) == 0  # the first page: read already
+    assert len(_study_page(app, study)["trials"]) == 40 and sum(reads) == 0  # the first page: read already
     study.add_trial(optuna.trial.create_trial(value=99.0))  # the sweep goes on
     time.sleep(2.1)  # past optuna-dashboard's own cache of a small study (2 s)
-    assert len(page(app)["trials"]) == 41 and sum(reads) == 1  # only the new trial read
+    assert len(_study_page(app, study)["trials"]) == 41 and sum(reads) == 1  # only the new trial read
 
 
 def test_a_command_without_a_study_name_takes_the_latest_sweep_reading_one_trial_per_study(tmp_path, monkeypatch):
@@ -313,7 +316,6 @@ def test_a_study_page_does_not_scan_the_stored_architectures_once_per_trial(tmp_
     attributes, where a sweep keeps one entry per distinct architecture: the page it serves
     must not pay trials x architectures for that, and must say what it said before (a trial's
     note and artifacts included)."""
-    import wsgiref.util
 
     import optuna_dashboard
     from optuna_dashboard.artifact import _backend
@@ -334,17 +336,12 @@ def test_a_study_page_does_not_scan_the_stored_architectures_once_per_trial(tmp_
     real = _backend._dashboard_artifact_prefix
     monkeypatch.setattr(_backend, "_dashboard_artifact_prefix", lambda trial_id: checked.append(1) or real(trial_id))
 
-    def page(app) -> dict:
-        environ = {"PATH_INFO": f"/api/studies/{study._study_id}", "REQUEST_METHOD": "GET"}
-        wsgiref.util.setup_testing_defaults(environ)
-        return json.loads(b"".join(app(environ, lambda status, headers, exc_info=None: None)))
-
     app, warming = dashboard_app(storage)
     warming.join(timeout=60)
-    ours = page(app)
+    ours = _study_page(app, study)
     assert len(checked) <= 40 * 5  # each trial checks the few attributes that are not architectures
     checked.clear()
-    assert ours == page(optuna_dashboard.wsgi(storage)) and len(checked) > 40 * 200  # the same page, bare
+    assert ours == _study_page(optuna_dashboard.wsgi(storage), study) and len(checked) > 40 * 200  # the same page, bare
     assert ours["trials"][0]["artifacts"] == [meta] and ours["trials"][0]["note"]["body"] == "a note"
     assert storage.get_study_system_attrs(study._study_id).keys() >= {f"{ARCH_PREFIX}{i:04x}" for i in range(200)}
 
