@@ -15,6 +15,7 @@ Prints per storage, size and worker count:
   cpu     CPU seconds per trial in the worker (ask, sampling, reports, tell)
   rate    trials handed out per second, all workers together
   writes  commits (RDB) or journal appends per trial
+  memory  the machine's used memory at its peak while the workers ran, and before them (GB)
 
 Then, with --inspect, the commands that read a whole study: `qkv report`, the end-of-
 sweep summary and optuna-dashboard's study page (its payload size too).
@@ -258,15 +259,44 @@ def gather(procs: list[Any], results: Any) -> list[dict[str, Any]]:
     return got
 
 
+def used_gb() -> float:
+    """The machine's memory in use (MemTotal less MemAvailable), every process's: the
+    workers', the database server's and the proxy's."""
+    seen = dict(line.split(":", 1) for line in pathlib.Path("/proc/meminfo").read_text().splitlines())
+    return (int(seen["MemTotal"].split()[0]) - int(seen["MemAvailable"].split()[0])) / 2**20
+
+
+class MemoryPeak:
+    """The highest `used_gb` seen every half second while the block runs."""
+
+    def __enter__(self) -> MemoryPeak:
+        import threading
+
+        self.before = self.peak = used_gb()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.5):
+            self.peak = max(self.peak, used_gb())
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def drive(overrides: list[str], workers: int, asks: int) -> dict[str, Any]:
     context = multiprocessing.get_context("fork")
     barrier, results = context.Barrier(workers), context.Queue()
     procs = [context.Process(target=work, args=(overrides, asks, barrier, results)) for _ in range(workers)]
-    for proc in procs:
-        proc.start()
-    got = gather(procs, results)
-    for proc in procs:
-        proc.join()
+    with MemoryPeak() as memory:
+        for proc in procs:
+            proc.start()
+        got = gather(procs, results)
+        for proc in procs:
+            proc.join()
     flat = {key: [v for g in got for v in g[key]] for key in ("holds", "waits", "asks", "samples")}
     trials = sum(g["trials"] for g in got)
     span = max(g["end"] for g in got) - min(g["start"] for g in got)
@@ -280,6 +310,7 @@ def drive(overrides: list[str], workers: int, asks: int) -> dict[str, Any]:
         "sample_p99_ms": 1e3 * percentile(flat["samples"], 0.99),
         "cpu_per_trial_s": sum(g["cpu"] for g in got) / max(trials, 1), "trials_per_s": trials / span,
         "writes_per_trial": sum(g["writes"] for g in got) / max(trials, 1), "trials": trials,
+        "memory_peak_gb": memory.peak, "memory_before_gb": memory.before,
     }
 
 
@@ -397,7 +428,7 @@ def main() -> None:
     stamp = {"date": datetime.date.today().isoformat(), "machine": machine(), "code": code()}
     print(f"coordination: {stamp['machine']}; studies under {root}", flush=True)
     header = (f"{'storage':10} {'trials':>6} {'W':>3} {'first s':>13} {'hold ms':>13} {'wait ms':>15} {'ask ms':>15} "
-              f"{'sample ms':>13} {'cpu s':>6} {'trials/s':>8} {'writes':>6}")
+              f"{'sample ms':>13} {'cpu s':>6} {'trials/s':>8} {'writes':>6} {'memory GB':>11}")
     try:
         for kind in args.storages:
             for n in args.trials:
@@ -421,7 +452,8 @@ def main() -> None:
                           f"{row['wait_median_ms']:>7.1f}/{row['wait_p99_ms']:<7.1f} "
                           f"{row['ask_median_ms']:>7.1f}/{row['ask_p99_ms']:<7.1f} "
                           f"{row['sample_median_ms']:>6.1f}/{row['sample_p99_ms']:<6.1f} {row['cpu_per_trial_s']:>6.2f} "
-                          f"{row['trials_per_s']:>8.2f} {row['writes_per_trial']:>6.1f}", flush=True)
+                          f"{row['trials_per_s']:>8.2f} {row['writes_per_trial']:>6.1f} "
+                          f"{row['memory_peak_gb']:>5.1f}/{row['memory_before_gb']:<5.1f}", flush=True)
                     with RESULTS.open("a") as out:
                         out.write(json.dumps({**stamp, "storage": kind, "space": args.space, "trials_before": have,
                                               "workers": w, "asks": args.asks, **row}) + "\n")
