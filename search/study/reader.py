@@ -89,11 +89,13 @@ def _trials_from_columns(session: Any, ids: list[int], distributions: dict[str, 
     connection = session.connection()  # plain Core rows: the ORM session's result machinery costs as much again
 
     def rows(*columns: Any, order: Any) -> Any:
-        return connection.execute(sqlalchemy.select(*columns).where(columns[0].in_(ids)).order_by(order))
+        """The rows of the trials ``ids`` (``columns[0]`` their trial id), in ``order``."""
+        return connection.execute(sqlalchemy.select(*columns).where(columns[0].in_(ids)).order_by(*order))
 
     def grouped(*columns: Any, order: Any) -> dict[int, list[Any]]:
-        found = connection.execute(sqlalchemy.select(*columns).where(columns[0].in_(ids)).order_by(columns[0], order))
-        return {ident: list(group) for ident, group in itertools.groupby(found.all(), key=operator.itemgetter(0))}
+        """Each trial's rows, in ``order`` within the trial."""
+        found = rows(*columns, order=(columns[0], order)).all()
+        return {ident: list(group) for ident, group in itertools.groupby(found, key=operator.itemgetter(0))}
 
     values = grouped(value.trial_id, value.objective, value.value, value.value_type, order=value.trial_value_id)
     params = grouped(param.trial_id, param.param_name, param.param_value, param.distribution_json, order=param.param_id)
@@ -113,7 +115,7 @@ def _trials_from_columns(session: Any, ids: list[int], distributions: dict[str, 
     built = []
     for ident, number, state, started, completed in rows(trial.trial_id, trial.number, trial.state,
                                                           trial._datetime_start_utc, trial._datetime_complete_utc,
-                                                          order=trial.trial_id):
+                                                          order=(trial.trial_id,)):
         objectives = values.get(ident, [])
         scores: list[float] | None = [0.0] * len(objectives) if objectives else None
         for _, objective, stored, kind in objectives:
