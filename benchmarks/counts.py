@@ -32,7 +32,7 @@ from optuna.storages._rdb import models  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from qkvsearch.search.base.keys import BASELINE, FINALIST_OF  # noqa: E402
-from qkvsearch.search.study.storage import COMMIT_HORIZON_S, DatabaseTally  # noqa: E402
+from qkvsearch.search.study.tally import COMMIT_HORIZON_S, DatabaseTally  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "counts.jsonl"
 

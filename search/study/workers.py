@@ -47,14 +47,12 @@ from qkvsearch.search.base.keys import (
 )
 from qkvsearch.search.base.records import record
 from qkvsearch.search.base.signals import backoff
-from qkvsearch.search.study.storage import (
-    CONSTRAINTS_PREFIX,
-    HEARTBEAT_ATTR,
+from qkvsearch.search.study.storage import CONSTRAINTS_PREFIX, HEARTBEAT_ATTR, slot_lock
+from qkvsearch.search.study.tally import (
     Counts,
     database_counts,
     open_trials,
     running_trials,
-    slot_lock,
     trial_count,
     trial_id,
 )

@@ -18,16 +18,12 @@ from qkvsearch.search.base.keys import ARCH, ARCH_HASH, BASELINE, FINALIST_OF
 from qkvsearch.search.base.records import ARCH_PREFIX, database_of
 from qkvsearch.search.inspect.selection import architecture, counted
 from qkvsearch.search.study import reader as reader_module
-from qkvsearch.search.study import storage as storage_module
+from qkvsearch.search.study import tally as tally_module
 from qkvsearch.search.study import workers
 from qkvsearch.search.study.prepare import prepare
 from qkvsearch.search.study.search import run_trial
-from qkvsearch.search.study.storage import (
-    COMMIT_HORIZON_S,
-    DatabaseTally,
-    database_counts,
-    open_resilient,
-)
+from qkvsearch.search.study.storage import open_resilient
+from qkvsearch.search.study.tally import COMMIT_HORIZON_S, DatabaseTally, database_counts
 from qkvsearch.search.study.workers import RetryLost, Tally, next_trial
 from tests.conftest import tiny_sweep_conf
 
@@ -117,7 +113,7 @@ def test_the_database_tally_follows_a_study_that_grows_and_finishes_out_of_order
     running, finish and fail, retries and finalists come, and time settles the finished prefix;
     once settled, a look reads the trials since the oldest open one, not the study. (With
     ``by_id`` 5, the marks and lineage are mostly read by range, as on a first look.)"""
-    monkeypatch.setattr(storage_module, "_BY_ID", by_id)
+    monkeypatch.setattr(tally_module, "_BY_ID", by_id)
     rng, clock = random.Random(seed), Clock()
     storage = open_resilient(tiny_sweep_conf(tmp_path).storage)
     study = optuna.create_study(storage=storage, study_name="grows")
