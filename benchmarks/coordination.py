@@ -239,9 +239,14 @@ def work(overrides: list[str], asks: int, barrier: Any, results: Any) -> None:
                  "cpu": time.process_time() - cpu, "start": start, "end": done, "writes": writes.count - written})
 
 
+class WorkersDied(Exception):
+    """Workers of a run died without a result (the OOM killer, a crash)."""
+
+
 def gather(procs: list[Any], results: Any) -> list[dict[str, Any]]:
     """Each worker's result as it comes. A worker that died without one (the OOM killer, a
-    crash) stops the run with its exit code, instead of a queue that waits for ever."""
+    crash) ends the run (:class:`WorkersDied`, with the exit codes), instead of a queue that
+    waits for ever."""
     import queue
 
     got: list[dict[str, Any]] = []
@@ -254,8 +259,8 @@ def gather(procs: list[Any], results: Any) -> list[dict[str, Any]]:
                 for proc in procs:
                     proc.kill()
                 codes = sorted({p.exitcode for p in dead})
-                raise SystemExit(f"{len(dead)} of {len(procs)} workers died without a result (exit codes {codes}; "
-                                 "-9 is SIGKILL, as the OOM killer sends): fewer workers, or more memory") from None
+                raise WorkersDied(f"{len(dead)} of {len(procs)} workers died without a result (exit codes {codes}; "
+                                  "-9 is SIGKILL, as the OOM killer sends): fewer workers, or more memory") from None
     return got
 
 
@@ -294,7 +299,12 @@ def drive(overrides: list[str], workers: int, asks: int) -> dict[str, Any]:
     with MemoryPeak() as memory:
         for proc in procs:
             proc.start()
-        got = gather(procs, results)
+        try:
+            got = gather(procs, results)
+        except WorkersDied as died:  # the row says so, with the memory it reached; the next runs go on
+            for proc in procs:
+                proc.join()
+            return {"died": str(died), "memory_peak_gb": memory.peak, "memory_before_gb": memory.before}
         for proc in procs:
             proc.join()
     flat = {key: [v for g in got for v in g[key]] for key in ("holds", "waits", "asks", "samples")}
@@ -447,13 +457,17 @@ def main() -> None:
                         compose_config("sweep", base).storage)).get_trials(deepcopy=False))
                     row = drive(overrides_for(kind, root / kind, url, args.space, name, have + w * args.asks, port),
                                 w, args.asks)
-                    print(f"{kind:10} {have:>6} {w:>3} {row['first_median_s']:>6.2f}/{row['first_max_s']:<6.2f} "
-                          f"{row['hold_median_ms']:>6.1f}/{row['hold_p99_ms']:<6.1f} "
-                          f"{row['wait_median_ms']:>7.1f}/{row['wait_p99_ms']:<7.1f} "
-                          f"{row['ask_median_ms']:>7.1f}/{row['ask_p99_ms']:<7.1f} "
-                          f"{row['sample_median_ms']:>6.1f}/{row['sample_p99_ms']:<6.1f} {row['cpu_per_trial_s']:>6.2f} "
-                          f"{row['trials_per_s']:>8.2f} {row['writes_per_trial']:>6.1f} "
-                          f"{row['memory_peak_gb']:>5.1f}/{row['memory_before_gb']:<5.1f}", flush=True)
+                    if "died" in row:
+                        print(f"{kind:10} {have:>6} {w:>3} {row['died']}; the machine's memory reached "
+                              f"{row['memory_peak_gb']:.1f} GB (from {row['memory_before_gb']:.1f})", flush=True)
+                    else:
+                        print(f"{kind:10} {have:>6} {w:>3} {row['first_median_s']:>6.2f}/{row['first_max_s']:<6.2f} "
+                              f"{row['hold_median_ms']:>6.1f}/{row['hold_p99_ms']:<6.1f} "
+                              f"{row['wait_median_ms']:>7.1f}/{row['wait_p99_ms']:<7.1f} "
+                              f"{row['ask_median_ms']:>7.1f}/{row['ask_p99_ms']:<7.1f} "
+                              f"{row['sample_median_ms']:>6.1f}/{row['sample_p99_ms']:<6.1f} {row['cpu_per_trial_s']:>6.2f} "
+                              f"{row['trials_per_s']:>8.2f} {row['writes_per_trial']:>6.1f} "
+                              f"{row['memory_peak_gb']:>5.1f}/{row['memory_before_gb']:<5.1f}", flush=True)
                     with RESULTS.open("a") as out:
                         out.write(json.dumps({**stamp, "storage": kind, "space": args.space, "trials_before": have,
                                               "workers": w, "asks": args.asks, **row}) + "\n")
