@@ -12,15 +12,71 @@ gRPC, without TLS or authentication: it listens on 127.0.0.1 unless ``host`` say
 from __future__ import annotations
 
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import grpc
 import optuna
 from omegaconf import DictConfig
+from optuna.storages._grpc import servicer as optuna_servicer
+from optuna.storages._grpc.auto_generated import api_pb2, api_pb2_grpc
 
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.errors import Interrupted
 from qkvsearch.search.base.network import check_port, is_loopback
 from qkvsearch.search.study.storage import open_storage, storage_url
+
+
+class FinishedTrialsKept(optuna_servicer.OptunaStorageProxyService):
+    """Optuna's proxy servicer, keeping each finished trial's message once it is built.
+
+    A worker's client reads the whole study from the proxy when it starts, and the proxy
+    builds a message of every trial for each such read (Optuna's ``_to_proto_trial``), one
+    read after another: 64 workers starting together on a 10,000-trial study waited more
+    than three minutes for their first trial (docs/clusters.md). A finished trial never
+    changes (Optuna's own cache of the trials rests on that too), so its message is built
+    once and sent as it is to every later read; a running or queued trial is built anew
+    each time. Deleting a study forgets every kept message (SQLite can reuse a deleted
+    trial's id)."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage) -> None:
+        super().__init__(storage)
+        self._kept: dict[int, Any] = {}  # trial id: the finished trial's api_pb2.Trial
+        self._lock = threading.Lock()
+
+    def _message(self, trial: optuna.trial.FrozenTrial) -> Any:
+        if not trial.state.is_finished():
+            return optuna_servicer._to_proto_trial(trial)
+        message = self._kept.get(trial._trial_id)
+        if message is None:
+            message = optuna_servicer._to_proto_trial(trial)
+            with self._lock:
+                self._kept[trial._trial_id] = message
+        return message
+
+    def GetTrials(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 (gRPC's name)
+        included, above = set(request.included_trial_ids), request.trial_id_greater_than
+        try:
+            trials = self._backend.get_all_trials(request.study_id, deepcopy=False)
+        except KeyError as e:
+            context.abort(code=grpc.StatusCode.NOT_FOUND, details=str(e))
+        return api_pb2.GetTrialsReply(trials=[self._message(t) for t in trials
+                                              if t._trial_id > above or t._trial_id in included])
+
+    def DeleteStudy(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 (gRPC's name)
+        with self._lock:
+            self._kept.clear()
+        return super().DeleteStudy(request, context)
+
+
+def make_server(storage: optuna.storages.BaseStorage, host: str, port: int, threads: int) -> grpc.Server:
+    """Optuna's proxy server (``optuna.storages._grpc.server.make_server``), with
+    :class:`FinishedTrialsKept` as its servicer."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads))
+    api_pb2_grpc.add_StorageServiceServicer_to_server(FinishedTrialsKept(storage), server)
+    server.add_insecure_port(f"{host}:{port}")
+    return server
 
 
 def serve(cfg: DictConfig) -> None:
@@ -39,8 +95,11 @@ def serve(cfg: DictConfig) -> None:
               "change every study in the database (plain gRPC: no TLS, no authentication)", file=sys.stderr)
     print(f"storage proxy for {storage_url(cfg.storage)} at {cfg.host}:{cfg.port}; workers: "
           f"storage=grpc storage.host={cfg.host} storage.port={cfg.port} storage.url=<this database>", flush=True)
+    server = make_server(storage, cfg.host, int(cfg.port), threads)
     try:
-        optuna.storages.run_grpc_proxy_server(storage, host=cfg.host, port=int(cfg.port),
-                                              thread_pool=ThreadPoolExecutor(max_workers=threads))
+        server.start()
+        server.wait_for_termination()
     except (Interrupted, KeyboardInterrupt):  # Ctrl-C or SIGTERM is how a server is stopped
         print("storage proxy stopped", file=sys.stderr)
+    finally:
+        server.stop(grace=None)

@@ -108,3 +108,62 @@ def test_the_proxy_refuses_a_journal_and_a_port_in_use_in_one_line(tmp_path):
         busy = subprocess.run([*QKV, "storage-proxy", f"storage.url=sqlite:///{tmp_path}/s.db", f"port={port}"],
                               capture_output=True, text=True, timeout=120)
     assert busy.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in busy.stderr
+
+
+def _same(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> bool:
+    return (a.number, a.state, a.values, a.params, a.user_attrs, a.system_attrs, a.intermediate_values,
+            a.datetime_start, a.datetime_complete) == (b.number, b.state, b.values, b.params, b.user_attrs,
+                                                        b.system_attrs, b.intermediate_values, b.datetime_start,
+                                                        b.datetime_complete)
+
+
+def test_the_proxy_builds_a_finished_trials_message_once_and_sends_what_changed_as_it_is_now(tmp_path, monkeypatch):
+    """Every worker's client reads the whole study from the proxy when it starts: a finished
+    trial (it never changes) is built into its message once, not once per reading client;
+    an open trial is built each time, so its end reaches a client that reads after it."""
+    from optuna.storages._grpc import servicer as optuna_servicer
+
+    from qkvsearch.search.commands.proxy import make_server
+
+    backend = optuna.storages.get_storage(f"sqlite:///{tmp_path}/s.db")
+    study = optuna.create_study(storage=backend, study_name="kept")
+    for i in range(6):
+        trial = study.ask()
+        trial.suggest_int("n_layers", 1, 4)
+        trial.set_user_attr("arch", {"n_layers": i})
+        trial.report(0.5 * i, step=10)
+        study.tell(trial, float(i))
+    running = study.ask()
+    running.suggest_int("n_layers", 1, 4)
+    built: list[int] = []
+    real = optuna_servicer._to_proto_trial
+
+    def counted_build(trial):
+        built.append(trial.number)
+        return real(trial)
+    monkeypatch.setattr(optuna_servicer, "_to_proto_trial", counted_build)
+    port = _free_port()
+    server = make_server(backend, "127.0.0.1", port, threads=2)
+    server.start()
+    try:
+        def client_read() -> list[optuna.trial.FrozenTrial]:
+            client = optuna.storages.GrpcStorageProxy(host="127.0.0.1", port=port)
+            try:
+                return client.get_all_trials(client.get_study_id_from_name("kept"))
+            finally:
+                client.close()
+        first = client_read()
+        assert sorted(built) == list(range(7))
+        assert all(_same(a, b) for a, b in zip(first, backend.get_all_trials(study._study_id), strict=True))
+        built.clear()
+        second = client_read()
+        assert built == [6]  # only the running trial is built again
+        assert all(_same(a, b) for a, b in zip(second, first, strict=True))
+        study.tell(running, 9.0)
+        built.clear()
+        third = client_read()
+        assert third[6].state == State.COMPLETE and third[6].value == 9.0 and built == [6]
+        built.clear()
+        assert client_read()[6].value == 9.0 and built == []  # now kept like the others
+    finally:
+        server.stop(grace=None)
