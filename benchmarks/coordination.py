@@ -412,11 +412,13 @@ def machine() -> str:
 
 
 def code() -> str:
-    """The commit the benchmark ran (``+changes`` when the work tree differs from it)."""
+    """The commit the benchmark ran (``+changes`` when the work tree differs from it, the
+    results this benchmark appends to aside)."""
     here = pathlib.Path(__file__).resolve().parent
     run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, cwd=here).stdout.strip()  # noqa: E731
     head = run("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+changes" if run("status", "--porcelain", "--untracked-files=no") else "")
+    changed = run("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results")
+    return head + ("+changes" if changed else "")
 
 
 def main() -> None:
