@@ -24,6 +24,29 @@ from optuna.trial import FrozenTrial
 READ_CHUNK = 500
 
 
+class Decoder:
+    """Decodes the stored text of one large read, each distinct distribution and each
+    distinct scalar value once: a study has few distributions, and its trials repeat their
+    attributes' values (an architecture's fields, a worker's host). A list or a dict is
+    decoded for every trial, since a caller may change its own."""
+
+    def __init__(self) -> None:
+        self._distributions: dict[str, Any] = {}
+        self._scalars: dict[str, Any] = {}
+
+    def distribution(self, text: str) -> Any:
+        if text not in self._distributions:
+            self._distributions[text] = optuna.distributions.json_to_distribution(text)
+        return self._distributions[text]
+
+    def value(self, text: str) -> Any:
+        if text[:1] in "[{":
+            return json.loads(text)
+        if text not in self._scalars:
+            self._scalars[text] = json.loads(text)
+        return self._scalars[text]
+
+
 class ChunkedRDBStorage(RDBStorage):
     """Optuna's RDBStorage, reading a large set of trials in pieces of :data:`READ_CHUNK`.
 
@@ -63,11 +86,11 @@ class ChunkedRDBStorage(RDBStorage):
                 wanted = sqlalchemy.or_(wanted, model.trial_id.in_(old))
             ids = [ident for (ident,) in session.query(model.trial_id).filter(model.study_id == study_id, wanted)
                    .order_by(model.trial_id)]
-        distributions: dict[str, Any] = {}  # one object per distinct distribution, as a study has few
+        decoder = Decoder()
         trials: list[FrozenTrial] = []
         for start in range(0, len(ids), READ_CHUNK):
             with _create_scoped_session(self.scoped_session) as session:
-                trials += _trials_from_columns(session, ids[start:start + READ_CHUNK], distributions)
+                trials += _trials_from_columns(session, ids[start:start + READ_CHUNK], decoder)
         return trials
 
 
@@ -76,7 +99,7 @@ def _local(utc: datetime.datetime | None) -> datetime.datetime | None:
     return utc.replace(tzinfo=datetime.UTC).astimezone().replace(tzinfo=None) if utc is not None else None
 
 
-def _trials_from_columns(session: Any, ids: list[int], distributions: dict[str, Any]) -> list[FrozenTrial]:
+def _trials_from_columns(session: Any, ids: list[int], decoder: Decoder) -> list[FrozenTrial]:
     """The trials ``ids``, built as Optuna's RDBStorage builds them, from their rows' columns
     (one query per table, no ORM objects: those cost most of Optuna's read, and the
     session's commit then expires each one)."""
@@ -103,15 +126,6 @@ def _trials_from_columns(session: Any, ids: list[int], distributions: dict[str, 
     systems = grouped(system.trial_id, system.key, system.value_json, order=system.trial_system_attribute_id)
     steps = grouped(step.trial_id, step.step, step.intermediate_value, step.intermediate_value_type,
                     order=step.trial_intermediate_value_id)
-    scalars: dict[str, Any] = {}  # a study repeats its attributes' values: each scalar's text decoded once
-
-    def decoded(text: str) -> Any:
-        if text[:1] in "[{":  # a list or a dict: every trial its own (a caller may change it)
-            return json.loads(text)
-        if text not in scalars:
-            scalars[text] = json.loads(text)
-        return scalars[text]
-
     built = []
     for ident, number, state, started, completed in rows(trial.trial_id, trial.number, trial.state,
                                                           trial._datetime_start_utc, trial._datetime_complete_utc,
@@ -120,18 +134,14 @@ def _trials_from_columns(session: Any, ids: list[int], distributions: dict[str, 
         scores: list[float] | None = [0.0] * len(objectives) if objectives else None
         for _, objective, stored, kind in objectives:
             scores[objective] = value.stored_repr_to_value(stored, kind)  # type: ignore[index]
-        dists = {}
-        for _, name, _, source in params.get(ident, []):
-            if source not in distributions:
-                distributions[source] = optuna.distributions.json_to_distribution(source)
-            dists[name] = distributions[source]
+        dists = {name: decoder.distribution(source) for _, name, _, source in params.get(ident, [])}
         built.append(FrozenTrial(
             number=number, state=state, value=None, values=scores, datetime_start=_local(started),
             datetime_complete=_local(completed),
             params={name: dists[name].to_external_repr(internal) for _, name, internal, _ in params.get(ident, [])},
             distributions=dists,
-            user_attrs={key: decoded(text) for _, key, text in users.get(ident, [])},
-            system_attrs={key: decoded(text) for _, key, text in systems.get(ident, [])},
+            user_attrs={key: decoder.value(text) for _, key, text in users.get(ident, [])},
+            system_attrs={key: decoder.value(text) for _, key, text in systems.get(ident, [])},
             intermediate_values={at: step.stored_repr_to_intermediate_value(stored, kind)
                                  for _, at, stored, kind in steps.get(ident, [])},
             trial_id=ident))

@@ -127,12 +127,13 @@ def _open_proxy(cfg: Any) -> BaseStorage:
     a proxy that does not answer is a clear error at once (or after ``open_wait_s``)."""
     try:
         import grpc  # noqa: F401  (Optuna imports it lazily: missing, it would fail at the first call)
-        from optuna.storages import GrpcStorageProxy
+
+        from qkvsearch.search.study.proxy_client import DecodedOnceProxy
     except ImportError:
         raise StorageError("storage=grpc needs grpcio: pip install 'qkvsearch[grpc]'") from None
     where = storage_url(cfg)
     wait_s = float(cfg.get("outage_s", 300)) if where in _REACHED else float(cfg.get("open_wait_s", 0))
-    proxy = GrpcStorageProxy(host=str(cfg.host), port=int(cfg.port))
+    proxy = DecodedOnceProxy(host=str(cfg.host), port=int(cfg.port))
     try:
         proxy.wait_server_ready(timeout=max(wait_s, 5.0))
     except ConnectionError:

@@ -167,3 +167,62 @@ def test_the_proxy_builds_a_finished_trials_message_once_and_sends_what_changed_
         assert client_read()[6].value == 9.0 and built == []  # now kept like the others
     finally:
         server.stop(grace=None)
+
+
+def test_a_workers_proxy_client_builds_the_same_trials_as_optunas_decoding_each_repeated_text_once(tmp_path):
+    """The client every ``storage=grpc`` worker opens builds each read's trials with each
+    distinct distribution and scalar decoded once: the trials equal those of Optuna's own
+    client, field by field, a list or dict attribute is each trial's own, and the client
+    keeps its cache once pickled (Optuna's rebuilds it then)."""
+    import pickle
+
+    from qkvsearch.search.commands.proxy import make_server
+    from qkvsearch.search.study.proxy_client import DecodedOnceCache, DecodedOnceProxy
+
+    backend = optuna.storages.get_storage(f"sqlite:///{tmp_path}/s.db")
+    study = optuna.create_study(storage=backend, study_name="decoded")
+    for i in range(8):
+        trial = study.ask()
+        trial.suggest_int("n_layers", 1, 4)
+        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+        trial.suggest_categorical("norm", ["layer", "rms", None])
+        trial.set_user_attr("arch", {"n_layers": i % 2, "heads": [2, 4]})
+        trial.set_user_attr("host", "node-1")
+        trial.set_user_attr("tokens", [i, i + 1])
+        trial.set_user_attr("note", None)
+        trial.storage.set_trial_system_attr(trial._trial_id, "qkv:heartbeat", 1.5 * (i % 3))
+        trial.report(0.25 * i, step=10)
+        trial.report(0.5, step=20)
+        if i == 7:
+            continue  # left running
+        study.tell(trial, *([float(i)] if i % 3 == 1 else []), state=[State.PRUNED, State.COMPLETE, State.FAIL][i % 3])
+    study.enqueue_trial({"n_layers": 2})
+    port = _free_port()
+    server = make_server(backend, "127.0.0.1", port, threads=2)
+    server.start()
+    try:
+        theirs = optuna.storages.GrpcStorageProxy(host="127.0.0.1", port=port)
+        ours = DecodedOnceProxy(host="127.0.0.1", port=port)
+        study_id = ours.get_study_id_from_name("decoded")
+
+        def fields(t):
+            return (t._trial_id, t.number, t.state, t.values, t.params, t.distributions, t.user_attrs, t.system_attrs,
+                    t.intermediate_values, t.datetime_start, t.datetime_complete)
+        expected, got = theirs.get_all_trials(study_id), ours.get_all_trials(study_id, deepcopy=False)
+        assert {t.state for t in got} == {State.PRUNED, State.COMPLETE, State.FAIL, State.RUNNING, State.WAITING}
+        assert [fields(t) for t in got] == [fields(t) for t in expected]
+        assert got[0].distributions["lr"] is got[1].distributions["lr"]  # decoded once per read
+        got[0].user_attrs["tokens"].append(99)
+        got[0].user_attrs["arch"]["heads"].append(8)
+        assert got[2].user_attrs["arch"] == {"n_layers": 0, "heads": [2, 4]} and got[1].user_attrs["tokens"] == [1, 2]
+        study.tell(7, 7.0)  # the running trial ends: the next read brings it, as Optuna's would
+        again = pickle.loads(pickle.dumps(ours))
+        assert isinstance(again._cache, DecodedOnceCache)
+        assert [fields(t) for t in again.get_all_trials(study_id)] == [fields(t) for t in theirs.get_all_trials(study_id)]
+        assert ours.get_all_trials(study_id)[7].values == [7.0]
+        with pytest.raises(KeyError):
+            ours.get_all_trials(study_id + 1)
+        for client in (theirs, ours, again):
+            client.close()
+    finally:
+        server.stop(grace=None)
