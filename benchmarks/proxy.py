@@ -80,7 +80,7 @@ def main() -> None:
     storage = optuna.storages.get_storage(optuna.storages.RDBStorage(url, skip_compatibility_check=True))
     study_id = storage.get_study_id_from_name(name)
     theirs_port, ours_port = free_port(), free_port()
-    servers = [optuna_server(storage, "127.0.0.1", theirs_port), make_server(storage, "127.0.0.1", ours_port, 10)]
+    servers = [optuna_server(storage, "127.0.0.1", theirs_port), make_server(storage, "127.0.0.1", ours_port, 10)[0]]
     for server in servers:
         server.start()
     theirs_servicer, ours_servicer = optuna_servicer.OptunaStorageProxyService(storage), FinishedTrialsKept(storage)

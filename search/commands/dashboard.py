@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import contextlib
 import copy
 import pathlib
 import sys
@@ -20,7 +19,7 @@ from qkvsearch.search.base.errors import Interrupted
 from qkvsearch.search.base.network import check_port, is_loopback
 from qkvsearch.search.base.records import ARCH_PREFIX
 from qkvsearch.search.inspect.artifacts import open_store
-from qkvsearch.search.study.storage import open_storage, storage_url
+from qkvsearch.search.study.storage import open_storage, read_latest_studies, storage_url
 
 if TYPE_CHECKING:
     from optuna.study._frozen import FrozenStudy
@@ -133,12 +132,8 @@ def dashboard_app(storage: Any, store: Any = None) -> tuple[Callable[..., Any], 
     storage = optuna.storages.get_storage(storage)  # an RDBStorage: Optuna's cache in front of it
 
     def warm() -> None:
-        read = 0
-        for study in sorted(storage.get_all_studies(), key=lambda s: s._study_id, reverse=True):  # the latest first
-            with contextlib.suppress(Exception):  # noqa: BLE001 - a page's own read will say what is wrong
-                if read + storage.get_n_trials(study._study_id) > WARM_TRIALS:
-                    break
-                read += len(storage.get_all_trials(study._study_id, deepcopy=False))
+        for _ in read_latest_studies(storage, WARM_TRIALS):
+            pass
 
     warming = threading.Thread(target=warm, daemon=True, name="dashboard-warm")
     warming.start()

@@ -25,7 +25,7 @@ from optuna.storages._grpc.auto_generated import api_pb2, api_pb2_grpc
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.errors import Interrupted
 from qkvsearch.search.base.network import check_port, is_loopback
-from qkvsearch.search.study.storage import open_storage, storage_url
+from qkvsearch.search.study.storage import open_storage, read_latest_studies, storage_url
 
 
 class FinishedTrialsKept(optuna_servicer.OptunaStorageProxyService):
@@ -55,6 +55,18 @@ class FinishedTrialsKept(optuna_servicer.OptunaStorageProxyService):
                 self._kept[trial._trial_id] = message
         return message
 
+    def warm(self, up_to: int) -> int:
+        """Reads the latest studies (up to ``up_to`` trials) into the storage's cache and
+        builds their finished trials' messages, as a server does in the background once it
+        listens: the first worker of a large study does not wait for the read. Returns how
+        many messages it built."""
+        before = len(self._kept)
+        for trials in read_latest_studies(self._backend, up_to):
+            for trial in trials:
+                if trial.state.is_finished():
+                    self._message(trial)
+        return len(self._kept) - before
+
     def GetTrials(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 (gRPC's name)
         included, above = set(request.included_trial_ids), request.trial_id_greater_than
         try:
@@ -70,13 +82,19 @@ class FinishedTrialsKept(optuna_servicer.OptunaStorageProxyService):
         return super().DeleteStudy(request, context)
 
 
-def make_server(storage: optuna.storages.BaseStorage, host: str, port: int, threads: int) -> grpc.Server:
+#: trials the proxy reads in the background once it listens (the latest studies first)
+WARM_TRIALS = 50_000
+
+
+def make_server(storage: optuna.storages.BaseStorage, host: str, port: int,
+                threads: int) -> tuple[grpc.Server, FinishedTrialsKept]:
     """Optuna's proxy server (``optuna.storages._grpc.server.make_server``), with
-    :class:`FinishedTrialsKept` as its servicer."""
+    :class:`FinishedTrialsKept` as its servicer (returned too, to be warmed)."""
     server = grpc.server(ThreadPoolExecutor(max_workers=threads))
-    api_pb2_grpc.add_StorageServiceServicer_to_server(FinishedTrialsKept(storage), server)
+    servicer = FinishedTrialsKept(storage)
+    api_pb2_grpc.add_StorageServiceServicer_to_server(servicer, server)
     server.add_insecure_port(f"{host}:{port}")
-    return server
+    return server, servicer
 
 
 def serve(cfg: DictConfig) -> None:
@@ -95,9 +113,10 @@ def serve(cfg: DictConfig) -> None:
               "change every study in the database (plain gRPC: no TLS, no authentication)", file=sys.stderr)
     print(f"storage proxy for {storage_url(cfg.storage)} at {cfg.host}:{cfg.port}; workers: "
           f"storage=grpc storage.host={cfg.host} storage.port={cfg.port} storage.url=<this database>", flush=True)
-    server = make_server(storage, cfg.host, int(cfg.port), threads)
+    server, servicer = make_server(storage, cfg.host, int(cfg.port), threads)
     try:
         server.start()
+        threading.Thread(target=servicer.warm, args=(WARM_TRIALS,), daemon=True, name="proxy-warm").start()
         server.wait_for_termination()
     except (Interrupted, KeyboardInterrupt):  # Ctrl-C or SIGTERM is how a server is stopped
         print("storage proxy stopped", file=sys.stderr)

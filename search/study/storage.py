@@ -25,6 +25,7 @@ import optuna
 import sqlalchemy
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+from optuna.trial import FrozenTrial
 
 from qkvsearch.models.errors import QkvError
 from qkvsearch.search.base.records import CONSTRAINTS_KEY
@@ -311,6 +312,24 @@ def latest_study(storage: BaseStorage) -> str:
         return first.datetime_start or epoch
 
     return max(studies, key=started).study_name
+
+
+def read_latest_studies(storage: BaseStorage, up_to: int) -> Iterator[list[FrozenTrial]]:
+    """Each study's trials, the latest created first, while they come to at most ``up_to``
+    trials in all: what a server reads in the background when it starts (into Optuna's
+    cache in front of a database), so that the first request for a large study does not
+    wait for that read. A study that cannot be read is passed over: the request's own read
+    will say what is wrong."""
+    read = 0
+    for study in sorted(storage.get_all_studies(), key=lambda s: s._study_id, reverse=True):
+        try:
+            if read + storage.get_n_trials(study._study_id) > up_to:
+                return
+            trials = storage.get_all_trials(study._study_id, deepcopy=False)
+        except Exception:  # noqa: BLE001, S112 - see above
+            continue
+        read += len(trials)
+        yield trials
 
 
 def load_named_study(cfg: Any, name: str | None) -> optuna.Study:

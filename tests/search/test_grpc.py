@@ -143,7 +143,7 @@ def test_the_proxy_builds_a_finished_trials_message_once_and_sends_what_changed_
         return real(trial)
     monkeypatch.setattr(optuna_servicer, "_to_proto_trial", counted_build)
     port = _free_port()
-    server = make_server(backend, "127.0.0.1", port, threads=2)
+    server, _ = make_server(backend, "127.0.0.1", port, threads=2)
     server.start()
     try:
         def client_read() -> list[optuna.trial.FrozenTrial]:
@@ -165,6 +165,16 @@ def test_the_proxy_builds_a_finished_trials_message_once_and_sends_what_changed_
         assert third[6].state == State.COMPLETE and third[6].value == 9.0 and built == [6]
         built.clear()
         assert client_read()[6].value == 9.0 and built == []  # now kept like the others
+    finally:
+        server.stop(grace=None)
+    port = _free_port()  # a proxy started anew builds the latest studies' messages before any worker asks
+    server, servicer = make_server(backend, "127.0.0.1", port, threads=2)
+    assert servicer.warm(up_to=6) == 0 and built == []  # a study larger than the budget is left to its first read
+    assert servicer.warm(up_to=100) == 7 and sorted(built) == list(range(7))
+    server.start()
+    try:
+        built.clear()
+        assert all(_same(a, b) for a, b in zip(client_read(), third, strict=True)) and built == []
     finally:
         server.stop(grace=None)
 
@@ -198,7 +208,7 @@ def test_a_workers_proxy_client_builds_the_same_trials_as_optunas_decoding_each_
         study.tell(trial, *([float(i)] if i % 3 == 1 else []), state=[State.PRUNED, State.COMPLETE, State.FAIL][i % 3])
     study.enqueue_trial({"n_layers": 2})
     port = _free_port()
-    server = make_server(backend, "127.0.0.1", port, threads=2)
+    server, _ = make_server(backend, "127.0.0.1", port, threads=2)
     server.start()
     try:
         theirs = optuna.storages.GrpcStorageProxy(host="127.0.0.1", port=port)
