@@ -459,6 +459,8 @@ def main() -> None:
                         compose_config("sweep", base).storage)).get_trials(deepcopy=False))
                     row = drive(overrides_for(kind, root / kind, url, args.space, name, have + w * args.asks, port),
                                 w, args.asks)
+                    if "died" in row and proxy is not None and proxy.poll() is not None:
+                        row["died"] += f"; the storage proxy had exited ({proxy.returncode}; -9: SIGKILL)"
                     if "died" in row:
                         print(f"{kind:10} {have:>6} {w:>3} {row['died']}; the machine's memory reached "
                               f"{row['memory_peak_gb']:.1f} GB (from {row['memory_before_gb']:.1f})", flush=True)
