@@ -36,7 +36,7 @@ class FinishedTrialsKept(optuna_servicer.OptunaStorageProxyService):
     read after another: 64 workers starting together on a 10,000-trial study waited more
     than three minutes for their first trial (docs/clusters.md). A finished trial never
     changes (Optuna's own cache of the trials rests on that too), so its message is built
-    once and kept encoded, as a one-trial reply (a fifth of the memory of the message
+    once and kept encoded, as a one-trial reply (a quarter of the memory of the message
     object); a reply is the kept encodings joined and decoded as one (protobuf merges
     concatenated messages, appending their repeated fields). A running or queued trial is
     built anew each time. Deleting a study forgets every kept message (SQLite can reuse a

@@ -318,10 +318,14 @@ def read_latest_studies(storage: BaseStorage, up_to: int) -> Iterator[list[Froze
     """Each study's trials, the latest created first, while they come to at most ``up_to``
     trials in all: what a server reads in the background when it starts (into Optuna's
     cache in front of a database), so that the first request for a large study does not
-    wait for that read. A study that cannot be read is passed over: the request's own read
-    will say what is wrong."""
+    wait for that read. A study that cannot be read is passed over, and a storage that
+    cannot list its studies gives none: the request's own read will say what is wrong."""
+    try:
+        studies = storage.get_all_studies()
+    except Exception:  # noqa: BLE001 - see above
+        return
     read = 0
-    for study in sorted(storage.get_all_studies(), key=lambda s: s._study_id, reverse=True):
+    for study in sorted(studies, key=lambda s: s._study_id, reverse=True):
         try:
             if read + storage.get_n_trials(study._study_id) > up_to:
                 return

@@ -236,3 +236,23 @@ def test_a_workers_proxy_client_builds_the_same_trials_as_optunas_decoding_each_
             client.close()
     finally:
         server.stop(grace=None)
+
+
+def test_a_proxy_whose_database_cannot_list_its_studies_starts_without_its_warm_up(tmp_path):
+    """The warm-up is a background nicety: a storage that fails to list its studies (here a
+    database whose studies table is gone) leaves it with nothing read, not a dead thread's
+    traceback; the requests' own reads say what is wrong."""
+    import sqlite3
+
+    from qkvsearch.search.commands.proxy import make_server
+
+    backend = optuna.storages.get_storage(f"sqlite:///{tmp_path}/s.db")
+    optuna.create_study(storage=backend, study_name="gone").optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        connection.execute("PRAGMA foreign_keys = OFF")
+        connection.execute("DROP TABLE study_directions")
+        connection.execute("DROP TABLE studies")
+    with pytest.raises(optuna.exceptions.StorageInternalError):  # Optuna's wrapping of "no such table"
+        backend.get_all_studies()
+    _, servicer = make_server(backend, "127.0.0.1", _free_port(), threads=1)
+    assert servicer.warm(up_to=100) == 0
