@@ -337,11 +337,16 @@ def postgres_url(given: str | None) -> tuple[str, Any]:
     return cluster.url, cluster
 
 
-def start_proxy(url: str) -> tuple[subprocess.Popen, int]:
-    """``qkv storage-proxy`` for ``url`` on a free port of 127.0.0.1, listening."""
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def start_proxy(url: str) -> tuple[subprocess.Popen, int]:
+    """``qkv storage-proxy`` for ``url`` on a free port of 127.0.0.1, listening."""
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "qkvsearch.search.cli", "storage-proxy", f"storage.url={url}",
                              f"port={port}", "threads=64"], stdout=subprocess.DEVNULL)
     deadline = time.time() + 60

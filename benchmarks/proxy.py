@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import pathlib
-import socket
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import warnings
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-import coordination  # noqa: E402  (the fill, the machine's name and the code's commit)
+import coordination  # noqa: E402  (the fill, the machine's name, the code's commit, a free port)
 import optuna  # noqa: E402
 from optuna.storages._grpc import servicer as optuna_servicer  # noqa: E402
 from optuna.storages._grpc.auto_generated import api_pb2  # noqa: E402
@@ -40,12 +39,6 @@ from qkvsearch.search.study.proxy_client import DecodedOnceProxy, trial_from_mes
 from qkvsearch.search.study.reader import Decoder  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "proxy.jsonl"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def timed_s(function, *args):
@@ -79,7 +72,7 @@ def main() -> None:
     url, name = coordination.study_of(args, prefix="qkv-proxy-")
     storage = optuna.storages.get_storage(optuna.storages.RDBStorage(url, skip_compatibility_check=True))
     study_id = storage.get_study_id_from_name(name)
-    theirs_port, ours_port = free_port(), free_port()
+    theirs_port, ours_port = coordination.free_port(), coordination.free_port()
     servers = [optuna_server(storage, "127.0.0.1", theirs_port), make_server(storage, "127.0.0.1", ours_port, 10)[0]]
     for server in servers:
         server.start()
