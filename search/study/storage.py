@@ -256,10 +256,13 @@ def storage_lock(cfg: Any, key_name: str) -> Iterator[None]:
         finally:
             try:
                 connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                connection.commit()  # ends the transaction, so closing has nothing to roll back on the server
             except sqlalchemy.exc.SQLAlchemyError as error:
+                # the server ended the session (a restart) before or just after the unlock:
+                # the lock went with it
                 if lost_connection(error) is None:
                     raise
-                connection.invalidate()  # the server restarted: its session, and the lock with it, are gone
+                connection.invalidate()
             finally:
                 connection.close()
         return

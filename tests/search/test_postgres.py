@@ -67,6 +67,39 @@ def test_the_advisory_slot_lock_excludes_a_second_holder(tmp_path, postgres_url)
     assert order == ["first", "second"]
 
 
+def test_a_slot_lock_whose_session_the_server_ends_as_it_is_released_does_not_fail_the_worker(tmp_path, postgres_url):
+    """The server can end the lock's session between the unlock and the connection's close
+    (a restart, the OOM killer, an administrator): the lock went with the session, so the
+    worker goes on. It used to fail with a traceback from rolling back the closed session
+    (seen once in the outage test). Here the server itself ends the session, by its
+    backend pid, right after the unlock."""
+    import sqlalchemy
+
+    from qkvsearch.search.study import storage as storage_module
+
+    cfg = tiny_sweep_conf(tmp_path, "storage=postgres", f"storage.url={postgres_url}").storage
+    open_storage(cfg)
+    engine = storage_module._lock_engine(postgres_url)
+    other = sqlalchemy.create_engine(postgres_url)
+    ended = []
+
+    def end_after_unlock(connection, _cursor, statement, *_):
+        if "pg_advisory_unlock" in statement and not ended:
+            pid = connection.connection.dbapi_connection.get_backend_pid()
+            with other.connect() as admin:
+                ended.append(admin.execute(sqlalchemy.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar())
+    sqlalchemy.event.listen(engine, "after_cursor_execute", end_after_unlock)
+    try:
+        with slot_lock(cfg, "ended-test"):
+            pass
+    finally:
+        sqlalchemy.event.remove(engine, "after_cursor_execute", end_after_unlock)
+        other.dispose()
+    assert ended == [True]
+    with slot_lock(cfg, "ended-test"):  # the next take opens a new session: the lock is free
+        pass
+
+
 @pytest.fixture
 def own_cluster():
     """A server of this test's own, which it may stop and start."""
