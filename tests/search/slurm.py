@@ -19,6 +19,11 @@ from collections.abc import Iterator
 import pytest
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
+#: a job credential's lifetime, and so how long slurmctld holds a requeued job before it may
+#: start again (120 s by default): its launch needs a credential newer than the one revoked
+#: when the job was killed, and a job started sooner by hand (``scontrol update
+#: StartTime=now``) can race that revocation and never run
+CRED_EXPIRE_S = 15
 
 
 def _which(name: str) -> str | None:
@@ -45,7 +50,7 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
-AuthInfo=socket={root}/munge.socket
+AuthInfo=socket={root}/munge.socket,cred_expire={CRED_EXPIRE_S}
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -87,6 +92,21 @@ def _kill_from_pid_file(path: str) -> None:
         os.kill(pid, 9)
     except ProcessLookupError:
         pass
+
+
+def cluster_state(slurm_env: dict[str, str], tail: int = 3000) -> str:
+    """What a failed test shows of the cluster: its jobs, its node and the daemons' logs' tails."""
+    env = {**os.environ, **slurm_env}
+    root = os.path.dirname(slurm_env["SLURM_CONF"])
+    parts = []
+    for command in (["scontrol", "show", "job"], ["sinfo", "-N", "-o", "%N %T %E"]):
+        shown = subprocess.run(command, capture_output=True, text=True, env=env)
+        parts.append(f"$ {' '.join(command)}\n{shown.stdout}{shown.stderr}")
+    for daemon in ("slurmctld", "slurmd"):
+        path = os.path.join(root, f"{daemon}.log")
+        if os.path.exists(path):
+            parts.append(f"{daemon}.log:\n{open(path).read()[-tail:]}")
+    return "\n".join(parts)
 
 
 def slurm_cluster() -> Iterator[dict[str, str]]:
