@@ -102,11 +102,17 @@ def cluster_state(slurm_env: dict[str, str], tail: int = 3000) -> str:
     for command in (["scontrol", "show", "job"], ["sinfo", "-N", "-o", "%N %T %E"]):
         shown = subprocess.run(command, capture_output=True, text=True, env=env)
         parts.append(f"$ {' '.join(command)}\n{shown.stdout}{shown.stderr}")
+    return "\n".join([*parts, _daemon_logs(root, tail)])
+
+
+def _daemon_logs(root: str, tail: int) -> str:
+    """The last ``tail`` characters of slurmctld's and slurmd's logs."""
+    logs = []
     for daemon in ("slurmctld", "slurmd"):
         path = os.path.join(root, f"{daemon}.log")
         if os.path.exists(path):
-            parts.append(f"{daemon}.log:\n{open(path).read()[-tail:]}")
-    return "\n".join(parts)
+            logs.append(f"{daemon}.log:\n{open(path).read()[-tail:]}")
+    return "\n".join(logs)
 
 
 def slurm_cluster() -> Iterator[dict[str, str]]:
@@ -141,9 +147,7 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
                 break
             time.sleep(0.1)
         else:
-            logs = "".join(open(os.path.join(root, f"{d}.log")).read()[-1500:] for d in ("slurmctld", "slurmd")
-                           if os.path.exists(os.path.join(root, f"{d}.log")))
-            pytest.fail(f"the SLURM node did not become idle (sinfo: {state!r}); logs:\n{logs}")
+            pytest.fail(f"the SLURM node did not become idle (sinfo: {state!r}); logs:\n{_daemon_logs(root, 1500)}")
         yield {"SLURM_CONF": conf}
     finally:
         subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True, env=env)
